@@ -1,0 +1,69 @@
+"""The SLoPe linear product as one autograd Function.
+
+Forward uses the row-pruned weight W_R; backward uses the double-pruned W_RC for grad_input and
+returns the weight gradient only at the kept positions, shaped like the stored values (out, k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slope.masks import gather_values
+
+
+@dataclass
+class StepOperands:
+    """What one forward/backward of a layer multiplies with, built by `SlopeLinear`.
+
+    backend: the `slope.kernels` backend running the two sparse products.
+    row_mask: M_R as a dense bool (out, in), to gather the weight gradient.
+    output: the backend operand for x @ W_Rᵀ.
+    grad_input: builds the backend operand for dy @ W_RC on first use (in backward only), so a
+        forward without grad never pays for the column mask.
+    """
+
+    backend: Any
+    row_mask: torch.Tensor
+    output: Any
+    grad_input: Callable[[], Any]
+
+
+class SlopeLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, ops: StepOperands):
+        # x: (..., in) in the compute dtype; values: (out, k) kept weights; bias: (out,) or None
+        x2d = x.reshape(-1, x.shape[-1])  # (T, in)
+        y = ops.backend.output(x2d, ops.output)  # (T, out) = x W_Rᵀ
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.ops = ops
+        ctx.values_dtype = values.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x2d)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2d,) = ctx.saved_tensors
+        ops: StepOperands = ctx.ops
+        dy2d = dy.reshape(-1, dy.shape[-1])  # (T, out)
+        grad_x = grad_values = grad_bias = None
+
+        # grad_input: dx = dy W_RC, the double-pruned weight, so this product is N:M along `out`.
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.backend.grad_input(dy2d, ops.grad_input()).view(*dy.shape[:-1], x2d.shape[-1])
+
+        # grad_weight: dW = dyᵀ x is dense (reduction over tokens); only entries at M_R are kept.
+        if ctx.needs_input_grad[1]:
+            grad_w = dy2d.t() @ x2d  # (out, in)
+            grad_values = gather_values(grad_w, ops.row_mask).to(ctx.values_dtype)
+
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = dy2d.sum(0).to(ctx.bias_dtype)
+
+        ctx.ops = None  # drop the operands as soon as they are used
+        return grad_x, grad_values, grad_bias, None

@@ -1,0 +1,1 @@
+"""Sub-commands of the `slope` CLI, one module each (see slope.cli.COMMANDS)."""

@@ -1,0 +1,229 @@
+"""Model conversion: `sparsify`, `add_adapters`, `densify`, and the skip rule with its report."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slope.config import SlopeConfig
+from slope.linear import SlopeLinear, _dense_weight_of, _is_conv1d
+
+log = logging.getLogger("slope")
+
+
+@dataclass
+class SparsifyReport:
+    """What `sparsify` did, kept on the model as `model.slope_report`."""
+
+    config: SlopeConfig
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    params_before: int = 0
+    params_after: int = 0
+    first_linear_method: str = ""  # how the first linear layer(s) after the input were found
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for reason in self.skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
+        return (
+            f"slope: {len(self.converted)} linear layers converted to {self.config.n}:{self.config.m} "
+            f"SlopeLinear, {len(self.skipped)} kept dense ({why}); stored parameters "
+            f"{self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.3f}x)"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "converted": self.converted, "skipped": self.skipped,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "first_linear_method": self.first_linear_method,
+        }
+
+
+def _is_convertible(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
+    leaf = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(leaf, pattern):
+            return pattern
+    return None
+
+
+def _first_input_linears(model: nn.Module, candidates: list[str]) -> tuple[list[str], str]:
+    """Names of the linear layer(s) that first read the model's input, and how they were found.
+
+    With a Hugging Face model we run its `dummy_inputs` once and take the first linear layer called
+    plus every other layer called on the very same input tensor (LLaMA's q/k/v projections all read
+    the first normalised hidden state). Otherwise the first candidate in registration order.
+    """
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and "input_ids" in dummy:
+        calls: list[tuple[str, torch.Tensor]] = []
+        modules = dict(model.named_modules())
+        hooks = [
+            modules[name].register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+            for name in candidates
+        ]
+        try:
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                model(**{k: v.to(device)[:1, :4] for k, v in dummy.items() if k == "input_ids"})
+            model.train(was_training)
+        except Exception as err:  # a model whose forward needs more than input_ids
+            log.debug("slope: tracing the first linear layer failed (%s); using registration order", err)
+            calls = []
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if calls:
+            first_input = calls[0][1]
+            names = [name for name, inp in calls if inp is first_input]
+            return list(dict.fromkeys(names)), "traced a forward pass"
+    return candidates[:1], "first in registration order"
+
+
+def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
+    """Swap every eligible nn.Linear / Conv1D of `model` for a SlopeLinear, in place; returns `model`.
+
+    Skipped (kept dense), each with its reason in `model.slope_report`: names matching
+    `config.skip`, the first linear layer(s) after the input when `config.keep_first_linear_dense`,
+    and layers whose shape is not a multiple of `m` (or an error, per `config.on_indivisible`).
+    """
+    config = config or SlopeConfig()
+    if any(isinstance(mod, SlopeLinear) for mod in model.modules()):
+        raise ValueError("this model already has SlopeLinear layers; sparsify it only once")
+    params_before = sum(p.numel() for p in model.parameters())
+    report = SparsifyReport(config=config, params_before=params_before)
+
+    candidates = [name for name, mod in model.named_modules() if _is_convertible(mod)]
+    if not candidates:
+        raise ValueError(
+            f"nothing to sparsify in {type(model).__name__}: it has no torch.nn.Linear or transformers "
+            "Conv1D layers"
+        )
+    eligible = []
+    for name in candidates:
+        pattern = _matches(name, config.skip)
+        if pattern is not None:
+            report.skipped[name] = f"matches skip pattern {pattern!r}"
+        else:
+            eligible.append(name)
+    if config.keep_first_linear_dense and eligible:
+        first, method = _first_input_linears(model, eligible)
+        report.first_linear_method = method
+        for name in first:
+            report.skipped[name] = "first linear after the input"
+        eligible = [name for name in eligible if name not in first]
+
+    modules = dict(model.named_modules())
+    indivisible = []
+    for name in eligible:
+        out_f, in_f = _dense_weight_of(modules[name])[0].shape
+        if in_f % config.m or (config.double_prune and out_f % config.m):
+            indivisible.append(f"{name} (out={out_f}, in={in_f})")
+            report.skipped[name] = f"shape not a multiple of m={config.m}"
+    if indivisible:
+        message = (
+            f"{len(indivisible)} layer(s) have a shape that {config.n}:{config.m} groups cannot divide "
+            f"(in{' and out' if config.double_prune else ''} must be multiples of {config.m}): "
+            + ", ".join(indivisible)
+        )
+        if config.on_indivisible == "error":
+            raise ValueError(message + "; set on_indivisible='skip' to keep them dense")
+        log.warning("slope: keeping dense: %s", message)
+    eligible = [name for name in eligible if name not in report.skipped]
+    if not eligible:
+        raise ValueError(
+            f"nothing to sparsify in {type(model).__name__}: all {len(candidates)} linear layers are skipped "
+            f"({report.skipped})"
+        )
+
+    for name in eligible:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SlopeLinear.from_dense(modules[name], config))
+        report.converted.append(name)
+
+    report.params_after = sum(p.numel() for p in model.parameters())
+    model.slope_report = report
+    log.info(report.summary())
+    return model
+
+
+def slope_layers(model: nn.Module) -> list[tuple[str, SlopeLinear]]:
+    """Every SlopeLinear of `model` with its qualified name."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SlopeLinear)]
+
+
+def add_adapters(
+    model: nn.Module,
+    rank: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    param_group: dict | None = None,
+) -> list[nn.Parameter]:
+    """Add lazy low-rank adapters to every SlopeLinear; returns the new parameters.
+
+    rank: the same absolute rank for every layer; None uses each layer's config (adapter_rank or
+        adapter_rank_ratio of its smaller dimension).
+    optimizer: if given, the new parameters join it as one new param group (with `param_group`'s
+        options, e.g. {"lr": 1e-3}); otherwise add them yourself.
+    The model output is unchanged at insertion (B = 0) and the sparse weights keep training.
+    """
+    layers = slope_layers(model)
+    if not layers:
+        raise ValueError("add_adapters: the model has no SlopeLinear layers; call slope.sparsify(model) first")
+    with_adapters = [name for name, layer in layers if layer.rank]
+    if with_adapters:
+        raise RuntimeError(
+            f"add_adapters: adapters were already added ({len(with_adapters)} layers, e.g. {with_adapters[0]}); "
+            "they can be added only once"
+        )
+    new_params: list[nn.Parameter] = []
+    for _, layer in layers:
+        r = rank if rank is not None else layer.config.rank_for(layer.in_features, layer.out_features)
+        new_params += layer.add_adapter(r)
+    if optimizer is not None:
+        optimizer.add_param_group({"params": new_params, **(param_group or {})})
+    log.info(
+        "slope: added adapters to %d layers (%s new parameters)",
+        len(layers), f"{sum(p.numel() for p in new_params):,}",
+    )
+    return new_params
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every SlopeLinear by a plain nn.Linear / Conv1D holding W_R (+ merged adapters)."""
+    layers = slope_layers(model)
+    if not layers:
+        raise ValueError("densify: the model has no SlopeLinear layers")
+    for name, layer in layers:
+        weight = layer.merged_dense_weight()  # (out, in)
+        bias = layer.bias is not None
+        if layer.source == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(layer.out_features, layer.in_features).to(weight.device, weight.dtype)
+            dense.weight.data.copy_(weight.t())
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=bias, device=weight.device, dtype=weight.dtype)
+            dense.weight.data.copy_(weight)
+        if bias:
+            dense.bias = layer.bias
+        elif layer.source == "conv1d":
+            dense.bias.data.zero_()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dense)
+    if hasattr(model, "slope_report"):
+        del model.slope_report
+    return model

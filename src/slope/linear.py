@@ -1,0 +1,268 @@
+"""SlopeLinear: an N:M sparse linear layer that stores only its kept weights.
+
+Storage (DESIGN §3):
+    weight     Parameter (out, in·n/m)  the kept values, row-major within each row
+    row_bits   buffer    (out, in/m)    M_R, one bit per position of each group along `in`
+    col_bits   buffer    (out/m, in)    M_C, one bit per position of each group along `out`
+    bias       Parameter (out,) or None
+    adapter_a  Parameter (in, r), adapter_b (r, out): lazy low-rank adapters, absent until added
+
+The dense W_R, W_RC and any backend operand are caches derived from these and rebuilt when the
+values change: a parameter's `_version` counter moves on every in-place update, which is how an
+optimizer step is noticed without any hook in the user's training loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slope import kernels
+from slope.autograd import SlopeLinearFunction, StepOperands
+from slope.config import SlopeConfig
+from slope.masks import (
+    column_mask,
+    gather_values,
+    nm_mask,
+    pack_group_bits,
+    scatter_values,
+    unpack_group_bits,
+)
+
+_MASK_STATE = "mask_state"  # state_dict key for the step counters (see _save_to_state_dict)
+
+
+class SlopeLinear(nn.Module):
+    """y = x W_Rᵀ + b (+ (x A) B · s once adapters are added), trained with the SLoPe products."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: SlopeConfig | None = None,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        """A freshly initialised layer (nn.Linear's init, then pruned). Use `from_dense` to convert."""
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__()
+        self._setup(dense.weight.detach(), dense.bias, config or SlopeConfig(), source="linear")
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, config: SlopeConfig | None = None) -> SlopeLinear:
+        """Convert an `nn.Linear` or Hugging Face `Conv1D`; its bias Parameter is reused, not copied."""
+        weight, source = _dense_weight_of(module)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(weight.detach(), module.bias, config or SlopeConfig(), source=source)
+        return layer
+
+    def _setup(self, weight: torch.Tensor, bias: nn.Parameter | None, config: SlopeConfig, source: str) -> None:
+        # weight: (out, in), whatever the source layout
+        out_features, in_features = weight.shape
+        n, m = config.n, config.m
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config
+        self.source = source
+        mask = nm_mask(weight, n, m, dim=1)  # (out, in) M_R; raises a clear ValueError if in % m
+        if config.double_prune and out_features % m:
+            raise ValueError(
+                f"double pruning groups the output dimension by m={m}, but this layer has shape "
+                f"(out={out_features}, in={in_features}); out is not a multiple of {m}"
+            )
+        self.weight = nn.Parameter(gather_values(weight, mask).contiguous())  # (out, in·n/m)
+        self.bias = bias
+        self.register_buffer("row_bits", pack_group_bits(mask, m, dim=1))  # (out, in/m)
+        col = torch.zeros(out_features // m, in_features, dtype=self.row_bits.dtype, device=weight.device)
+        self.register_buffer("col_bits", col if config.double_prune else None)  # (out/m, in)
+        self.adapter_a: nn.Parameter | None = None
+        self.adapter_b: nn.Parameter | None = None
+        self.adapter_scale = 0.0
+        # Optimizer steps seen (changes of the values between forwards) and the step at which M_C was
+        # last computed (-1: never). Plain ints so checking them costs no device sync.
+        self.mask_steps = 0
+        self.column_mask_step = -1
+        self._seen_version: int | None = None
+        self._backend_cache: dict[tuple, object] = {}
+
+    # ---- derived tensors -------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.adapter_a is None else self.adapter_a.shape[1]
+
+    def row_mask(self) -> torch.Tensor:
+        """M_R as a dense bool (out, in)."""
+        return unpack_group_bits(self.row_bits, self.config.m, dim=1)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W_R, the row-pruned weight, as a dense (out, in) tensor (detached)."""
+        return scatter_values(self.weight.detach(), self.row_mask())
+
+    def backward_weight(self) -> torch.Tensor:
+        """W_RC, the operand of grad_input (W_R itself when double pruning is off)."""
+        w_r = self.dense_weight()
+        if not self.config.double_prune:
+            return w_r
+        if self.column_mask_step < 0:
+            self._refresh_column_mask(w_r)
+        return w_r * unpack_group_bits(self.col_bits, self.config.m, dim=0)
+
+    # ---- training-time bookkeeping -----------------------------------------------------------
+
+    def _observe_step(self) -> None:
+        """Count an optimizer step whenever the values changed since the last look."""
+        version = self.weight._version
+        if self._seen_version is not None and version != self._seen_version:
+            self.mask_steps += 1
+        self._seen_version = version
+
+    def _refresh_column_mask(self, w_r: torch.Tensor) -> None:
+        # M_C comes from the master values (not a bf16 copy), so it does not depend on autocast.
+        self.col_bits = pack_group_bits(column_mask(w_r, self.config.n, self.config.m), self.config.m, dim=0)
+        self.column_mask_step = self.mask_steps
+
+    def _column_mask_due(self) -> bool:
+        return (
+            self.column_mask_step < 0
+            or self.mask_steps - self.column_mask_step >= self.config.backward_mask_interval
+        )
+
+    def _backend(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._backend_cache:
+            self._backend_cache[key] = kernels.select_backend(
+                self.config.backend, device=device, dtype=dtype, n=self.config.n, m=self.config.m,
+                shape=(self.out_features, self.in_features),
+            )
+        return self._backend_cache[key]
+
+    def _operands(self, dtype: torch.dtype, training: bool) -> StepOperands:
+        backend = self._backend(self.weight.device, dtype)
+        self._observe_step()
+        row_mask = self.row_mask()
+        w_master = scatter_values(self.weight.detach(), row_mask)  # (out, in) W_R
+        double_prune = self.config.double_prune
+        if training and double_prune and self._column_mask_due():
+            self._refresh_column_mask(w_master)
+        w_r = w_master.to(dtype)
+        m = self.config.m
+        bits_at_forward = self.col_bits if self.column_mask_step >= 0 else None
+
+        def grad_input_operand():
+            if not double_prune:
+                return backend.prepare_grad_input(w_r)
+            bits = bits_at_forward
+            if bits is None:  # backward without a training forward (rare): build M_C now
+                self._refresh_column_mask(w_master)
+                bits = self.col_bits
+            return backend.prepare_grad_input(w_r * unpack_group_bits(bits, m, dim=0))
+
+        return StepOperands(backend, row_mask, backend.prepare_output(w_r), grad_input_operand)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        ops = self._operands(dtype, training)
+        with torch.autocast(device_type=device_type, enabled=False):
+            y = SlopeLinearFunction.apply(x.to(dtype), self.weight, self.bias, ops)
+        if self.adapter_a is not None:
+            # (T, in) @ (in, r) @ (r, out): autocast, if on, runs these two small products in low precision
+            y = y + (x @ self.adapter_a) @ self.adapter_b * self.adapter_scale
+        return y
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def add_adapter(self, rank: int, init: str | None = None, scale: float | None = None) -> list[nn.Parameter]:
+        """Add A (in, r) and B (r, out) = 0; returns the two new parameters."""
+        if self.adapter_a is not None:
+            raise RuntimeError(f"this SlopeLinear already has adapters of rank {self.rank}; add them only once")
+        if not isinstance(rank, int) or not 1 <= rank <= min(self.in_features, self.out_features):
+            raise ValueError(
+                f"adapter rank {rank!r} is invalid for a layer of shape (out={self.out_features}, "
+                f"in={self.in_features}): expected an integer in [1, {min(self.in_features, self.out_features)}]"
+            )
+        init = init or self.config.adapter_init
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = torch.empty(self.in_features, rank, **kw)
+        if init == "normal":
+            nn.init.normal_(a)  # the paper: A ~ N(0, 1)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(a.t(), a=math.sqrt(5))  # as nn.Linear / LoRA initialise a down-projection
+        else:
+            raise ValueError(f"adapter init {init!r} is invalid: expected one of ('normal', 'kaiming')")
+        self.adapter_a = nn.Parameter(a)
+        self.adapter_b = nn.Parameter(torch.zeros(rank, self.out_features, **kw))  # output unchanged at insertion
+        self.adapter_scale = float(scale if scale is not None else (self.config.adapter_scale or 1.0 / rank))
+        return [self.adapter_a, self.adapter_b]
+
+    def merged_dense_weight(self) -> torch.Tensor:
+        """W_R + s·(A B)ᵀ as a dense (out, in) tensor: what `densify` stores."""
+        w = self.dense_weight()
+        if self.adapter_a is not None:
+            w = w + (self.adapter_a.detach() @ self.adapter_b.detach()).t() * self.adapter_scale
+        return w
+
+    # ---- state_dict -------------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._observe_step()  # a step since the last forward belongs in the saved count
+        destination[prefix + _MASK_STATE] = torch.tensor(
+            [self.mask_steps, self.column_mask_step, self.rank], dtype=torch.int64
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        state = state_dict.get(prefix + _MASK_STATE)
+        if state is not None:
+            steps, col_step, rank = (int(v) for v in state.tolist())
+            if rank != self.rank:
+                error_msgs.append(
+                    f"{prefix[:-1] or 'SlopeLinear'}: checkpoint has adapters of rank {rank}, this layer has "
+                    f"rank {self.rank}; call slope.add_adapters(model, rank={rank}) before loading"
+                    if rank else
+                    f"{prefix[:-1] or 'SlopeLinear'}: checkpoint has no adapters, this layer has rank {self.rank}"
+                )
+        elif strict:
+            missing_keys.append(prefix + _MASK_STATE)
+        local = {k: v for k, v in state_dict.items() if k != prefix + _MASK_STATE}
+        super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if state is not None:
+            self.mask_steps, self.column_mask_step = steps, col_step
+        self._seen_version = self.weight._version  # loading is not an optimizer step
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity={self.config.n}:{self.config.m}, double_prune={self.config.double_prune}, "
+            f"adapter_rank={self.rank}"
+        )
+
+
+def _dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
+    """(out, in) weight of a convertible module and its kind."""
+    if isinstance(module, nn.Linear):
+        return module.weight, "linear"
+    if _is_conv1d(module):
+        return module.weight.t(), "conv1d"  # Conv1D stores (in, out)
+    raise TypeError(
+        f"cannot convert {type(module).__name__} to SlopeLinear: supported are torch.nn.Linear and "
+        "transformers' Conv1D"
+    )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Imported lazily: transformers is heavy and SlopeLinear itself does not need it.
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)

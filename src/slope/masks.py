@@ -1,0 +1,133 @@
+"""N:M masks as pure functions: selection, double (column) pruning, and compact bit packing.
+
+Everything here is vectorised over groups: the only Python loops run over the `m` positions of a
+group (at most `MAX_M`), never over groups, so a 4096x4096 mask costs a few elementwise passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slope.config import MAX_M
+
+
+def _grouped(shape: torch.Size, dim: int, m: int, what: str) -> tuple[int, int, int, int]:
+    """Sizes (pre, groups, m, post) that view a tensor of `shape` as groups of `m` along `dim`."""
+    size = shape[dim]
+    if size % m:
+        raise ValueError(
+            f"{what}: dimension {dim} of shape {tuple(shape)} has size {size}, which is not a multiple "
+            f"of m={m}; N:M groups need it to divide evenly"
+        )
+    pre = 1
+    for s in shape[:dim]:
+        pre *= s
+    post = 1
+    for s in shape[dim + 1 :]:
+        post *= s
+    return pre, size // m, m, post
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= MAX_M):
+        raise ValueError(f"invalid N:M pattern n={n!r}, m={m!r}: expected integers with 1 <= n < m <= {MAX_M}")
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
+    """Bool mask keeping the `n` largest-|w| entries of every `m` consecutive entries along `dim`.
+
+    Ties go to the lower index. Works for any float dtype and device; the result has w's shape.
+    """
+    _check_nm(n, m)
+    if w.dim() == 0:
+        raise ValueError("nm_mask needs a tensor with at least one dimension, got a scalar")
+    dim = dim % w.dim()
+    pre, groups, _, post = _grouped(w.shape, dim, m, f"nm_mask(n={n}, m={m})")
+    # |w| in float32 is exact for fp16/bf16 and keeps the comparisons on one well-supported dtype.
+    a = w.detach().abs().to(torch.float32 if w.element_size() <= 4 else w.dtype)
+    cols = a.reshape(pre, groups, m, post).unbind(2)  # m tensors of (pre, groups, post)
+    keep = []
+    for i in range(m):
+        # rank of entry i in its group = how many entries beat it; an equal entry at a lower index
+        # beats it, which is exactly "ties go to the lower index".
+        rank = torch.zeros_like(cols[i], dtype=torch.uint8)
+        for j in range(m):
+            if j != i:
+                rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
+        keep.append(rank < n)
+    return torch.stack(keep, dim=2).reshape(w.shape)
+
+
+def column_mask(w_r: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """M_C of DESIGN §2.2: prune the row-pruned `w_r` (out, in) again along `out`.
+
+    In every column and every group of `m` consecutive rows keep the `n` largest |w_r|. A group that
+    already holds <= n non-zeros keeps all of them: zeros rank last, so the top-n always include
+    every non-zero. Entries that are zero in `w_r` may be True in the mask; they stay zero in
+    `w_r * mask`, which is all that is ever used.
+    """
+    if w_r.dim() != 2:
+        raise ValueError(f"column_mask expects a 2-D (out, in) weight, got shape {tuple(w_r.shape)}")
+    return nm_mask(w_r, n, m, dim=0)
+
+
+def double_prune(w_r: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """W_RC = W_R ⊙ M_C: the operand of grad_input."""
+    return w_r * column_mask(w_r, n, m)
+
+
+def bits_dtype(m: int) -> torch.dtype:
+    """Smallest integer dtype holding one bit per position of a group of `m`."""
+    if m <= 8:
+        return torch.uint8
+    if m <= 16:
+        return torch.int16
+    if m <= 32:
+        return torch.int32
+    return torch.int64
+
+
+def pack_group_bits(mask: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
+    """Pack a bool mask into one integer per group of `m` along `dim` (bit i = position i).
+
+    Shape: `mask.shape` with `dim` divided by `m`. For 2:4 that is one byte per four weights.
+    """
+    dim = dim % mask.dim()
+    pre, groups, _, post = _grouped(mask.shape, dim, m, "pack_group_bits")
+    dtype = bits_dtype(m)
+    grouped = mask.reshape(pre, groups, m, post).to(dtype)
+    shifts = torch.arange(m, device=mask.device, dtype=dtype).view(1, 1, m, 1)
+    packed = (grouped << shifts).sum(dim=2, dtype=torch.int64).to(dtype)  # bits are disjoint: sum == or
+    out_shape = list(mask.shape)
+    out_shape[dim] //= m
+    return packed.reshape(out_shape)
+
+
+def unpack_group_bits(bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of `pack_group_bits`: the bool mask, `dim` multiplied by `m`."""
+    dim = dim % bits.dim()
+    pre = 1
+    for s in bits.shape[:dim]:
+        pre *= s
+    post = 1
+    for s in bits.shape[dim + 1 :]:
+        post *= s
+    shifts = torch.arange(m, device=bits.device, dtype=bits.dtype).view(1, 1, m, 1)
+    grouped = (bits.reshape(pre, bits.shape[dim], 1, post) >> shifts) & 1
+    out_shape = list(bits.shape)
+    out_shape[dim] *= m
+    return grouped.to(torch.bool).reshape(out_shape)
+
+
+def scatter_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dense (out, in) tensor with `values` (out, k) at the True positions of `mask`, zeros elsewhere.
+
+    Values are laid out row-major over the mask's True entries, the order `dense[mask]` returns,
+    so `scatter_values(dense[mask].view(out, k), mask)` reproduces `dense * mask`.
+    """
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
+
+
+def gather_values(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The entries of `dense` (out, in) at `mask`, as (out, k) in `scatter_values` order."""
+    return dense[mask].view(mask.shape[0], -1)
