@@ -65,5 +65,4 @@ class SlopeLinearFunction(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = dy2d.sum(0).to(ctx.bias_dtype)
 
-        ctx.ops = None  # drop the operands as soon as they are used
         return grad_x, grad_values, grad_bias, None
