@@ -141,7 +141,7 @@ def test_sparsify_twice_is_an_error():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_add_adapters_keeps_output_joins_optimizer_and_trains(family):
     model = slope.sparsify(tiny(family))
-    losses, opt = train(model, steps=3)
+    _, opt = train(model, steps=3)
     ids = torch.randint(0, VOCAB, (2, 10))
     model.eval()  # GPT-2 has dropout
     before = model(input_ids=ids).logits.detach()
@@ -158,7 +158,7 @@ def test_add_adapters_keeps_output_joins_optimizer_and_trains(family):
         opt.step()
         opt.zero_grad()
     assert all(p.abs().sum() > 0 for p in new[1::2])  # every B moved
-    moved = [not torch.equal(v, layer.weight) for v, (_, layer) in zip(values, slope.slope_layers(model))]
+    moved = [not torch.equal(v, layer.weight) for v, (_, layer) in zip(values, slope.slope_layers(model), strict=True)]
     assert all(moved)  # the sparse weights keep training alongside the adapters
     with pytest.raises(RuntimeError, match="already added"):
         slope.add_adapters(model)
@@ -173,7 +173,7 @@ def test_add_adapters_rank_from_config():
 
 
 def test_add_adapters_needs_slope_layers():
-    with pytest.raises(ValueError, match="no SlopeLinear layers; call slope.sparsify"):
+    with pytest.raises(ValueError, match=r"no SlopeLinear layers; call slope\.sparsify"):
         slope.add_adapters(tiny("llama"))
 
 

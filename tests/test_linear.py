@@ -159,7 +159,7 @@ def test_conv1d_has_linear_semantics_along_input():
 def test_from_dense_reuses_bias_and_rejects_other_modules():
     dense, layer = make_layer()
     assert layer.bias is dense.bias
-    with pytest.raises(TypeError, match="supported are torch.nn.Linear and transformers' Conv1D"):
+    with pytest.raises(TypeError, match=r"supported are torch\.nn\.Linear and transformers' Conv1D"):
         SlopeLinear.from_dense(nn.Conv2d(3, 4, 3))
 
 
