@@ -1,0 +1,97 @@
+"""Tiny models, an in-test tokenizer and training-checkpoint directories for the export/inference tests.
+
+The checkpoint layout is the one `slope train` writes (RUN_DIR/checkpoints/latest naming
+step_XXXXXXXX/ with model.safetensors, config.json, slope.json, tokenizer/); it is built here by hand
+so these tests do not depend on the training code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+import slope
+
+TEXT = [
+    "From fairest creatures we desire increase,",
+    "That thereby beauty's rose might never die,",
+    "But as the riper should by time decease,",
+    "His tender heir might bear his memory:",
+    "But thou contracted to thine own bright eyes,",
+    "Feed'st thy light's flame with self-substantial fuel,",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_config(family: str, vocab_size: int = 320):
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, adapters: bool = False, cfg: slope.SlopeConfig | None = None, seed: int = 0):
+    """A sparsified tiny model whose adapters (if any) hold non-zero values, so they matter."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    slope.sparsify(model, cfg or slope.SlopeConfig(backend="reference"))
+    if adapters:
+        for p in slope.add_adapters(model, rank=4):
+            with torch.no_grad():
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def write_training_checkpoint(run_dir: Path, model, tokenizer, step: int = 10) -> Path:
+    """The run-directory layout of `slope train`; returns the run directory."""
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    model.config.save_pretrained(ckpt)
+    layers = slope.slope_layers(model)
+    ranks = {layer.rank for _, layer in layers}
+    meta = {
+        "format": 1,
+        "method": "slope" if layers else "dense",
+        "slope_config": layers[0][1].config.to_dict() if layers else None,
+        "adapters": bool(layers) and max(ranks) > 0,
+        "adapter_rank": max(ranks) if layers and max(ranks) else None,
+        "step": step,
+    }
+    (ckpt / "slope.json").write_text(json.dumps(meta))
+    tokenizer.save_pretrained(ckpt / "tokenizer")
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return run_dir
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
