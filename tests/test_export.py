@@ -99,11 +99,10 @@ def test_dense_export_matches_in_plain_transformers(tmp_path, tokenizer, ids, fa
     out = export(write_training_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "dense", dense=True)
     dense = AutoModelForCausalLM.from_pretrained(out)
     assert not slope.slope_layers(dense)
-    if adapters:
-        # merged W_R + s(AB)ᵀ rounds differently from adding the adapter product to the output
-        assert torch.allclose(logits(dense, ids), logits(model, ids), atol=1e-5)
-    else:
-        assert torch.equal(logits(dense, ids), logits(model, ids))
+    # Same weights, different float32 rounding: plain layers run fused addmm (Conv1D on its (in, out)
+    # layout), and merged W_R + s(AB)ᵀ rounds differently from adding the adapter product to the output.
+    # Observed differences are ~1e-7.
+    assert torch.allclose(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)
 
 
 def test_dense_export_loads_without_slope(tmp_path, tokenizer):
