@@ -33,16 +33,13 @@ def _check_nm(n: int, m: int) -> None:
         raise ValueError(f"invalid N:M pattern n={n!r}, m={m!r}: expected integers with 1 <= n < m <= {MAX_M}")
 
 
-def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
-    """Bool mask keeping the `n` largest-|w| entries of every `m` consecutive entries along `dim`.
-
-    Ties go to the lower index. Works for any float dtype and device; the result has w's shape.
-    """
+def _keep_by_position(w: torch.Tensor, n: int, m: int, dim: int) -> tuple[list[torch.Tensor], torch.Size]:
+    """For each position i of a group, a bool (pre, groups, post) tensor: is entry i kept?"""
     _check_nm(n, m)
     if w.dim() == 0:
-        raise ValueError("nm_mask needs a tensor with at least one dimension, got a scalar")
+        raise ValueError("an N:M mask needs a tensor with at least one dimension, got a scalar")
     dim = dim % w.dim()
-    pre, groups, _, post = _grouped(w.shape, dim, m, f"nm_mask(n={n}, m={m})")
+    pre, groups, _, post = _grouped(w.shape, dim, m, f"N:M mask (n={n}, m={m})")
     # |w| in float32 is exact for fp16/bf16 and keeps the comparisons on one well-supported dtype.
     a = w.detach().abs().to(torch.float32 if w.element_size() <= 4 else w.dtype)
     cols = a.reshape(pre, groups, m, post).unbind(2)  # m tensors of (pre, groups, post)
@@ -55,7 +52,28 @@ def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Ten
             if j != i:
                 rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
         keep.append(rank < n)
-    return torch.stack(keep, dim=2).reshape(w.shape)
+    return keep, w.shape
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
+    """Bool mask keeping the `n` largest-|w| entries of every `m` consecutive entries along `dim`.
+
+    Ties go to the lower index. Works for any float dtype and device; the result has w's shape.
+    """
+    keep, shape = _keep_by_position(w, n, m, dim)
+    return torch.stack(keep, dim=2).reshape(shape)
+
+
+def nm_bits(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
+    """`pack_group_bits(nm_mask(w, n, m, dim), m, dim)`, without materialising the bool mask."""
+    keep, shape = _keep_by_position(w, n, m, dim)
+    dtype = bits_dtype(m)
+    bits = torch.zeros_like(keep[0], dtype=dtype)
+    for i, kept in enumerate(keep):
+        bits |= kept.to(dtype) << i
+    out_shape = list(shape)
+    out_shape[dim % len(shape)] //= m
+    return bits.reshape(out_shape)
 
 
 def column_mask(w_r: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -131,3 +149,46 @@ def scatter_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def gather_values(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The entries of `dense` (out, in) at `mask`, as (out, k) in `scatter_values` order."""
     return dense[mask].view(mask.shape[0], -1)
+
+
+def _positions_table(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """(2**m, n) int64: row b lists the set bits of b in ascending order (rows with != n bits unused)."""
+    key = (n, m, device)
+    if key not in _POSITION_TABLES:
+        table = torch.zeros(2**m, n, dtype=torch.int64)
+        for b in range(2**m):
+            pos = [i for i in range(m) if b >> i & 1]
+            if len(pos) == n:
+                table[b] = torch.tensor(pos)
+        _POSITION_TABLES[key] = table.to(device)
+    return _POSITION_TABLES[key]
+
+
+_POSITION_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLE_MAX_M = 12  # a 4096-row table; wider groups sort their bits instead
+
+
+def kept_positions(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Positions (0..m-1, ascending) of the `n` kept entries of every group of row bits.
+
+    bits: (out, in/m) from `pack_group_bits(mask, m, dim=1)` with exactly n bits per group.
+    Returns (out, in/m, n) int64, the index for `torch.gather` / `scatter_` on a (out, in/m, m) view:
+    two table look-ups instead of boolean indexing, which is several times slower on CPU.
+    """
+    if m <= _TABLE_MAX_M:
+        return _positions_table(n, m, bits.device)[bits.long()]
+    grouped = unpack_group_bits(bits, m, dim=-1).view(*bits.shape, m).to(torch.uint8)
+    return torch.sort(grouped, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+def scatter_kept(values: torch.Tensor, positions: torch.Tensor, m: int) -> torch.Tensor:
+    """Dense (out, in) from kept `values` (out, k) at `positions` (out, in/m, n); equals `scatter_values`."""
+    out, groups, n = positions.shape
+    dense = torch.zeros(out, groups, m, dtype=values.dtype, device=values.device)
+    return dense.scatter_(2, positions, values.view(out, groups, n)).view(out, groups * m)
+
+
+def gather_kept(dense: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The entries of `dense` (out, in) at `positions` (out, in/m, n) as (out, k); equals `gather_values`."""
+    out, groups, n = positions.shape
+    return dense.view(out, groups, -1).gather(2, positions).view(out, groups * n)
