@@ -1,0 +1,106 @@
+"""Training methods: how a freshly built dense model is turned into what gets trained.
+
+The training loop only talks to the `Method` interface, so a new method (a baseline) is one class
+registered in `METHODS`, with no change to the loop, the checkpoints or `load_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import nn
+
+import slope
+from slope.config import SlopeConfig
+
+log = logging.getLogger("slope")
+
+
+class Method:
+    """Dense training; the base class every method extends."""
+
+    name = "dense"
+
+    def __init__(self, slope_config: SlopeConfig | None = None) -> None:
+        self.slope_config = slope_config
+
+    def prepare(self, model: nn.Module) -> None:
+        """Convert `model` in place before training (and log what was done)."""
+        log.info("dense: every layer trains dense")
+
+    def adapter_step(self, max_steps: int) -> int | None:
+        """The optimizer step before which adapters join (None: never)."""
+        return None
+
+    def before_step(self, step: int, max_steps: int, model: nn.Module, optimizer, group: dict) -> dict | None:
+        """Called before every optimizer step `step` (0-based); returns an event to log, if any."""
+        return None
+
+    def has_adapters(self, model: nn.Module) -> bool:
+        return False
+
+    def checkpoint_info(self, model: nn.Module) -> dict:
+        """The method's part of a checkpoint's slope.json."""
+        return {"method": self.name, "slope_config": None, "adapters": False, "adapter_rank": None}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, info: dict) -> nn.Module:
+        """Re-apply a saved method to a freshly built model, so a saved state_dict loads into it."""
+        return model
+
+
+class SlopeMethod(Method):
+    """SLoPe: static N:M sparse weights, double-pruned backward, lazy adapters at `adapter_start`."""
+
+    name = "slope"
+
+    def prepare(self, model: nn.Module) -> None:
+        slope.sparsify(model, self.slope_config)  # logs its report: converted and skipped layers
+
+    def adapter_step(self, max_steps: int) -> int | None:
+        start = self.slope_config.adapter_start
+        if start >= 1.0:
+            return None
+        # Adapters train for the last (1 - adapter_start) of the steps; at least the final step.
+        return min(max_steps - 1, math.floor(start * max_steps))
+
+    def before_step(self, step, max_steps, model, optimizer, group):
+        if step != self.adapter_step(max_steps) or self.has_adapters(model):
+            return None
+        params = slope.add_adapters(model, optimizer=optimizer, param_group=group)
+        return {
+            "event": "adapters_added", "step": step, "params": sum(p.numel() for p in params),
+            "ranks": sorted({layer.rank for _, layer in slope.slope_layers(model)}),
+            "param_groups": len(optimizer.param_groups),
+        }
+
+    def has_adapters(self, model):
+        return any(layer.rank for _, layer in slope.slope_layers(model))
+
+    def checkpoint_info(self, model):
+        return {"method": self.name, "slope_config": self.slope_config.to_dict(),
+                "adapters": self.has_adapters(model), "adapter_rank": None}
+
+    @classmethod
+    def rebuild(cls, model, info):
+        slope.sparsify(model, SlopeConfig(**info["slope_config"]))
+        if info.get("adapters"):
+            slope.add_adapters(model, rank=info.get("adapter_rank"))
+        return model
+
+
+METHODS: dict[str, type[Method]] = {"dense": Method, "slope": SlopeMethod}
+
+
+def get_method(name: str, slope_config: SlopeConfig | None = None) -> Method:
+    return METHODS[name](slope_config)
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Stored parameters, and the dense-equivalent count (a SlopeLinear counts as its full in x out)."""
+    stored = sum(p.numel() for p in model.parameters())
+    dense = stored
+    for _, layer in slope.slope_layers(model):
+        dense += layer.in_features * layer.out_features - layer.weight.numel()
+    return {"stored": stored, "dense_equivalent": dense}
