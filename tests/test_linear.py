@@ -229,3 +229,28 @@ def test_bf16_autocast_on_cpu_matches_reference_in_bf16():
     torch.testing.assert_close(y, ref)
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer", ["foreach", "fused", "for-loop", "sgd"])
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_steps_are_seen_with_every_optimizer_kind(optimizer, accumulate):
+    # fused AdamW updates the values without moving their version counter: the step must still be
+    # seen (a gradient was delivered and then cleared), or M_C and any cached operand would go stale.
+    _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32)
+    params = list(layer.parameters())
+    opt = {
+        "foreach": lambda: torch.optim.AdamW(params, lr=1e-2, foreach=True),
+        "fused": lambda: torch.optim.AdamW(params, lr=1e-2, fused=True),
+        "for-loop": lambda: torch.optim.AdamW(params, lr=1e-2, foreach=False),
+        "sgd": lambda: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    }[optimizer]()
+    for step in range(4):
+        for _ in range(accumulate):
+            x = torch.randn(8, 64, requires_grad=True)
+            dy = torch.randn(8, 32)
+            layer(x).backward(dy)
+            w_r = layer.dense_weight()
+            torch.testing.assert_close(x.grad, dy @ (w_r * column_mask(w_r)))  # M_C of the current values
+        assert layer.mask_steps == step
+        opt.step()
+        opt.zero_grad()
