@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from slope.masks import gather_values
+from slope.masks import gather_kept
 
 
 @dataclass
@@ -20,14 +20,14 @@ class StepOperands:
     """What one forward/backward of a layer multiplies with, built by `SlopeLinear`.
 
     backend: the `slope.kernels` backend running the two sparse products.
-    row_mask: M_R as a dense bool (out, in), to gather the weight gradient.
+    positions: (out, in/m, n) int64 positions of the kept weights, to gather the weight gradient.
     output: the backend operand for x @ W_Rᵀ.
     grad_input: builds the backend operand for dy @ W_RC on first use (in backward only), so a
         forward without grad never pays for the column mask.
     """
 
     backend: Any
-    row_mask: torch.Tensor
+    positions: torch.Tensor
     output: Any
     grad_input: Callable[[], Any]
 
@@ -60,7 +60,7 @@ class SlopeLinearFunction(torch.autograd.Function):
         # grad_weight: dW = dyᵀ x is dense (reduction over tokens); only entries at M_R are kept.
         if ctx.needs_input_grad[1]:
             grad_w = dy2d.t() @ x2d  # (out, in)
-            grad_values = gather_values(grad_w, ops.row_mask).to(ctx.values_dtype)
+            grad_values = gather_kept(grad_w, ops.positions).to(ctx.values_dtype)
 
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = dy2d.sum(0).to(ctx.bias_dtype)
