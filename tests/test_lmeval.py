@@ -9,9 +9,17 @@ import pytest
 import torch
 from _export_fixtures import make_tokenizer, tiny_model
 
+from slope.cli import UserError
 from slope.export import save_compressed
 from slope.inference import load, load_tokenizer
-from slope.lmeval import LOCAL_TASK, LmEvalError, format_results, local_task_config, run_lm_eval
+from slope.lmeval import (
+    LOCAL_TASK,
+    LmEvalError,
+    eval_tasks_cli,
+    format_results,
+    local_task_config,
+    run_lm_eval,
+)
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (pip install 'slope[eval]')")
 
@@ -60,3 +68,14 @@ def test_bundled_sample_and_errors(tmp_path):
         run_lm_eval(exported, [], device="cpu")
     results = run_lm_eval(exported, [LOCAL_TASK], device="cpu", limit=2)
     assert results["results"][LOCAL_TASK]["bits_per_byte,none"] > 0
+
+
+def test_cli_hook(tmp_path, capsys):
+    exported = save_compressed(tiny_model("llama"), tmp_path / "e", make_tokenizer())
+    assert eval_tasks_cli(exported, LOCAL_TASK, device="cpu", limit=1, as_json=True) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"][LOCAL_TASK]["bits_per_byte,none"] > 0
+    with pytest.raises(UserError, match="does not exist"):
+        eval_tasks_cli(exported, LOCAL_TASK, data=tmp_path / "none.jsonl")
+    with pytest.raises(UserError, match="not a slope export"):
+        eval_tasks_cli(tmp_path, LOCAL_TASK)
