@@ -227,3 +227,16 @@ def test_cli_export(tmp_path, tokenizer, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2  # exists: one clear line
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_dense_run_exports_and_loads(tmp_path, tokenizer, ids):
+    """A `--method dense` run has no sparse layers; its compressed export is just the dense tensors."""
+    from _export_fixtures import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    out = export(write_training_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "e")
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["layers"] == {} and meta["slope_config"] is None
+    assert torch.equal(logits(load(out, device="cpu"), ids), logits(model, ids))
