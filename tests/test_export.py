@@ -240,3 +240,21 @@ def test_dense_run_exports_and_loads(tmp_path, tokenizer, ids):
     meta = json.loads((out / META_FILE).read_text())
     assert meta["layers"] == {} and meta["slope_config"] is None
     assert torch.equal(logits(load(out, device="cpu"), ids), logits(model, ids))
+
+
+def test_bad_training_checkpoints_fail_clearly(tmp_path, tokenizer):
+    run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
+    ckpt = run / "checkpoints" / "step_00000010"
+    info = json.loads((ckpt / "slope.json").read_text())
+    (ckpt / "slope.json").write_text(json.dumps({**info, "format": 2}))
+    with pytest.raises(FormatError, match="upgrade slope"):
+        load(run, device="cpu")
+    (ckpt / "slope.json").write_text(json.dumps({**info, "adapters": False}))  # weights have adapters
+    with pytest.raises(FormatError, match="does not fit"):
+        load(run, device="cpu")
+    (ckpt / "slope.json").write_text(json.dumps(info))
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError):
+        load(run, device="cpu")
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2

@@ -33,6 +33,12 @@ META_FILE = "slope_model.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
+
+
+class FormatError(ValueError):
+    """A checkpoint or export that cannot be loaded: newer version, corrupted, or inconsistent."""
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -12,19 +12,26 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from slope.config import SlopeConfig
 from slope.convert import slope_layers
-from slope.export import FORMAT_NAME, FORMAT_VERSION, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE, sha256_file
+from slope.export import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    META_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    FormatError,
+    sha256_file,
+)
 from slope.linear import SlopeLinear, _dense_weight_of
 from slope.packing import code_bits, unpack_positions
 from slope.run_reader import is_training_checkpoint, read_training_checkpoint, resolve_checkpoint
 
-
-class FormatError(ValueError):
-    """A compressed checkpoint that cannot be loaded: newer version, corrupted, or inconsistent."""
+__all__ = ["FormatError", "load", "load_compressed", "load_tokenizer", "read_metadata", "verify_files"]
 
 
 def default_device() -> torch.device:
@@ -129,11 +136,21 @@ def verify_files(path: str | Path, meta: dict) -> None:
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
     """Build the model of a compressed export on the CPU; raises FormatError on any inconsistency."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     meta = read_metadata(path)
     verify_files(path, meta)
+    try:
+        return _build(path, meta, dtype, backend)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        # malformed metadata fields, an invalid slope_config, or a state_dict the model rejects
+        raise FormatError(f"{path}: inconsistent export ({type(err).__name__}: {err})") from err
+
+
+def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tensors = load_file(path / WEIGHTS_FILE)
 
     stored_dtype = getattr(torch, meta["dtype"], None)

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 
 from slope.config import SlopeConfig
 from slope.convert import slope_layers, sparsify
+from slope.export import FormatError
 
 CHECKPOINT_FORMAT = 1  # the newest slope.json "format" this reader understands
 
@@ -48,10 +49,13 @@ def read_training_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / "slope.json").read_text())
+    try:
+        meta = json.loads((ckpt / "slope.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{ckpt / 'slope.json'}: cannot read it ({err})") from err
     version = meta.get("format")
     if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise FormatError(
             f"{ckpt / 'slope.json'} has format {version!r}; this version of slope reads checkpoint "
             f"formats up to {CHECKPOINT_FORMAT}: upgrade slope"
         )
@@ -59,13 +63,20 @@ def read_training_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object 
     model = AutoModelForCausalLM.from_config(config)
     weights = ckpt / "model.safetensors"
     if meta.get("method") == "slope":
-        sparsify(model, SlopeConfig(**meta["slope_config"]))
-        if meta.get("adapters"):
-            _add_adapters_as_saved(model, weights)
+        try:
+            slope_config = SlopeConfig(**meta["slope_config"])
+        except (TypeError, ValueError) as err:
+            raise FormatError(f"{ckpt / 'slope.json'}: invalid slope_config ({err})") from err
+        sparsify(model, slope_config)
     elif meta.get("method") != "dense":
-        raise ValueError(f"{ckpt / 'slope.json'}: unknown method {meta.get('method')!r} (expected 'slope' or 'dense')")
+        raise FormatError(f"{ckpt / 'slope.json'}: unknown method {meta.get('method')!r} (expected 'slope' or 'dense')")
     # strict: every tensor present with its shape, or a clear error before the model is returned
-    load_model(model, weights, strict=True)
+    try:
+        if meta.get("method") == "slope" and meta.get("adapters"):
+            _add_adapters_as_saved(model, weights)
+        load_model(model, weights, strict=True)
+    except (RuntimeError, OSError, KeyError, SafetensorError) as err:
+        raise FormatError(f"{weights} does not fit the checkpoint's config: {err}") from err
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     return model, tokenizer, meta
