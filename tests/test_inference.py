@@ -78,3 +78,15 @@ def test_load_accepts_runs_and_dense_directories(tmp_path):
         # plain layers round differently (fused addmm), see test_export.test_dense_export_matches_in_plain_transformers
         assert torch.allclose(load(dense, device="cpu")(input_ids=ids).logits, want, rtol=0, atol=1e-5)
     assert load_tokenizer(run).get_vocab() == load_tokenizer(dense).get_vocab() == tokenizer.get_vocab()
+
+
+def test_inference_dtype_rule():
+    from slope.inference import _inference_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _inference_dtype("auto", torch.float32, cpu) == torch.float32
+    assert _inference_dtype("auto", torch.float16, cuda) == torch.float16
+    assert _inference_dtype(None, torch.float32, cuda) == torch.float32
+    assert _inference_dtype(torch.float64, torch.float32, cpu) == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        _inference_dtype("float16", torch.float32, cpu)

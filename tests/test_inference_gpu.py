@@ -1,8 +1,8 @@
 """slope.load on CUDA: "auto" picks the 2:4 backend where it runs, and matches the reference backend.
 
-Both sides multiply the same fp16 operands with fp32 accumulation; they differ by summation order
-and rounding only, so the logits agree to a relative error of a few fp16 eps (tolerance 1e-2, far
-below the order-1 error of a wrong layout or mask).
+Both sides multiply the same half-precision operands with fp32 accumulation; they differ by summation
+order and rounding only, so the logits agree to a relative error of a few bf16 eps (tolerance 3e-2,
+far below the order-1 error of a wrong layout or mask).
 """
 
 from __future__ import annotations
@@ -33,19 +33,20 @@ def exported(tmp_path_factory):
     model = slope.sparsify(LlamaForCausalLM(config), slope.SlopeConfig())
     for p in slope.add_adapters(model, rank=8):
         torch.nn.init.normal_(p, std=0.02)
-    return save_compressed(model, tmp_path_factory.mktemp("gpu") / "e", make_tokenizer(), dtype=torch.float16)
+    return save_compressed(model, tmp_path_factory.mktemp("gpu") / "e", make_tokenizer())  # fp32
 
 
 def test_auto_backend_on_cuda_matches_reference(exported):
-    fast = load(exported, device="cuda")  # backend "auto"
+    fast = load(exported, device="cuda")  # backend "auto", dtype "auto": fp32 weights run in half precision
     ref = load(exported, device="cuda", backend="reference")
+    assert next(fast.parameters()).dtype in (torch.bfloat16, torch.float16)
     ids = torch.randint(1, 320, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
     kinds = {type(b).__name__ for _, layer in slope.slope_layers(fast) for b in layer._backend_cache.values()}
     print("backends used:", kinds, "| summary:", slope.kernels.backend_summary(slope.slope_layers(fast)))
     assert "SemiStructuredBackend" in kinds
-    assert float((got - want).norm() / want.norm()) < 1e-2
+    assert float((got - want).norm() / want.norm()) < 3e-2
 
 
 def test_generate_on_cuda(exported):

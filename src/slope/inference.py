@@ -41,17 +41,20 @@ def default_device() -> torch.device:
 def load(
     path: str | Path,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = "auto",
     backend: str = "auto",
 ) -> nn.Module:
     """A ready transformers model (eval mode) from an export, a training checkpoint or a HF directory.
 
-    device: default CUDA when available, else CPU. dtype: default the stored one.
+    device: default CUDA when available, else CPU.
+    dtype: "auto" keeps the stored dtype, except that fp32 weights on CUDA run in bf16 (fp16 without
+        bf16 support), the precision the 2:4 sparse kernels need; None always keeps the stored dtype.
     backend: SlopeConfig.backend for the sparse layers; "auto" picks the best one for the device.
     """
     path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
     if (path / META_FILE).is_file():
-        model = load_compressed(path, dtype=dtype, backend=backend)
+        model = load_compressed(path, backend=backend)
     elif is_training_checkpoint(path):
         model, _, _ = read_training_checkpoint(path)
         _set_backend(model, backend)
@@ -64,9 +67,20 @@ def load(
             f"{path}: not a slope export ({META_FILE}), a training run/checkpoint (checkpoints/latest or "
             "slope.json) or a Hugging Face model directory (config.json)"
         )
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device or default_device()).eval()
+    target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
+    return model.to(device=device, dtype=target).eval()
+
+
+def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return stored
+    if dtype != "auto":
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, 'auto' or None, got {dtype!r}")
+        return dtype
+    if device.type == "cuda" and stored == torch.float32:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return stored
 
 
 def load_tokenizer(path: str | Path):
