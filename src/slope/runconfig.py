@@ -144,7 +144,8 @@ def _type_name(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -160,8 +161,12 @@ def _coerce(value, tp, key: str):
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(tp)[:1]
-            items = [_coerce(v, item, key) for v in value]
-            return tuple(items) if origin is tuple else items
+            try:
+                items = [_coerce(v, item, key) for v in value]
+            except ConfigError:
+                items = None  # reported below against the whole list type
+            if items is not None:
+                return tuple(items) if origin is tuple else items
     elif tp is type(None):
         if value is None:
             return None

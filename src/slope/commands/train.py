@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -71,15 +72,20 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
 def run(args) -> int:
     from slope.trainer import Interrupted, Trainer, TrainingFailed
 
+    run_dir, created = None, False
     try:
         cfg, run_dir, resume = _resolve(args)
         toml_text = runconfig.to_toml(cfg)
         print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=resume)
-        if not resume:
+        created = not resume
+        if created:
             runconfig.save(cfg, run_dir / "config.toml")
         result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
+        # Set-up errors come before any training: a run directory made just now holds nothing of value.
+        if created and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir)
         raise UserError(str(err)) from None
     except TrainingFailed as err:
         print(f"slope train: error: {err}", flush=True)
