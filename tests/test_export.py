@@ -258,3 +258,15 @@ def test_bad_training_checkpoints_fail_clearly(tmp_path, tokenizer):
     with pytest.raises(FormatError):
         load(run, device="cpu")
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
+
+
+def test_reexport_compressed_as_dense_and_half(tmp_path, tokenizer, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gpt2", adapters=True)
+    first = save_compressed(model, tmp_path / "e", tokenizer)
+    assert main(["export", str(first), "--out", str(tmp_path / "d"), "--dense"]) == 0
+    assert main(["export", str(first), "--out", str(tmp_path / "h"), "--dtype", "float16"]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert torch.allclose(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)  # see the dense test above
+    assert json.loads((tmp_path / "h" / META_FILE).read_text())["dtype"] == "float16"
