@@ -118,3 +118,11 @@ def test_prepare_command_and_training_on_its_output(tmp_path, capsys):
     assert cli.main(["prepare", str(tmp_path / "c.txt"), "-o", str(out)]) == 2  # never overwritten
     tok, train, val = prepare(tmp_path / "run", str(out))
     assert len(tok) == 300 and len(train) == summary["train_tokens"] and len(val) == summary["val_tokens"]
+
+
+def test_saved_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["one\n", "two\n"], "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    source = data.resolve_source(str(tmp_path / "ds"))
+    assert source.kind == "hf_dataset"
+    assert [t for _, t in source.documents()] == ["one\n", "two\n"]

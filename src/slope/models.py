@@ -52,6 +52,8 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int):
             num_attention_heads=heads, max_position_embeddings=max_pos, word_embed_proj_dim=hidden,
             dropout=section.dropout, attention_dropout=section.dropout,
             tie_word_embeddings=section.tie_embeddings,
+            # OPT's default pad id 1 would freeze a real token of our tokenizers at zero
+            pad_token_id=None, bos_token_id=None, eos_token_id=None,
         )
     else:
         config = _user_config(section.preset, AutoConfig)
