@@ -270,3 +270,17 @@ def test_reexport_compressed_as_dense_and_half(tmp_path, tokenizer, ids):
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
     assert torch.allclose(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)  # see the dense test above
     assert json.loads((tmp_path / "h" / META_FILE).read_text())["dtype"] == "float16"
+
+
+def test_reexport_keeps_the_skip_list(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    first = save_compressed(model, tmp_path / "a", tokenizer)
+    loaded = load(first, device="cpu")
+    assert loaded.slope_report.skipped == model.slope_report.skipped
+    assert loaded.slope_report.params_after == model.slope_report.params_after
+    assert loaded.slope_report.params_before == model.slope_report.params_before
+    second = save_compressed(loaded, tmp_path / "b", tokenizer)
+    meta_a, meta_b = (json.loads((p / META_FILE).read_text()) for p in (first, second))
+    assert meta_a["skipped"] == meta_b["skipped"] and meta_a["layers"] == meta_b["layers"]
+    assert meta_a["slope_config"] == meta_b["slope_config"] and meta_a["slope_config"]["backend"] == "auto"
+    assert meta_a["files"]["model.safetensors"] == meta_b["files"]["model.safetensors"]  # byte-identical

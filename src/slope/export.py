@@ -130,7 +130,8 @@ def save_compressed(
         "position_code": ("combinations" if uses_combinations(n, m) else "bitmask") if layers else None,
         "position_bits": code_bits(n, m) if layers else None,
         "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
-        "slope_config": layers[0][1].config.to_dict() if layers else None,
+        # the backend is chosen where the model is loaded (slope.load's `backend`), not stored
+        "slope_config": layers[0][1].config.replace(backend="auto").to_dict() if layers else None,
         "layers": layer_meta,
         "skipped": dict(report.skipped) if report is not None else {},
         "tied": tied,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slope.config import SlopeConfig
-from slope.convert import slope_layers
+from slope.convert import SparsifyReport, slope_layers
 from slope.export import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -210,7 +210,21 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
                 f"{tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
+    if slope_cfg is not None:
+        model.slope_report = _report(model, meta, slope_cfg)  # so a re-export keeps the skip list
     return model
+
+
+def _report(model: nn.Module, meta: dict, cfg: SlopeConfig) -> SparsifyReport:
+    layers = slope_layers(model)
+    after = sum(p.numel() for p in model.parameters()) - sum(
+        layer.adapter_a.numel() + layer.adapter_b.numel() for _, layer in layers if layer.rank
+    )
+    before = after + sum(layer.out_features * layer.in_features - layer.weight.numel() for _, layer in layers)
+    return SparsifyReport(
+        config=cfg, converted=list(meta["layers"]), skipped=dict(meta.get("skipped", {})),
+        params_before=before, params_after=after, first_linear_method="as recorded in the export",
+    )
 
 
 def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path: Path) -> dict:
