@@ -20,11 +20,12 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
-def model_config(section: ModelSection, vocab_size: int, seq_len: int):
+def model_config(section: ModelSection, vocab_size: int, seq_len: int, eos_token_id: int | None = None):
     """A transformers config: a preset sized by `section`, or a user's config file / cached hub name.
 
     vocab_size: the tokenizer's; presets round it up to a multiple of 64 (faster embeddings and
     head on GPUs), user configs must already be at least this large.
+    eos_token_id: the tokenizer's end-of-text id, which presets use as bos/eos (generation stops on it).
     """
     from transformers import AutoConfig, GPT2Config, LlamaConfig, OPTConfig
 
@@ -34,26 +35,26 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int):
     if section.preset in PRESETS and hidden % heads:
         raise ModelError(f"model.hidden_size={hidden} is not a multiple of model.num_heads={heads}")
     inter = section.intermediate_size or 4 * hidden
+    # Each family's default special ids belong to its own tokenizer, not to ours.
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
     if section.preset == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos,
-            tie_word_embeddings=section.tie_embeddings, attention_dropout=section.dropout,
+            tie_word_embeddings=section.tie_embeddings, attention_dropout=section.dropout, **special,
         )
     elif section.preset == "gpt2":
         # GPT-2 always ties its head to the embeddings; its linear layers are Conv1D.
         config = GPT2Config(
             vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=max_pos,
-            resid_pdrop=section.dropout, embd_pdrop=section.dropout, attn_pdrop=section.dropout,
+            resid_pdrop=section.dropout, embd_pdrop=section.dropout, attn_pdrop=section.dropout, **special,
         )
     elif section.preset == "opt":
         config = OPTConfig(
             vocab_size=vocab, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers,
             num_attention_heads=heads, max_position_embeddings=max_pos, word_embed_proj_dim=hidden,
             dropout=section.dropout, attention_dropout=section.dropout,
-            tie_word_embeddings=section.tie_embeddings,
-            # OPT's default pad id 1 would freeze a real token of our tokenizers at zero
-            pad_token_id=None, bos_token_id=None, eos_token_id=None,
+            tie_word_embeddings=section.tie_embeddings, **special,  # (OPT's pad id 1 would freeze a token)
         )
     else:
         config = _user_config(section.preset, AutoConfig)

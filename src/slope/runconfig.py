@@ -98,8 +98,8 @@ class TrainSection:
 @dataclass
 class EvalSection:
     every: int = 50  # steps between validation evals; 0 = only at the end
-    max_tokens: int = 16384  # tokens per periodic validation
-    final_max_tokens: int = 65536  # tokens per final evaluation set
+    max_tokens: int = 8192  # tokens per periodic validation
+    final_max_tokens: int = 32768  # tokens per final evaluation set (evenly spaced windows)
     batch_size: int = 8
     sets: list[str] = field(default_factory=lambda: ["shakespeare-heldout", "milton"])
 

@@ -209,7 +209,8 @@ class Trainer:
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
 
-        model_config = models.model_config(cfg.model, len(self.tokenizer), cfg.train.seq_len)
+        model_config = models.model_config(cfg.model, len(self.tokenizer), cfg.train.seq_len,
+                                           eos_token_id=self.tokenizer.eos_token_id)
         models.check_fits(model_config, len(self.tokenizer), cfg.train.seq_len)
         torch.manual_seed(cfg.run.seed)
         self.model = models.build_model(model_config)
