@@ -126,3 +126,11 @@ def test_saved_hugging_face_dataset(tmp_path):
     source = data.resolve_source(str(tmp_path / "ds"))
     assert source.kind == "hf_dataset"
     assert [t for _, t in source.documents()] == ["one\n", "two\n"]
+
+
+def test_val_auto_is_the_tail_for_a_user_corpus(tmp_path):
+    (tmp_path / "c.txt").write_text(TEXT)
+    _, train, val = prepare(tmp_path / "run", str(tmp_path / "c.txt"), "auto", 0.1, "", 300)
+    assert val.meta["split"] == "last 0.1 of the text" and val.meta["source"] == str(tmp_path / "c.txt")
+    assert 0.05 < val.meta["n_bytes"] / (train.meta["n_bytes"] + val.meta["n_bytes"]) < 0.15
+    assert corpus.HELDOUT_OF["shakespeare"] == "shakespeare-heldout"

@@ -24,6 +24,10 @@ EMBEDDED = {
 }
 
 
+# The validation set `data.val = "auto"` picks for an embedded training corpus.
+HELDOUT_OF = {"shakespeare": "shakespeare-heldout"}
+
+
 def is_embedded(name: str) -> bool:
     return name in EMBEDDED
 

@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from slope import data
+from slope import corpus, data
 from slope.data import DataError, TokenFile
 
 log = logging.getLogger("slope")
@@ -30,6 +30,8 @@ def prepare(
 ) -> tuple[object, TokenFile, TokenFile]:
     """(tokenizer, train tokens, val tokens) in `out_dir`, tokenizing only what is not there yet."""
     out_dir = Path(out_dir)
+    if val == "auto":
+        val = corpus.HELDOUT_OF.get(train, "")
     source = data.resolve_source(train)
     if source.kind == "prepared":
         if tokenizer_name:

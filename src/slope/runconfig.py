@@ -57,8 +57,9 @@ class DataSection:
     # An embedded corpus ("shakespeare", "shakespeare-heldout", "milton"), a text file, a folder of text,
     # a .jsonl file (`text` field), a saved Hugging Face dataset folder, or a `slope prepare` output folder.
     train: str = "shakespeare"
-    # Validation source for periodic evaluation; "" = the final `val_fraction` of `train`'s text.
-    val: str = "shakespeare-heldout"
+    # Validation source for periodic evaluation; "" = the final `val_fraction` of `train`'s text;
+    # "auto" = the held-out works for the embedded Shakespeare, else "".
+    val: str = "auto"
     val_fraction: float = 0.05
 
 

@@ -21,10 +21,20 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run)
 
 
+def _trained_seq_len(ckpt: Path, model_config) -> int:
+    """The run's train.seq_len, or (a checkpoint without a run config) the model's positions, at most 1024."""
+    from slope import runconfig
+    from slope.models import max_positions
+
+    if (ckpt / "config.toml").is_file():
+        return runconfig.read_toml(ckpt / "config.toml")["train"]["seq_len"]
+    return min(max_positions(model_config) or 1024, 1024)
+
+
 def run(args) -> int:
     import torch
 
-    from slope import checkpoint, runconfig
+    from slope import checkpoint
     from slope.data import DataError
     from slope.evaluation import evaluate
     from slope.models import check_fits
@@ -34,7 +44,7 @@ def run(args) -> int:
     try:
         ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
         model, tokenizer = checkpoint.load_model(ckpt)
-        seq_len = args.seq_len or runconfig.read_toml(ckpt / "config.toml")["train"]["seq_len"]
+        seq_len = args.seq_len or _trained_seq_len(ckpt, model.config)
         if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
             raise UserError("--seq-len, --batch-size and --max-tokens must be positive")
         check_fits(model.config, len(tokenizer), seq_len)
