@@ -41,6 +41,18 @@ def test_positions_round_trip(n, m, bits):
     assert torch.equal(unpack_positions(packed, tuple(row_bits.shape), n, m), row_bits)
 
 
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (2, 8), (4, 16)])
+def test_positions_round_trip_across_chunks(monkeypatch, n, m):
+    """Large layers are packed in chunks of groups; chunk edges must not shift any bit."""
+    import slope.packing
+
+    monkeypatch.setattr(slope.packing, "_CHUNK", 8)
+    row_bits = pack_group_bits(nm_mask(torch.randn(7, 9 * m), n, m), m)  # 63 groups: 7 full chunks + 7
+    packed = pack_positions(row_bits, n, m)
+    assert packed.numel() == -(-63 * code_bits(n, m) // 8)
+    assert torch.equal(unpack_positions(packed, (7, 9), n, m), row_bits)
+
+
 def test_positions_reject_bad_streams():
     with pytest.raises(ValueError, match="expected"):
         unpack_positions(torch.zeros(3, dtype=torch.uint8), (4, 4), 2, 4)  # 16 groups x 3 bits = 6 bytes

@@ -24,6 +24,9 @@ from slope.masks import bits_dtype
 
 # Largest pattern table built for the combinatorial code; beyond it the bitmask is stored.
 _MAX_PATTERNS = 1 << 16
+# Groups packed per pass: bounds the temporary bit tensors (a multiple of 8, so every chunk's bits
+# fill whole bytes and the chunks' bytes simply concatenate).
+_CHUNK = 1 << 20
 
 
 def uses_combinations(n: int, m: int) -> bool:
@@ -56,10 +59,18 @@ def pack_positions(row_bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     else:
         codes = bits
     width = code_bits(n, m)
-    stream = (codes.unsqueeze(1) >> torch.arange(width)) & 1  # (groups, b), LSB first
-    stream = stream.reshape(-1)
+    return torch.cat([_to_bytes(codes[i : i + _CHUNK], width) for i in range(0, max(len(codes), 1), _CHUNK)])
+
+
+def _to_bytes(codes: torch.Tensor, width: int) -> torch.Tensor:
+    stream = ((codes.unsqueeze(1) >> torch.arange(width)) & 1).reshape(-1)  # (groups·b,), LSB first
     stream = torch.cat([stream, stream.new_zeros(-len(stream) % 8)]).view(-1, 8)
     return (stream << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def _from_bytes(packed: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+    return (stream[: groups * width].view(groups, width) << torch.arange(width)).sum(1)
 
 
 def unpack_positions(packed: torch.Tensor, shape: tuple[int, int], n: int, m: int) -> torch.Tensor:
@@ -75,8 +86,12 @@ def unpack_positions(packed: torch.Tensor, shape: tuple[int, int], n: int, m: in
             f"position stream has {packed.numel()} {packed.dtype} entries of shape {tuple(packed.shape)}, "
             f"expected ({expected},) uint8 for {groups} groups of {width} bits"
         )
-    stream = ((packed.cpu().to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
-    codes = (stream[: groups * width].view(groups, width) << torch.arange(width)).sum(1)
+    packed = packed.cpu()
+    chunk_bytes = _CHUNK * width // 8
+    codes = torch.cat([
+        _from_bytes(packed[i * chunk_bytes : (i + 1) * chunk_bytes], min(_CHUNK, groups - i * _CHUNK), width)
+        for i in range(max(math.ceil(groups / _CHUNK), 1))
+    ])
     if uses_combinations(n, m):
         masks = _tables(n, m)[0]
         if (codes >= len(masks)).any():
