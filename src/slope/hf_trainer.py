@@ -78,6 +78,12 @@ class SlopeCallback(TrainerCallback):
                 "so it sparsifies the model before the optimizer is built"
             )
         step = adapter_step(self.config.adapter_start, state.max_steps)
+        if step is not None and args.world_size > 1:
+            raise RuntimeError(
+                f"SlopeCallback adds adapters during training, which a {args.world_size}-process DDP/FSDP wrapper "
+                "built before them would not synchronise; use `slope train` for distributed runs, or "
+                "adapter_start=1.0 (no adapters)"
+            )
         log.info("slope: adapters join after %s of %d steps", "no" if step is None else step, state.max_steps)
         self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
 
