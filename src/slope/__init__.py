@@ -2,12 +2,15 @@
 
 from slope.config import SlopeConfig
 from slope.convert import SparsifyReport, add_adapters, densify, slope_layers, sparsify
+from slope.export import save_compressed, save_dense
+from slope.inference import FormatError, load, load_tokenizer
 from slope.linear import SlopeLinear
 from slope.masks import column_mask, double_prune, nm_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FormatError",
     "SlopeConfig",
     "SlopeLinear",
     "SparsifyReport",
@@ -16,7 +19,11 @@ __all__ = [
     "column_mask",
     "densify",
     "double_prune",
+    "load",
+    "load_tokenizer",
     "nm_mask",
+    "save_compressed",
+    "save_dense",
     "slope_layers",
     "sparsify",
 ]
