@@ -27,6 +27,7 @@ from slope.masks import (
     gather_values,
     nm_mask,
     pack_group_bits,
+    scatter_kept,
     scatter_values,
     unpack_group_bits,
 )
@@ -88,6 +89,9 @@ class SlopeLinear(nn.Module):
         self.column_mask_step = -1
         self._seen_version: int | None = None
         self._backend_cache: dict[tuple, object] = {}
+        # caches of CUDA backends (see _cached_operands); empty on the reference path
+        self._operand_caches: dict[object, kernels.OperandCache] = {}
+        self._fused = None
 
     # ---- derived tensors -------------------------------------------------------------------
 
@@ -132,18 +136,21 @@ class SlopeLinear(nn.Module):
             or self.mask_steps - self.column_mask_step >= self.config.backward_mask_interval
         )
 
-    def _backend(self, device: torch.device, dtype: torch.dtype):
+    def _backend(self, device: torch.device, dtype: torch.dtype, tokens: int | None = None):
+        # `tokens` of the first forward sets the token count at which "auto" measures sparse vs dense
         key = (device, dtype)
         if key not in self._backend_cache:
             self._backend_cache[key] = kernels.select_backend(
                 self.config.backend, device=device, dtype=dtype, n=self.config.n, m=self.config.m,
-                shape=(self.out_features, self.in_features),
+                shape=(self.out_features, self.in_features), tokens=tokens,
             )
         return self._backend_cache[key]
 
-    def _operands(self, dtype: torch.dtype, training: bool) -> StepOperands:
-        backend = self._backend(self.weight.device, dtype)
+    def _operands(self, dtype: torch.dtype, training: bool, tokens: int | None = None) -> StepOperands:
+        backend = self._backend(self.weight.device, dtype, tokens)
         self._observe_step()
+        if backend.keeps_operands:
+            return self._cached_operands(backend, training)
         row_mask = self.row_mask()
         w_master = scatter_values(self.weight.detach(), row_mask)  # (out, in) W_R
         double_prune = self.config.double_prune
@@ -164,6 +171,90 @@ class SlopeLinear(nn.Module):
 
         return StepOperands(backend, row_mask, backend.prepare_output(w_r), grad_input_operand)
 
+    def _operand_cache(self, backend) -> kernels.OperandCache:
+        cache = self._operand_caches.get(backend)
+        if cache is None:
+            # index maps (2 bytes per weight) pay off only while a column mask lasts several steps
+            cache = kernels.OperandCache(backend, index_maps=self.config.backward_mask_interval > 1)
+            self._operand_caches[backend] = cache
+        return cache
+
+    def _cached_operands(self, backend, training: bool) -> StepOperands:
+        """Operands of a backend that keeps them (CUDA 2:4): compressed once, refreshed in place.
+
+        The output operand follows the values' `_version`; the grad_input operand also follows the
+        column-mask step, so M_C is recompressed only every `backward_mask_interval` steps.
+        """
+        cache = self._operand_cache(backend)
+        values = self.weight.detach()
+        row_mask = self.row_mask  # a callable: unpacked only when an operand is (re)built
+        row_key = (self.row_bits.data_ptr(), self.row_bits._version)
+        # (out, in/m, n) kept positions: the weight gradient is gathered with them, so only a step
+        # that can reach backward needs them (an inference forward skips this O(weights) pass)
+        m = self.config.m
+        positions = kernels.kept_positions(self.row_bits, self.config.n, m) if training else None
+        built: list[torch.Tensor] = []
+
+        def w_r():  # (out, in) W_R in the master dtype, built at most once per step and only if needed
+            if not built:
+                pos = positions if positions is not None else kernels.kept_positions(self.row_bits, self.config.n, m)
+                built.append(scatter_kept(values, pos, m))
+            return built[0]
+
+        double_prune = self.config.double_prune
+        if training and double_prune and self._column_mask_due():
+            self._refresh_column_mask(w_r())
+        col_step = self.column_mask_step
+        bits_at_forward = self.col_bits if col_step >= 0 else None
+
+        def grad_input_operand():
+            if not double_prune:
+                return cache.grad_input(values, row_mask, None, row_key, dense=w_r)
+            bits, step = bits_at_forward, col_step
+            if bits is None:  # backward without a training forward (rare): build M_C now
+                self._refresh_column_mask(w_r())
+                bits, step = self.col_bits, self.column_mask_step
+            col_mask = lambda: unpack_group_bits(bits, m, dim=0)  # noqa: E731  (out, in) M_C, built on demand
+            return cache.grad_input(values, row_mask, col_mask, (row_key, step, bits.data_ptr()), dense=w_r)
+
+        out_operand = cache.output(values, row_mask, row_key, dense=w_r)
+        built.clear()  # W_R (4 bytes per weight) must not live on until backward in this closure
+        return StepOperands(backend, positions, out_operand, grad_input_operand)
+
+    def _fused_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Adapter inference on a CUDA 2:4 backend: the faster of the fused and two-path versions.
+
+        Returns None on backends without it (the caller then runs the plain path).
+        """
+        backend = self._backend(self.weight.device, dtype, x.numel() // x.shape[-1])
+        if not (backend.keeps_operands and backend.plan.sparse_output):
+            return None
+        self._observe_step()
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+        values, a, b = self.weight.detach(), self.adapter_a.detach(), self.adapter_b.detach()
+        cache = self._operand_cache(backend)
+        row_mask = self.row_mask
+        row_key = (self.row_bits.data_ptr(), self.row_bits._version)
+        a_c, b_c = a.to(dtype), b.to(dtype)
+
+        def two_path():
+            return kernels.two_path_inference(backend, x2d, cache.output(values, row_mask, row_key), a_c, b_c,
+                                              self.adapter_scale)
+
+        if self._fused is None:
+            self._fused = kernels.FusedAdapterInference(backend)
+        key = (values.data_ptr(), values._version, a.data_ptr(), a._version, row_key)
+
+        def fused():
+            return self._fused(x2d, lambda: self.dense_weight().to(dtype), a_c, b_c, self.adapter_scale, key)
+
+        if backend.plan.fused_inference is None:  # decided once per layer shape, at the first call
+            backend.plan.fused_inference = kernels.fused_is_faster(fused, two_path)
+        y = fused() if backend.plan.fused_inference else two_path()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +262,11 @@ class SlopeLinear(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
-        ops = self._operands(dtype, training)
+        if self.adapter_a is not None and not training:
+            y = self._fused_inference(x, dtype)
+            if y is not None:
+                return y
+        ops = self._operands(dtype, training, x.numel() // max(1, x.shape[-1]))
         with torch.autocast(device_type=device_type, enabled=False):
             y = SlopeLinearFunction.apply(x.to(dtype), self.weight, self.bias, ops)
         if self.adapter_a is not None:

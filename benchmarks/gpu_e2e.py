@@ -1,0 +1,163 @@
+"""End to end on one GPU: training step and inference prefill of LLaMA-style models, dense vs SLoPe.
+
+    python benchmarks/gpu_e2e.py --out DIR [--widths 1b 3b 8b] [--layers 4]
+
+Models are LLaMA-style (HF LlamaForCausalLM, random init) at the widths of LLaMA-3.2-1B, -3B and
+LLaMA-3-8B with only a few blocks so they fit a short run; vocabulary 8192 so that the dense
+embeddings and LM head (never sparsified) do not dilute the blocks' share of the time.
+Variants: dense; SLoPe 2:4 without adapters; with adapters of rank 1.5625 % and 6.25 % of the
+hidden size. Training: fp32 master weights, bf16 autocast, fused AdamW, one step = forward,
+backward, optimizer step. Inference: bf16 weights, prefill (one forward without KV cache).
+The first linear layers after the input are sparsified too here (keep_first_linear_dense=False):
+with a few blocks they would be a large share, with 32 blocks a small one.
+Writes gpu_e2e.json/.md into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import md_table, time_ms, write
+
+import slope
+from slope import kernels
+
+WIDTHS = {  # hidden, intermediate, heads, kv heads
+    "1b": (2048, 8192, 32, 8),
+    "3b": (3072, 8192, 24, 8),
+    "8b": (4096, 14336, 32, 8),
+}
+VARIANTS = {"dense": None, "slope": 0.0, "slope_r1.56%": 1 / 64, "slope_r6.25%": 1 / 16}
+
+
+def build(width: str, layers: int, variant: str, dtype=torch.float32):
+    hidden, inter, heads, kv = WIDTHS[width]
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    ratio = VARIANTS[variant]
+    if ratio is not None:
+        slope.sparsify(model, slope.SlopeConfig(keep_first_linear_dense=False, backward_mask_interval=ARGS.interval))
+        if ratio > 0:
+            slope.add_adapters(model, rank=max(1, round(ratio * hidden)))
+            for _, layer in slope.slope_layers(model):
+                torch.nn.init.normal_(layer.adapter_b, std=0.01)  # non-zero, as later in training
+    return model.to(dtype)
+
+
+def free(*objs):
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def train_row(width, layers, variant, batch, seq) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build(width, layers, variant)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, 8192, (batch, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = time_ms(step, warmup=3, reps=ARGS.steps)
+    row = {"width": width, "variant": variant, "mode": "train", "tokens": batch * seq, "ms": ms,
+           "tokens_per_s": batch * seq / ms * 1e3,
+           "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+           "state_gib": (torch.cuda.memory_allocated() - base) / 2**30}
+    if variant != "dense":
+        row["backends"] = kernels.backend_summary(slope.slope_layers(model))
+    free(model, opt)
+    return row
+
+
+def infer_row(width, layers, variant, batch, seq) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build(width, layers, variant, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 8192, (batch, seq), device="cuda")
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    prefill()  # set-up: compression, per-shape measurement and numerics check, fused-path choice
+    weights = (torch.cuda.memory_allocated() - base) / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(prefill, warmup=2, reps=ARGS.steps)
+    row = {"width": width, "variant": variant, "mode": "prefill", "tokens": batch * seq, "ms": ms,
+           "tokens_per_s": batch * seq / ms * 1e3,
+           "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "state_gib": weights}
+    if variant != "dense":
+        row["backends"] = kernels.backend_summary(slope.slope_layers(model))
+        fused = {be.plan.fused_inference for _, layer in slope.slope_layers(model)
+                 for be in layer._backend_cache.values() if hasattr(be, "plan")}
+        row["fused_adapter_path"] = ",".join(sorted(str(f) for f in fused))
+    free(model)
+    return row
+
+
+def main(argv=None) -> int:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--widths", nargs="+", default=["1b", "8b"], choices=sorted(WIDTHS))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round (3 rounds)")
+    p.add_argument("--interval", type=int, default=100, help="backward_mask_interval (paper's fast code: 100)")
+    ARGS = p.parse_args(argv)
+    rows = []
+    for width in ARGS.widths:
+        for mode, fn, batch in (("train", train_row, ARGS.train_batch), ("prefill", infer_row, ARGS.prefill_batch)):
+            dense = None
+            for variant in VARIANTS:
+                row = fn(width, ARGS.layers, variant, batch, ARGS.seq)
+                dense = dense or row
+                row["speedup_vs_dense"] = dense["ms"] / row["ms"]
+                row["peak_memory_ratio"] = row["peak_gib"] / dense["peak_gib"]
+                row["state_memory_ratio"] = row["state_gib"] / dense["state_gib"]
+                rows.append(row)
+                print(f"{width} {mode:7s} {variant:13s} {row['ms']:8.2f} ms  {row['tokens_per_s']:10.0f} tok/s  "
+                      f"x{row['speedup_vs_dense']:.3f}  peak {row['peak_gib']:.2f} GiB "
+                      f"(x{row['peak_memory_ratio']:.3f})  {row.get('backends', '')}", flush=True)
+                write(ARGS.out, "gpu_e2e", metrics(rows), rows, md_table(rows, COLUMNS), NOTES)
+    return 0
+
+
+def metrics(rows) -> dict:
+    out = {}
+    for r in rows:
+        if r["variant"] != "dense":
+            key = f"{r['mode']}_{r['width']}_{r['variant']}"
+            out[f"{key}_speedup"] = r["speedup_vs_dense"]
+            out[f"{key}_peak_memory_ratio"] = r["peak_memory_ratio"]
+    return out
+
+
+COLUMNS = ["width", "mode", "variant", "tokens", "ms", "tokens_per_s", "speedup_vs_dense", "peak_gib",
+           "peak_memory_ratio", "state_gib", "state_memory_ratio", "fused_adapter_path"]
+NOTES = """speedup_vs_dense = dense step time / variant step time (same run, same GPU). Memory: peak
+allocated during the timed steps (train: includes weights, gradients, AdamW state, activations) and
+state = allocated after the steps (train) or after set-up (prefill: weights and compressed operands)."""
+
+ARGS = None
+
+if __name__ == "__main__":
+    sys.exit(main())

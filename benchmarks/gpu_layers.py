@@ -1,0 +1,183 @@
+"""Per-layer SLoPe products on sparse tensor cores vs dense bf16 (cuBLAS), side by side in one run.
+
+    python benchmarks/gpu_layers.py --out DIR [--tokens 2048 8192 16384] [--backend cusparselt]
+
+For each linear shape (out, in) of LLaMA-3-8B, OPT-13B/30B/66B and a square hidden-size sweep,
+and each token count T, times (median of CUDA-event timings):
+    output       y  = x W_Rᵀ        dense: x @ Wᵀ            SLoPe: compressed W_R
+    grad_input   dx = dy W_RC       dense: dy @ W            SLoPe: compressed W_RCᵀ
+    grad_weight  dW = dyᵀ x         dense in both; SLoPe also gathers the kept entries
+    fwd+bwd      the three together (what one layer costs per training step)
+and separately the per-step refresh cost of the compressed operands (in-place value write,
+re-compression, column-mask refresh). Writes gpu_layers.json/.md into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import md_table, time_ms, write
+
+from slope import kernels
+from slope.masks import column_mask, gather_values, nm_mask, scatter_values
+
+
+def model_shapes() -> list[tuple[str, int, int]]:
+    """(name, out, in) of the linear layers of a transformer block."""
+    shapes = [("llama3-8b q/o", 4096, 4096), ("llama3-8b k/v", 1024, 4096),
+              ("llama3-8b gate/up", 14336, 4096), ("llama3-8b down", 4096, 14336)]
+    for name, h in (("opt-13b", 5120), ("opt-30b", 7168), ("opt-66b", 9216)):
+        shapes += [(f"{name} qkvo", h, h), (f"{name} fc1", 4 * h, h), (f"{name} fc2", h, 4 * h)]
+    return shapes
+
+
+SWEEP = [1024, 2048, 4096, 8192, 16384]
+
+
+def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloat16) -> dict:
+    dev = torch.device("cuda")
+    w = torch.randn(out_f, in_f, device=dev)
+    row_mask = nm_mask(w, 2, 4, dim=1)
+    w_r = w * row_mask
+    col_mask = column_mask(w_r, 2, 4)
+    values = gather_values(w_r, row_mask)  # (out, in/2) fp32 master values
+    del w
+    # the kernels the library would pick for this shape and token count (tuned as at set-up)
+    tuned = kernels.measure_products(kind, dev, dtype, (out_f, in_f), tokens)
+    plan = kernels.ProductPlan()
+    plan.kernel.update(tuned["kernel"])
+    be = kernels.SemiStructuredBackend(kind, dtype, (out_f, in_f), plan, inplace=kernels.layout_check(kind, dev, dtype))
+    cache = kernels.OperandCache(be, index_maps=True)
+    op_out = cache.output(values, row_mask, 0)
+    op_gi = cache.grad_input(values, row_mask, col_mask, 0)
+    w_d = w_r.to(dtype)  # the dense baseline's operand (same values; dense kernels ignore zeros)
+    x = torch.randn(tokens, in_f, device=dev, dtype=dtype)
+    dy = torch.randn(tokens, out_f, device=dev, dtype=dtype)
+
+    row = {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "tokens": tokens, "inplace_layout": be.inplace,
+           "kernel_output": str(plan.kernel["output"]), "kernel_grad_input": str(plan.kernel["grad_input"])}
+    t = {
+        "output_dense": time_ms(lambda: x @ w_d.t()),
+        "output_slope": time_ms(lambda: be.output(x, op_out)),
+        "grad_input_dense": time_ms(lambda: dy @ w_d),
+        "grad_input_slope": time_ms(lambda: be.grad_input(dy, op_gi)),
+        "grad_weight_dense": time_ms(lambda: dy.t() @ x),
+        "grad_weight_slope": time_ms(lambda: gather_values((dy.t() @ x), row_mask)),
+    }
+
+    def dense_step():
+        x @ w_d.t()
+        dy @ w_d
+        dy.t() @ x
+
+    def slope_step():
+        be.output(x, op_out)
+        be.grad_input(dy, op_gi)
+        gather_values(dy.t() @ x, row_mask)
+
+    t["fwd_bwd_dense"] = time_ms(dense_step)
+    t["fwd_bwd_slope"] = time_ms(slope_step)
+    for p in ("output", "grad_input", "grad_weight", "fwd_bwd"):
+        row[f"{p}_speedup"] = t[f"{p}_dense"] / t[f"{p}_slope"]
+    row.update({f"{k}_ms": v for k, v in t.items()})
+
+    # refresh costs per optimizer step (only once per shape: they do not depend on T)
+    if tokens == min(ARGS.tokens):
+        version = [1]
+
+        def bump():
+            values.add_(0.0)  # an in-place update: bumps `_version` like an optimizer step
+            version[0] += 1
+
+        def inplace_output():
+            bump()
+            cache.output(values, row_mask, 0)
+
+        def inplace_grad_input():
+            bump()
+            cache.grad_input(values, row_mask, col_mask, 0)
+
+        def recompress_grad_input():
+            be.compress((scatter_values(values, row_mask) * col_mask).t())
+
+        def column_refresh():
+            c = column_mask(scatter_values(values, row_mask), 2, 4)
+            be.compress_structured(c.t().contiguous(), gather_values((scatter_values(values, row_mask) * c).t(), c.t()))
+
+        row["refresh_output_inplace_ms"] = time_ms(inplace_output, 1, 5)
+        row["refresh_grad_input_inplace_ms"] = time_ms(inplace_grad_input, 1, 5)
+        row["recompress_output_ms"] = time_ms(lambda: be.compress(scatter_values(values, row_mask)), 1, 5)
+        row["recompress_grad_input_ms"] = time_ms(recompress_grad_input, 1, 5)
+        row["column_mask_refresh_ms"] = time_ms(column_refresh, 1, 3)
+    return row
+
+
+def main(argv=None) -> int:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
+    p.add_argument("--backend", default="cusparselt", choices=kernels.CUDA_BACKENDS)
+    p.add_argument("--sweep", type=int, nargs="*", default=SWEEP)
+    p.add_argument("--no-models", action="store_true", help="only the hidden-size sweep")
+    ARGS = p.parse_args(argv)
+    # the sweep first: the plot needs it, and a run cut short keeps what was measured
+    shapes = [(f"sweep h={h}", h, h) for h in ARGS.sweep]
+    shapes += [] if ARGS.no_models else model_shapes()
+    rows = []
+    done = set()
+    for name, out_f, in_f in shapes:
+        for tokens in ARGS.tokens:
+            key = (out_f, in_f, tokens)
+            if key in done:
+                row = dict(next(r for r in rows if (r["out"], r["in"], r["tokens"]) == key), layer=name)
+            else:
+                row = {"layer": name, **bench_shape(ARGS.backend, out_f, in_f, tokens)}
+                done.add(key)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"{name:20s} {out_f:6d}x{in_f:<6d} T={tokens:6d}  output {row['output_speedup']:.2f}x  "
+                  f"grad_input {row['grad_input_speedup']:.2f}x  grad_weight {row['grad_weight_speedup']:.2f}x  "
+                  f"fwd+bwd {row['fwd_bwd_speedup']:.2f}x", flush=True)
+        write(ARGS.out, "gpu_layers", summarize(rows), rows, rows_table(rows), NOTES)  # incremental
+    return 0
+
+
+def summarize(rows) -> dict:
+    def gmean(vals):
+        vals = [v for v in vals if v > 0]
+        return float(torch.tensor(vals).log().mean().exp()) if vals else float("nan")
+
+    metrics = {}
+    models = [r for r in rows if not r["layer"].startswith("sweep")]
+    big = [r for r in rows if r["layer"].startswith("sweep") and r["in"] >= 4096]
+    for p in ("output", "grad_input", "grad_weight", "fwd_bwd"):
+        metrics[f"{p}_speedup_gmean_model_shapes"] = gmean([r[f"{p}_speedup"] for r in models])
+        metrics[f"{p}_speedup_gmean_sweep_h_ge_4096"] = gmean([r[f"{p}_speedup"] for r in big])
+    llama = [r for r in rows if r["layer"].startswith("llama3-8b") and r["tokens"] == 8192]
+    if llama:
+        metrics["llama3_8b_fwd_bwd_speedup_T8192"] = gmean([r["fwd_bwd_speedup"] for r in llama])
+    return metrics
+
+
+def rows_table(rows) -> str:
+    cols = ["layer", "shape", "tokens", "output_speedup", "grad_input_speedup", "grad_weight_speedup",
+            "fwd_bwd_speedup", "kernel_output", "kernel_grad_input", "output_dense_ms", "output_slope_ms", "refresh_output_inplace_ms",
+            "recompress_grad_input_ms", "column_mask_refresh_ms"]
+    return md_table(rows, cols)
+
+
+NOTES = """Speedup = dense time / SLoPe time, bf16, both measured in this run on the same GPU.
+SLoPe's grad_weight is the same dense product plus the gather of the kept entries, so its ratio is
+at most 1. Refresh costs are per optimizer step (in place) or per re-compression / column-mask
+refresh (every `backward_mask_interval` steps), measured once per shape."""
+
+ARGS = None
+
+if __name__ == "__main__":
+    sys.exit(main())
