@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the CUDA 2:4 backend in one run (about 7 minutes on one H200):
+# Every GPU check and benchmark of the CUDA 2:4 backend in one run (at most about 8 minutes on one H200):
 #   1. probe: versions, capability, cuSPARSELt, a tiny 2:4 matmul, the compressed-layout check
 #   2. GPU tests (tests/gpu, marker gpu): every backend vs the reference, fp16/bf16, with/without adapters
 #   3. per-layer benchmark (LLaMA-3-8B / OPT shapes, hidden-size sweep, 2048/8192/16384 tokens)
@@ -14,7 +14,7 @@ OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
-T_TESTS=${T_TESTS:-80} T_PROF=${T_PROF:-40} T_LAYERS=${T_LAYERS:-130} T_E2E=${T_E2E:-120}
+T_TESTS=${T_TESTS:-150} T_PROF=${T_PROF:-40} T_LAYERS=${T_LAYERS:-130} T_E2E=${T_E2E:-120}
 LOG="$OUT/log.txt"
 start=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }
