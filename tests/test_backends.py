@@ -211,19 +211,6 @@ def test_kernel_tuning_keeps_the_default_when_a_candidate_fails(emulated, monkey
     assert result["kernel"]["output"] in {("tr", 0), ("nt", 0)}
 
 
-@pytest.mark.parametrize("shape", [(8, 64), (4, 4)])
-def test_fast_kept_positions_equal_the_table(shape):
-    torch.manual_seed(0)
-    mask = nm_mask(torch.randn(shape[0], shape[1]), 2, 4, dim=1)
-    bits = pack_group_bits(mask, 4, dim=1)
-    from slope.masks import kept_positions as table
-
-    assert torch.equal(kernels.kept_positions(bits, 2, 4), table(bits, 2, 4))
-    mask18 = nm_mask(torch.randn(4, 16), 1, 8, dim=1)
-    bits18 = pack_group_bits(mask18, 8, dim=1)
-    assert torch.equal(kernels.kept_positions(bits18, 1, 8), table(bits18, 1, 8))
-
-
 def test_value_index_matches_the_packing_of_w_rc_transposed():
     w_r, row_mask, col_mask = layer_masks(48, 64)
     values = gather_values(w_r, row_mask)

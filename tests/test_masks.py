@@ -6,11 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slope.masks import (
+    _positions_2_4,
     column_mask,
     double_prune,
+    gather_kept,
     gather_values,
+    kept_positions,
+    nm_bits,
     nm_mask,
     pack_group_bits,
+    scatter_kept,
     scatter_values,
     unpack_group_bits,
 )
@@ -134,3 +139,24 @@ def test_scatter_gather_roundtrip():
     values = gather_values(w, mask)
     assert values.shape == (8, 8)
     assert torch.equal(scatter_values(values, mask), w * mask)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8), (3, 16)])
+def test_kept_positions_scatter_gather_match_the_mask_versions(n, m):
+    w = torch.randn(6, 4 * m, dtype=torch.float64)
+    mask = nm_mask(w, n, m)
+    bits = nm_bits(w, n, m)
+    assert torch.equal(bits, pack_group_bits(mask, m))
+    positions = kept_positions(bits, n, m)
+    assert positions.shape == (6, 4, n)
+    values = gather_kept(w, positions)
+    assert torch.equal(values, gather_values(w, mask))
+    assert torch.equal(scatter_kept(values, positions, m), w * mask)
+
+
+def test_arithmetic_2_4_positions_equal_the_table():
+    # the CUDA path: every one of the six 2:4 codes
+    codes = torch.tensor([[0b0011, 0b0101, 0b1001, 0b0110, 0b1010, 0b1100]], dtype=torch.uint8)
+    assert _positions_2_4(codes).tolist() == [[[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]]
+    bits = nm_bits(torch.randn(32, 64), 2, 4)
+    assert torch.equal(_positions_2_4(bits), kept_positions(bits, 2, 4))

@@ -141,24 +141,6 @@ def value_index(row_mask: torch.Tensor, struct_mask_t: torch.Tensor) -> torch.Te
     return gather_values(pos.t(), struct_mask_t)
 
 
-def kept_positions(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """(out, in/m, n) int64 positions of the kept entries of each group of row bits (ascending).
-
-    For 2:4 this is elementwise arithmetic on the 4-bit codes (lowest and highest set bit), which
-    on a GPU costs a few passes over one byte per group; a table look-up (`bits` as an index) runs
-    through a gather kernel that was measured at several ms per large layer on an H200.
-    Other patterns use `slope.masks.kept_positions`.
-    """
-    if (n, m) != (2, 4):
-        from slope.masks import kept_positions as table_positions
-
-        return table_positions(bits, n, m)
-    b = bits.to(torch.uint8)
-    low = ((b & 1) == 0).to(torch.uint8) + ((b & 3) == 0) + ((b & 7) == 0)  # trailing zeros
-    high = (b >= 2).to(torch.uint8) + (b >= 4) + (b >= 8)  # index of the top bit
-    return torch.stack([low, high], dim=-1).long()
-
-
 def pad_to_rows(a: torch.Tensor, multiple: int) -> torch.Tensor:
     """`a` (R, C) with zero rows appended up to a multiple of `multiple`."""
     extra = (-a.shape[0]) % multiple

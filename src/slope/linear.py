@@ -23,12 +23,12 @@ from slope import kernels
 from slope.autograd import SlopeLinearFunction, StepOperands
 from slope.config import SlopeConfig
 from slope.masks import (
-    column_mask,
     gather_values,
+    kept_positions,
+    nm_bits,
     nm_mask,
     pack_group_bits,
     scatter_kept,
-    scatter_values,
     unpack_group_bits,
 )
 
@@ -88,6 +88,8 @@ class SlopeLinear(nn.Module):
         self.mask_steps = 0
         self.column_mask_step = -1
         self._seen_version: int | None = None
+        self._grad_pending = False  # a backward delivered a gradient that no zero_grad has cleared yet
+        self.weight.register_post_accumulate_grad_hook(self._on_grad)
         self._backend_cache: dict[tuple, object] = {}
         # caches of CUDA backends (see _cached_operands); empty on the reference path
         self._operand_caches: dict[object, kernels.OperandCache] = {}
@@ -103,9 +105,13 @@ class SlopeLinear(nn.Module):
         """M_R as a dense bool (out, in)."""
         return unpack_group_bits(self.row_bits, self.config.m, dim=1)
 
+    def kept_positions(self) -> torch.Tensor:
+        """(out, in/m, n) int64 positions of the kept values inside their groups."""
+        return kept_positions(self.row_bits, self.config.n, self.config.m)
+
     def dense_weight(self) -> torch.Tensor:
         """W_R, the row-pruned weight, as a dense (out, in) tensor (detached)."""
-        return scatter_values(self.weight.detach(), self.row_mask())
+        return scatter_kept(self.weight.detach(), self.kept_positions(), self.config.m)
 
     def backward_weight(self) -> torch.Tensor:
         """W_RC, the operand of grad_input (W_R itself when double pruning is off)."""
@@ -119,15 +125,30 @@ class SlopeLinear(nn.Module):
     # ---- training-time bookkeeping -----------------------------------------------------------
 
     def _observe_step(self) -> None:
-        """Count an optimizer step whenever the values changed since the last look."""
+        """Count an optimizer step whenever the values changed since the last look.
+
+        In-place updates move the parameter's version counter. Fused optimizers (e.g.
+        AdamW(fused=True)) write without moving it, so a step is also recognised when a gradient
+        delivered by a backward has since been cleared (zero_grad); the version is then moved here,
+        so every cache keyed on it is rebuilt.
+        """
         version = self.weight._version
-        if self._seen_version is not None and version != self._seen_version:
+        grad_consumed = self._grad_pending and self.weight.grad is None
+        if self._seen_version is not None and (version != self._seen_version or grad_consumed):
             self.mask_steps += 1
+            if version == self._seen_version:
+                torch.autograd.graph.increment_version(self.weight)
+                version = self.weight._version
+        if grad_consumed:
+            self._grad_pending = False
         self._seen_version = version
+
+    def _on_grad(self, _param: torch.Tensor) -> None:
+        self._grad_pending = True
 
     def _refresh_column_mask(self, w_r: torch.Tensor) -> None:
         # M_C comes from the master values (not a bf16 copy), so it does not depend on autocast.
-        self.col_bits = pack_group_bits(column_mask(w_r, self.config.n, self.config.m), self.config.m, dim=0)
+        self.col_bits = nm_bits(w_r, self.config.n, self.config.m, dim=0)  # column_mask, packed
         self.column_mask_step = self.mask_steps
 
     def _column_mask_due(self) -> bool:
@@ -151,8 +172,8 @@ class SlopeLinear(nn.Module):
         self._observe_step()
         if backend.keeps_operands:
             return self._cached_operands(backend, training)
-        row_mask = self.row_mask()
-        w_master = scatter_values(self.weight.detach(), row_mask)  # (out, in) W_R
+        positions = self.kept_positions()  # (out, in/m, n)
+        w_master = scatter_kept(self.weight.detach(), positions, self.config.m)  # (out, in) W_R
         double_prune = self.config.double_prune
         if training and double_prune and self._column_mask_due():
             self._refresh_column_mask(w_master)
@@ -169,7 +190,7 @@ class SlopeLinear(nn.Module):
                 bits = self.col_bits
             return backend.prepare_grad_input(w_r * unpack_group_bits(bits, m, dim=0))
 
-        return StepOperands(backend, row_mask, backend.prepare_output(w_r), grad_input_operand)
+        return StepOperands(backend, positions, backend.prepare_output(w_r), grad_input_operand)
 
     def _operand_cache(self, backend) -> kernels.OperandCache:
         cache = self._operand_caches.get(backend)
@@ -192,12 +213,12 @@ class SlopeLinear(nn.Module):
         # (out, in/m, n) kept positions: the weight gradient is gathered with them, so only a step
         # that can reach backward needs them (an inference forward skips this O(weights) pass)
         m = self.config.m
-        positions = kernels.kept_positions(self.row_bits, self.config.n, m) if training else None
+        positions = self.kept_positions() if training else None
         built: list[torch.Tensor] = []
 
         def w_r():  # (out, in) W_R in the master dtype, built at most once per step and only if needed
             if not built:
-                pos = positions if positions is not None else kernels.kept_positions(self.row_bits, self.config.n, m)
+                pos = positions if positions is not None else self.kept_positions()
                 built.append(scatter_kept(values, pos, m))
             return built[0]
 
