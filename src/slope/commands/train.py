@@ -16,8 +16,12 @@ from slope.runconfig import ConfigError
 
 log = logging.getLogger("slope")
 
-EPILOG = """examples:
-  slope train                                   the default run (SLoPe 2:4, ~8M LLaMA, Shakespeare, CPU ~10 min)
+EPILOG = """Every config key can be set on the command line as --section.key=value, after the run file
+(sections: run, model, data, tokenizer, method, slope, optim, train, eval, checkpoint; see
+configs/default.toml and docs/training.md).
+
+examples:
+  slope train                                   the default run (SLoPe 2:4, 8.4M LLaMA, Shakespeare, < 10 min on CPU)
   slope train --method dense                    the same run, dense
   slope train --config tiny                     a smoke run in seconds
   slope train --optim.lr=1e-3 --train.max_steps=500 --slope.adapter_start=0.9
