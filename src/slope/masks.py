@@ -43,16 +43,15 @@ def _keep_by_position(w: torch.Tensor, n: int, m: int, dim: int) -> tuple[list[t
     # |w| in float32 is exact for fp16/bf16 and keeps the comparisons on one well-supported dtype.
     a = w.detach().abs().to(torch.float32 if w.element_size() <= 4 else w.dtype)
     cols = a.reshape(pre, groups, m, post).unbind(2)  # m tensors of (pre, groups, post)
-    keep = []
+    # rank of entry i in its group = how many entries beat it; of two equal entries the one at the
+    # lower index wins, which is exactly "ties go to the lower index". Each pair is compared once.
+    ranks = [torch.zeros_like(cols[0], dtype=torch.uint8) for _ in range(m)]
     for i in range(m):
-        # rank of entry i in its group = how many entries beat it; an equal entry at a lower index
-        # beats it, which is exactly "ties go to the lower index".
-        rank = torch.zeros_like(cols[i], dtype=torch.uint8)
-        for j in range(m):
-            if j != i:
-                rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
-        keep.append(rank < n)
-    return keep, w.shape
+        for j in range(i + 1, m):
+            j_beats_i = cols[j] > cols[i]
+            ranks[i] += j_beats_i
+            ranks[j] += ~j_beats_i
+    return [rank < n for rank in ranks], w.shape
 
 
 def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
