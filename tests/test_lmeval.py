@@ -79,3 +79,15 @@ def test_cli_hook(tmp_path, capsys):
         eval_tasks_cli(exported, LOCAL_TASK, data=tmp_path / "none.jsonl")
     with pytest.raises(UserError, match="not a slope export"):
         eval_tasks_cli(tmp_path, LOCAL_TASK)
+
+
+def test_slope_eval_tasks_through_the_cli(tmp_path, capsys):
+    from slope.cli import main
+
+    exported = save_compressed(tiny_model("llama"), tmp_path / "e", make_tokenizer())
+    assert main(["eval", str(exported), "--tasks", LOCAL_TASK, "--limit", "1", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][LOCAL_TASK]["bits_per_byte,none"] > 0
+    assert main(["eval", str(exported), "milton", "--tasks", LOCAL_TASK]) == 2
+    assert "give TEXT or --tasks, not both" in capsys.readouterr().err
+    assert main(["eval", str(exported)]) == 2
+    assert "give TEXT to evaluate" in capsys.readouterr().err

@@ -12,12 +12,18 @@ from slope.cli import UserError
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("text", nargs="+", help="text file, folder, .jsonl, or embedded corpus name (e.g. milton)")
+    p.add_argument("text", nargs="*", help="text file, folder, .jsonl, or embedded corpus name (e.g. milton)")
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's train.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens per text (0 = all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--tasks", default="",
+                   help="comma-separated lm-eval tasks instead of TEXT, e.g. slope_text_perplexity "
+                        "(needs pip install 'slope[eval]'); CHECKPOINT may also be an export")
+    p.add_argument("--tasks-data", default=None,
+                   help="JSONL ({\"text\": ...} per line) scored by the slope_text_perplexity task")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many documents per task")
     p.set_defaults(func=run)
 
 
@@ -32,6 +38,15 @@ def _trained_seq_len(ckpt: Path, model_config) -> int:
 
 
 def run(args) -> int:
+    if args.tasks:
+        if args.text:
+            raise UserError("give TEXT or --tasks, not both")
+        from slope.lmeval import eval_tasks_cli
+
+        return eval_tasks_cli(args.checkpoint, args.tasks, data=args.tasks_data, device=args.device,
+                              batch_size=args.batch_size, limit=args.limit, as_json=args.json)
+    if not args.text:
+        raise UserError("give TEXT to evaluate (a file, folder, .jsonl or embedded corpus name), or --tasks")
     import torch
 
     from slope import checkpoint
