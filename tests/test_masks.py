@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from slope.masks import (
     _positions_2_4,
+    apply_group_bits,
     column_mask,
     double_prune,
     gather_kept,
@@ -160,3 +161,11 @@ def test_arithmetic_2_4_positions_equal_the_table():
     assert _positions_2_4(codes).tolist() == [[[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]]
     bits = nm_bits(torch.randn(32, 64), 2, 4)
     assert torch.equal(_positions_2_4(bits), kept_positions(bits, 2, 4))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_apply_group_bits_equals_multiplying_by_the_mask(dim):
+    w = torch.randn(16, 32, dtype=torch.float64)
+    mask = nm_mask(w, 2, 4, dim=dim)
+    bits = pack_group_bits(mask, 4, dim=dim)
+    assert torch.equal(apply_group_bits(w, bits, 4, dim=dim), w * mask)

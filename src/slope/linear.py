@@ -23,6 +23,7 @@ from slope import kernels
 from slope.autograd import SlopeLinearFunction, StepOperands
 from slope.config import SlopeConfig
 from slope.masks import (
+    apply_group_bits,
     gather_values,
     kept_positions,
     nm_bits,
@@ -120,7 +121,7 @@ class SlopeLinear(nn.Module):
             return w_r
         if self.column_mask_step < 0:
             self._refresh_column_mask(w_r)
-        return w_r * unpack_group_bits(self.col_bits, self.config.m, dim=0)
+        return apply_group_bits(w_r, self.col_bits, self.config.m, dim=0)
 
     # ---- training-time bookkeeping -----------------------------------------------------------
 
@@ -188,7 +189,7 @@ class SlopeLinear(nn.Module):
             if bits is None:  # backward without a training forward (rare): build M_C now
                 self._refresh_column_mask(w_master)
                 bits = self.col_bits
-            return backend.prepare_grad_input(w_r * unpack_group_bits(bits, m, dim=0))
+            return backend.prepare_grad_input(apply_group_bits(w_r, bits, m, dim=0))
 
         return StepOperands(backend, positions, backend.prepare_output(w_r), grad_input_operand)
 

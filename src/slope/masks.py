@@ -43,6 +43,8 @@ def _keep_by_position(w: torch.Tensor, n: int, m: int, dim: int) -> tuple[list[t
     # |w| in float32 is exact for fp16/bf16 and keeps the comparisons on one well-supported dtype.
     a = w.detach().abs().to(torch.float32 if w.element_size() <= 4 else w.dtype)
     cols = a.reshape(pre, groups, m, post).unbind(2)  # m tensors of (pre, groups, post)
+    if (n, m) == (2, 4):
+        return _keep_2_of_4(cols), w.shape
     # rank of entry i in its group = how many entries beat it; of two equal entries the one at the
     # lower index wins, which is exactly "ties go to the lower index". Each pair is compared once.
     ranks = [torch.zeros_like(cols[0], dtype=torch.uint8) for _ in range(m)]
@@ -52,6 +54,21 @@ def _keep_by_position(w: torch.Tensor, n: int, m: int, dim: int) -> tuple[list[t
             ranks[i] += j_beats_i
             ranks[j] += ~j_beats_i
     return [rank < n for rank in ranks], w.shape
+
+
+def _keep_2_of_4(cols: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """2:4 fast path of `_keep_by_position`: entry i is dropped iff at least two of the other three
+    beat it (the majority of three booleans), which needs only bool logic instead of rank sums."""
+    beats = {}  # beats[j, i]: entry j beats entry i; ties go to the lower index
+    for i in range(4):
+        for j in range(i + 1, 4):
+            beats[j, i] = cols[j] > cols[i]
+            beats[i, j] = ~beats[j, i]
+    keep = []
+    for i in range(4):
+        a, b, c = (beats[j, i] for j in range(4) if j != i)
+        keep.append(~((a & b) | (c & (a | b))))
+    return keep
 
 
 def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
@@ -134,6 +151,21 @@ def unpack_group_bits(bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor
     out_shape = list(bits.shape)
     out_shape[dim] *= m
     return grouped.to(torch.bool).reshape(out_shape)
+
+
+def apply_group_bits(w: torch.Tensor, bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
+    """`w * unpack_group_bits(bits, m, dim)`, multiplying by the 0/1 bits directly (no bool tensor,
+    which makes the product about twice as fast on CPU)."""
+    dim = dim % bits.dim()
+    pre = 1
+    for s in bits.shape[:dim]:
+        pre *= s
+    post = 1
+    for s in bits.shape[dim + 1 :]:
+        post *= s
+    shifts = torch.arange(m, device=bits.device, dtype=bits.dtype).view(1, 1, m, 1)
+    keep = (bits.reshape(pre, bits.shape[dim], 1, post) >> shifts) & 1  # (pre, groups, m, post) 0/1
+    return (w.reshape(pre, bits.shape[dim], m, post) * keep).reshape(w.shape)
 
 
 def scatter_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
