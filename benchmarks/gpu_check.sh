@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the CUDA 2:4 backend in one run (at most about 8 minutes on one H200):
 #   1. probe: versions, capability, cuSPARSELt, a tiny 2:4 matmul, the compressed-layout check
-#   2. GPU tests (tests/gpu, marker gpu): every backend vs the reference, fp16/bf16, with/without adapters
+#   2. GPU tests (marker gpu: tests/gpu, load/generate and slope train on CUDA): every backend vs the reference, fp16/bf16, with/without adapters
 #   3. per-layer benchmark (LLaMA-3-8B / OPT shapes, hidden-size sweep, 2048/8192/16384 tokens)
 #   4. end-to-end training step and prefill (LLaMA-style 1B and 8B widths, 4 blocks)
 #   5. plot and report
@@ -26,7 +26,7 @@ $PY benchmarks/gpu_probe.py
 $PY -m slope.cli info || true
 
 stage "gpu tests"
-timeout "$T_TESTS" $PY -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -n 60
+timeout "$T_TESTS" $PY -m pytest tests/gpu tests/test_inference_gpu.py tests/test_train_gpu.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -n 60
 echo "pytest exit: $?"
 
 stage "profile"
@@ -51,7 +51,7 @@ stage "done"
   echo "# CUDA 2:4 backend: GPU check"
   echo
   echo "- command: \`OUT=$OUT bash benchmarks/gpu_check.sh\` (stages: \`$PY benchmarks/gpu_probe.py\`,"
-  echo "  \`$PY -m pytest tests/gpu -m gpu -q\`, \`$PY benchmarks/gpu_profile.py --skip-model\`, \`$PY benchmarks/gpu_layers.py --out \$OUT\`,"
+  echo "  \`$PY -m pytest tests/gpu tests/test_inference_gpu.py tests/test_train_gpu.py -m gpu -q\`, \`$PY benchmarks/gpu_profile.py --skip-model\`, \`$PY benchmarks/gpu_layers.py --out \$OUT\`,"
   echo "  \`$PY benchmarks/gpu_e2e.py --out \$OUT --widths 8b 1b --layers 4\`, \`$PY benchmarks/gpu_plot.py\`)"
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "- GPU / driver: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
