@@ -11,30 +11,22 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from slope import kernels
+
 
 def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     """Milliseconds per call of `fn` run back to back (CUDA events around `reps` calls), median of
-    3 rounds, after `warmup` calls. Back to back is how a training step issues its products."""
+    3 rounds, after `warmup` calls: the timing the library's own set-up decisions use."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    rounds = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        rounds.append(start.elapsed_time(end) / reps)
-    return statistics.median(rounds)
+    return kernels._time_ms(fn, reps=reps)
 
 
 def _driver() -> str | None:

@@ -137,8 +137,8 @@ def pack_group_bits(mask: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
     return packed.reshape(out_shape)
 
 
-def unpack_group_bits(bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
-    """Inverse of `pack_group_bits`: the bool mask, `dim` multiplied by `m`."""
+def _bits_01(bits: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """(pre, groups, m, post) 0/1 integers of the packed `bits` along `dim`."""
     dim = dim % bits.dim()
     pre = 1
     for s in bits.shape[:dim]:
@@ -147,25 +147,21 @@ def unpack_group_bits(bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor
     for s in bits.shape[dim + 1 :]:
         post *= s
     shifts = torch.arange(m, device=bits.device, dtype=bits.dtype).view(1, 1, m, 1)
-    grouped = (bits.reshape(pre, bits.shape[dim], 1, post) >> shifts) & 1
+    return (bits.reshape(pre, bits.shape[dim], 1, post) >> shifts) & 1
+
+
+def unpack_group_bits(bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of `pack_group_bits`: the bool mask, `dim` multiplied by `m`."""
     out_shape = list(bits.shape)
-    out_shape[dim] *= m
-    return grouped.to(torch.bool).reshape(out_shape)
+    out_shape[dim % bits.dim()] *= m
+    return _bits_01(bits, m, dim).to(torch.bool).reshape(out_shape)
 
 
 def apply_group_bits(w: torch.Tensor, bits: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
     """`w * unpack_group_bits(bits, m, dim)`, multiplying by the 0/1 bits directly (no bool tensor,
     which makes the product about twice as fast on CPU)."""
-    dim = dim % bits.dim()
-    pre = 1
-    for s in bits.shape[:dim]:
-        pre *= s
-    post = 1
-    for s in bits.shape[dim + 1 :]:
-        post *= s
-    shifts = torch.arange(m, device=bits.device, dtype=bits.dtype).view(1, 1, m, 1)
-    keep = (bits.reshape(pre, bits.shape[dim], 1, post) >> shifts) & 1  # (pre, groups, m, post) 0/1
-    return (w.reshape(pre, bits.shape[dim], m, post) * keep).reshape(w.shape)
+    keep = _bits_01(bits, m, dim)  # (pre, groups, m, post)
+    return (w.reshape(keep.shape) * keep).reshape(w.shape)
 
 
 def scatter_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
