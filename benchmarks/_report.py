@@ -55,6 +55,15 @@ def versions() -> dict:
     }
 
 
+def _repo_relative(path: str) -> str:
+    """A script path as run from the repository root (reports must not name this machine's folders)."""
+    root = RESULTS.parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -63,7 +72,7 @@ def write(name: str, metrics: dict, rows: list[dict], table: str, notes: str = "
     """Write `<name>.json` and `<name>.md` under benchmarks/results/ (or out_dir); returns the JSON path."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [_repo_relative(sys.argv[0]), *sys.argv[1:]])
     result = {
         "benchmark": name,
         "command": command,
