@@ -164,9 +164,9 @@ def test_from_dense_reuses_bias_and_rejects_other_modules():
 
 
 def test_indivisible_shapes_name_the_layer_shape():
-    with pytest.raises(ValueError, match=r"shape \(16, 30\).*m=4"):
+    with pytest.raises(ValueError, match=r"2:4 SlopeLinear.*m=4.*shape \(out=16, in=30\); in is not"):
         SlopeLinear.from_dense(nn.Linear(30, 16))
-    with pytest.raises(ValueError, match=r"out=18, in=32.*not a multiple of 4"):
+    with pytest.raises(ValueError, match=r"out=18, in=32\); out \(double pruning.*not a multiple of 4"):
         SlopeLinear.from_dense(nn.Linear(32, 18))
     SlopeLinear.from_dense(nn.Linear(32, 18), SlopeConfig(double_prune=False))  # out is free without it
 
@@ -254,3 +254,16 @@ def test_steps_are_seen_with_every_optimizer_kind(optimizer, accumulate):
         assert layer.mask_steps == step
         opt.step()
         opt.zero_grad()
+
+
+def test_empty_layer_loads_a_state_dict_exactly():
+    _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32)
+    layer.add_adapter(2)
+    empty = SlopeLinear.empty(64, 32, nn.Parameter(torch.zeros(32)), SlopeConfig())
+    assert torch.equal(empty(torch.randn(3, 64)), torch.zeros(3, 32))  # well formed before loading
+    empty.add_adapter(2)
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 64)
+    assert torch.equal(empty(x), layer(x))
+    with pytest.raises(ValueError, match=r"shape \(out=32, in=30\)"):
+        SlopeLinear.empty(30, 32)

@@ -247,7 +247,10 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
             )
         if (module.bias is not None) != spec["bias"]:
             raise FormatError(f"layer {name}: bias={spec['bias']} in the export, but not in the model config")
-        layer = SlopeLinear.from_dense(module, cfg)
+        # no mask is computed here: the stored values and positions are loaded right after
+        layer = SlopeLinear.empty(
+            weight.shape[1], weight.shape[0], module.bias, cfg, source=source, device=weight.device, dtype=weight.dtype,
+        )
         if spec["adapter_rank"]:
             layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))
         parent_name, _, child = name.rpartition(".")

@@ -24,6 +24,7 @@ from slope.autograd import SlopeLinearFunction, StepOperands
 from slope.config import SlopeConfig
 from slope.masks import (
     apply_group_bits,
+    bits_dtype,
     gather_values,
     kept_positions,
     nm_bits,
@@ -52,7 +53,7 @@ class SlopeLinear(nn.Module):
         """A freshly initialised layer (nn.Linear's init, then pruned). Use `from_dense` to convert."""
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         super().__init__()
-        self._setup(dense.weight.detach(), dense.bias, config or SlopeConfig(), source="linear")
+        self._setup_from_dense(dense.weight.detach(), dense.bias, config or SlopeConfig(), "linear")
 
     @classmethod
     def from_dense(cls, module: nn.Module, config: SlopeConfig | None = None) -> SlopeLinear:
@@ -60,26 +61,50 @@ class SlopeLinear(nn.Module):
         weight, source = _dense_weight_of(module)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(weight.detach(), module.bias, config or SlopeConfig(), source=source)
+        layer._setup_from_dense(weight.detach(), module.bias, config or SlopeConfig(), source)
         return layer
 
-    def _setup(self, weight: torch.Tensor, bias: nn.Parameter | None, config: SlopeConfig, source: str) -> None:
+    def _setup_from_dense(self, weight: torch.Tensor, bias, config: SlopeConfig, source: str) -> None:
         # weight: (out, in), whatever the source layout
-        out_features, in_features = weight.shape
+        _check_shape(*weight.shape, config)
+        mask = nm_mask(weight, config.n, config.m, dim=1)  # (out, in) M_R
+        values = gather_values(weight, mask).contiguous()  # (out, in·n/m)
+        self._setup(values, pack_group_bits(mask, config.m, dim=1), weight.shape[1], bias, config, source)
+
+    @classmethod
+    def empty(
+        cls, in_features: int, out_features: int, bias: nn.Parameter | None = None,
+        config: SlopeConfig | None = None, *, source: str = "linear", device=None, dtype=None,
+    ) -> SlopeLinear:
+        """A layer of this shape to load a state_dict into, without computing any mask.
+
+        Values start at zero and every group keeps its first n positions, so the layer is well
+        formed (and computes zero) until loaded. `bias` is used as given.
+        """
+        config = config or SlopeConfig()
         n, m = config.n, config.m
+        _check_shape(out_features, in_features, config)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        values = torch.zeros(out_features, in_features * n // m, device=device, dtype=dtype)
+        row_bits = torch.full((out_features, in_features // m), 2**n - 1, dtype=bits_dtype(m), device=device)
+        layer._setup(values, row_bits, in_features, bias, config, source)
+        return layer
+
+    def _setup(
+        self, values: torch.Tensor, row_bits: torch.Tensor, in_features: int, bias: nn.Parameter | None,
+        config: SlopeConfig, source: str,
+    ) -> None:
+        # values: (out, in·n/m) kept weights; row_bits: (out, in/m) M_R packed
+        out_features = values.shape[0]
+        m = config.m
         self.in_features, self.out_features = in_features, out_features
         self.config = config
         self.source = source
-        mask = nm_mask(weight, n, m, dim=1)  # (out, in) M_R; raises a clear ValueError if in % m
-        if config.double_prune and out_features % m:
-            raise ValueError(
-                f"double pruning groups the output dimension by m={m}, but this layer has shape "
-                f"(out={out_features}, in={in_features}); out is not a multiple of {m}"
-            )
-        self.weight = nn.Parameter(gather_values(weight, mask).contiguous())  # (out, in·n/m)
+        self.weight = nn.Parameter(values)
         self.bias = bias
-        self.register_buffer("row_bits", pack_group_bits(mask, m, dim=1))  # (out, in/m)
-        col = torch.zeros(out_features // m, in_features, dtype=self.row_bits.dtype, device=weight.device)
+        self.register_buffer("row_bits", row_bits)
+        col = torch.zeros(out_features // m, in_features, dtype=row_bits.dtype, device=values.device)
         self.register_buffer("col_bits", col if config.double_prune else None)  # (out/m, in)
         self.adapter_a: nn.Parameter | None = None
         self.adapter_b: nn.Parameter | None = None
@@ -361,6 +386,17 @@ class SlopeLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"sparsity={self.config.n}:{self.config.m}, double_prune={self.config.double_prune}, "
             f"adapter_rank={self.rank}"
+        )
+
+
+def _check_shape(out_features: int, in_features: int, config: SlopeConfig) -> None:
+    m = config.m
+    if in_features % m or (config.double_prune and out_features % m):
+        which = "in" if in_features % m else "out (double pruning groups the output dimension too)"
+        raise ValueError(
+            f"a {config.n}:{config.m} SlopeLinear needs in{' and out' if config.double_prune else ''} to be "
+            f"multiples of m={m}, but this layer has shape (out={out_features}, in={in_features}); "
+            f"{which} is not a multiple of {m}"
         )
 
 
