@@ -56,19 +56,24 @@ def _keep_by_position(w: torch.Tensor, n: int, m: int, dim: int) -> tuple[list[t
     return [rank < n for rank in ranks], w.shape
 
 
+def _majority(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return (a & b) | (c & (a | b))
+
+
 def _keep_2_of_4(cols: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """2:4 fast path of `_keep_by_position`: entry i is dropped iff at least two of the other three
-    beat it (the majority of three booleans), which needs only bool logic instead of rank sums."""
-    beats = {}  # beats[j, i]: entry j beats entry i; ties go to the lower index
-    for i in range(4):
-        for j in range(i + 1, 4):
-            beats[j, i] = cols[j] > cols[i]
-            beats[i, j] = ~beats[j, i]
-    keep = []
-    for i in range(4):
-        a, b, c = (beats[j, i] for j in range(4) if j != i)
-        keep.append(~((a & b) | (c & (a | b))))
-    return keep
+    beat it (a majority of three booleans), which needs only bool logic instead of rank sums.
+
+    g[i, j] (i < j) = "j beats i" = |w_j| > |w_i|; "i beats j" is its negation (ties: lower index).
+    Negations are folded through not(maj(a, b, c)) = maj(not a, not b, not c), leaving four.
+    """
+    g = {(i, j): cols[j] > cols[i] for i in range(4) for j in range(i + 1, 4)}
+    return [
+        ~_majority(g[0, 1], g[0, 2], g[0, 3]),  # beaten by 1, 2, 3 when they are larger
+        _majority(g[0, 1], ~g[1, 2], ~g[1, 3]),  # beaten by 0 unless 1 is larger; by 2, 3 when larger
+        _majority(g[0, 2], g[1, 2], ~g[2, 3]),
+        _majority(g[0, 3], g[1, 3], g[2, 3]),  # 3 loses every tie: kept iff strictly above two others
+    ]
 
 
 def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Tensor:
