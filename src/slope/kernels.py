@@ -365,10 +365,6 @@ class OperandCache:
         self._gi_key = key
         return self._gi
 
-    def drop(self) -> None:
-        self._out = self._gi = self._gi_index = None
-        self._out_key = self._gi_key = self._gi_mask_key = None
-
 
 # ---- selection ----------------------------------------------------------------------------------
 
