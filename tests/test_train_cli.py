@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -206,3 +207,10 @@ def test_out_of_memory_is_a_clear_message(corpus_dir, tmp_path, monkeypatch, cap
     monkeypatch.setattr(trainer, "causal_lm_loss", no_memory)
     assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "oom"))) == 3
     assert "out of memory at step 1 with train.batch_size=4" in capsys.readouterr().out
+
+
+def test_backends_are_reported_once_after_the_first_step(corpus_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="slope"):
+        assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), "--train.max_steps=2")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slope backends:")]
+    assert len(lines) == 1 and "reference x" in lines[0] and "dense fallbacks: none" in lines[0]

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from slope import checkpoint, models, runconfig
+from slope.convert import slope_layers
 from slope.evaluation import causal_lm_loss, evaluate
+from slope.kernels import backend_summary
 from slope.methods import count_params, get_method
 from slope.prepare import prepare, tokenize_source
 from slope.runconfig import ConfigError, RunConfig
@@ -323,6 +325,7 @@ class Trainer:
             log.info("adapters will be added before step %d of %d", self.adapter_step + 1, cfg.train.max_steps)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
         last_loss = float("nan")
+        backends_reported = False
         try:
             with _StopFlag() as stop, logging_redirect_tqdm(), tqdm(
                 total=cfg.train.max_steps, initial=self.step, unit="step", disable=not self.progress,
@@ -356,6 +359,10 @@ class Trainer:
                     self.step += 1
                     self.tokens_seen += tokens_per_step
                     last_loss = loss
+                    if not backends_reported and slope_layers(self.model):
+                        # after the first step each layer has chosen its backend (and any dense fallbacks)
+                        log.info(backend_summary(slope_layers(self.model)))
+                        backends_reported = True
                     lr = self.optimizer.param_groups[0]["lr"]
                     tok_s = tokens_per_step / dt
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
