@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the CUDA 2:4 backend in one run (at most about 8 minutes on one H200):
-#   1. probe: versions, capability, cuSPARSELt, a tiny 2:4 matmul, the compressed-layout check
+#   1. probe: versions, capability, cuSPARSELt, a tiny 2:4 matmul, the compressed-layout check;
+#      then the cached cuSPARSELt plans' self-test in a process of its own: if it fails (or crashes),
+#      every later stage runs with SLOPE_CUSPARSELT_PLANS=0, i.e. torch's per-call path
 #   2. GPU tests (marker gpu: tests/gpu, load/generate and slope train on CUDA): every backend vs the reference, fp16/bf16, with/without adapters
 #   3. per-layer benchmark (LLaMA-3-8B / OPT shapes, hidden-size sweep, 2048/8192/16384 tokens)
 #   4. end-to-end training step and prefill (LLaMA-style 1B and 8B widths, 4 blocks)
@@ -24,6 +26,14 @@ stage "probe"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 $PY benchmarks/gpu_probe.py
 $PY -m slope.cli info || true
+
+stage "cached cuSPARSELt plans"
+if timeout 120 $PY -c 'import sys; from slope import cusparselt_plans as p; c = p.plan_cache(); print("cuSPARSELt cached plans:", p.status()); sys.exit(c is None)'; then
+  echo "cached plans: on for every later stage"
+else
+  echo "cached plans: OFF for every later stage (self-test failed or crashed)"
+  export SLOPE_CUSPARSELT_PLANS=0
+fi
 
 stage "gpu tests"
 timeout "$T_TESTS" $PY -m pytest tests/gpu tests/test_inference_gpu.py tests/test_train_gpu.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -n 60
@@ -58,6 +68,8 @@ stage "done"
   echo "- $(grep -m1 '^torch:' "$LOG")"
   echo "- $(grep -m1 '^cusparselt:' "$LOG")"
   echo "- $(grep -m1 '^device:' "$LOG")"
+  echo
+  echo "- $(grep -m1 '^cached plans:' "$LOG")"
   echo
   echo "## Probe"
   echo '```'

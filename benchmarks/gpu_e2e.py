@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
 import slope
-from slope import kernels
+from slope import cusparselt_plans, kernels
 
 WIDTHS = {  # hidden, intermediate, heads, kv heads
     "1b": (2048, 8192, 32, 8),
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
 
 def metrics(rows) -> dict:
-    out = {}
+    out = {"cusparselt_plans": cusparselt_plans.status()}
     for r in rows:
         if r["variant"] != "dense":
             key = f"{r['mode']}_{r['width']}_{r['variant']}"

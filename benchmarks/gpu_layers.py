@@ -9,7 +9,10 @@ and each token count T, times (median of CUDA-event timings):
     grad_weight  dW = dyᵀ x         dense in both; SLoPe also gathers the kept entries
     fwd+bwd      the three together (what one layer costs per training step)
 and separately the per-step refresh cost of the compressed operands (in-place value write,
-re-compression, column-mask refresh). Writes gpu_layers.json/.md into DIR.
+re-compression, column-mask refresh). With cuSPARSELt the sparse products run as the library runs
+them (cached plans where `slope info` says they are on); `*_torch_call_ms` times the same product
+through torch._cslt_sparse_mm, which builds its plan on every call, for comparison.
+Writes gpu_layers.json/.md into DIR.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
-from slope import kernels
+from slope import cusparselt_plans, kernels
 from slope.masks import column_mask, gather_values, nm_mask, scatter_values
 
 
@@ -80,6 +83,12 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
         be.grad_input(dy, op_gi)
         gather_values(dy.t() @ x, row_mask)
 
+    for product, op, inp in (("output", op_out, x), ("grad_input", op_gi, dy)):
+        per_call = torch_call_ms(be, op, inp, product)
+        if per_call is not None:
+            row[f"{product}_torch_call_ms"] = per_call
+            row[f"{product}_plan_gain"] = per_call / t[f"{product}_slope"]
+
     t["fwd_bwd_dense"] = time_ms(dense_step)
     t["fwd_bwd_slope"] = time_ms(slope_step)
     for p in ("output", "grad_input", "grad_weight", "fwd_bwd"):
@@ -115,6 +124,15 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
         row["recompress_grad_input_ms"] = time_ms(recompress_grad_input, 1, 5)
         row["column_mask_refresh_ms"] = time_ms(column_refresh, 1, 3)
     return row
+
+
+def torch_call_ms(be, op, inp, product: str) -> float | None:
+    """The product through torch._cslt_sparse_mm (a plan built per call), same operand and kernel."""
+    if be.name != "cusparselt" or not isinstance(op, kernels.Compressed):
+        return None
+    layout, alg_id = be.plan.kernel[product]
+    b = kernels.pad_to_rows(inp, 8)
+    return time_ms(lambda: torch._cslt_sparse_mm(op.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id))
 
 
 def main(argv=None) -> int:
@@ -153,12 +171,15 @@ def summarize(rows) -> dict:
         vals = [v for v in vals if v > 0]
         return float(torch.tensor(vals).log().mean().exp()) if vals else float("nan")
 
-    metrics = {}
+    metrics = {"cusparselt_plans": cusparselt_plans.status()}
     models = [r for r in rows if not r["layer"].startswith("sweep")]
     big = [r for r in rows if r["layer"].startswith("sweep") and r["in"] >= 4096]
     for p in ("output", "grad_input", "grad_weight", "fwd_bwd"):
         metrics[f"{p}_speedup_gmean_model_shapes"] = gmean([r[f"{p}_speedup"] for r in models])
         metrics[f"{p}_speedup_gmean_sweep_h_ge_4096"] = gmean([r[f"{p}_speedup"] for r in big])
+    gains = [r[f"{p}_plan_gain"] for r in rows for p in ("output", "grad_input") if f"{p}_plan_gain" in r]
+    if gains:
+        metrics["plan_gain_gmean"] = gmean(gains)  # torch's per-call time / the library's time, sparse products
     llama = [r for r in rows if r["layer"].startswith("llama3-8b") and r["tokens"] == 8192]
     if llama:
         metrics["llama3_8b_fwd_bwd_speedup_T8192"] = gmean([r["fwd_bwd_speedup"] for r in llama])
@@ -167,7 +188,8 @@ def summarize(rows) -> dict:
 
 def rows_table(rows) -> str:
     cols = ["layer", "shape", "tokens", "output_speedup", "grad_input_speedup", "grad_weight_speedup",
-            "fwd_bwd_speedup", "kernel_output", "kernel_grad_input", "output_dense_ms", "output_slope_ms", "refresh_output_inplace_ms",
+            "fwd_bwd_speedup", "kernel_output", "kernel_grad_input", "output_dense_ms", "output_slope_ms",
+            "output_torch_call_ms", "output_plan_gain", "grad_input_plan_gain", "refresh_output_inplace_ms",
             "recompress_grad_input_ms", "column_mask_refresh_ms"]
     return md_table(rows, cols)
 
@@ -175,7 +197,8 @@ def rows_table(rows) -> str:
 NOTES = """Speedup = dense time / SLoPe time, bf16, both measured in this run on the same GPU.
 SLoPe's grad_weight is the same dense product plus the gather of the kept entries, so its ratio is
 at most 1. Refresh costs are per optimizer step (in place) or per re-compression / column-mask
-refresh (every `backward_mask_interval` steps), measured once per shape."""
+refresh (every `backward_mask_interval` steps), measured once per shape. plan_gain = time of the
+same sparse product through torch._cslt_sparse_mm (plan rebuilt per call) / the library's time."""
 
 ARGS = None
 

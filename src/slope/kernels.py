@@ -10,8 +10,9 @@ grad_weight (dyᵀ x) is a plain dense product in every backend (its reduction r
 
 Backends:
     reference   dense masked products: runs anywhere, exact; the CPU path and the test oracle.
-    cusparselt  2:4 sparse tensor cores through cuSPARSELt (torch._cslt_compress/_cslt_sparse_mm),
-                sm80+ with fp16/bf16.
+    cusparselt  2:4 sparse tensor cores through cuSPARSELt, sm80+ with fp16/bf16: operands compressed
+                by torch._cslt_compress, products through cached plans (`slope.cusparselt_plans`)
+                where those pass their self-test, else torch._cslt_sparse_mm.
     cutlass     2:4 sparse tensor cores through PyTorch's CUTLASS kernels
                 (torch._sparse_semi_structured_linear), sm8x only.
 
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 
+from slope import cusparselt_plans
 from slope.masks import gather_values, scatter_values
 
 log = logging.getLogger("slope")
@@ -199,8 +201,13 @@ class SemiStructuredBackend:
         # b (T, cols) -> b @ Aᵀ (T, rows); T already a multiple of _TOKEN_ALIGN
         if self.name == "cusparselt":
             layout, alg_id = kernel
-            # bᵀ is a column-major view of b: no copy. "tr" has cuSPARSELt write (A @ bᵀ)ᵀ, i.e. (T, rows)
-            # row-major; "nt" writes A @ bᵀ (rows, T) row-major and returns its transposed view.
+            # "tr" has cuSPARSELt write (A @ bᵀ)ᵀ, i.e. (T, rows) row-major; "nt" writes A @ bᵀ
+            # (rows, T) row-major and returns its transposed view.
+            plans = cusparselt_plans.plan_cache(b.device)
+            if plans is not None:  # one launch with a plan built once per shape (see cusparselt_plans)
+                y = plans.mm_t(a.packed, a.rows, a.cols, b, layout, alg_id)
+                return y if layout == "tr" else y.t()
+            # torch's call builds its plan every time. bᵀ is a column-major view of b: no copy.
             if layout == "tr":
                 return torch._cslt_sparse_mm(a.packed, b.t(), transpose_result=True, alg_id=alg_id)
             return torch._cslt_sparse_mm(a.packed, b.t(), transpose_result=False, alg_id=alg_id).t()

@@ -18,7 +18,7 @@ def collect(device: str | None = None) -> dict:
     import torch
 
     import slope
-    from slope import kernels
+    from slope import cusparselt_plans, kernels
     from slope.cli import UserError
 
     try:
@@ -47,6 +47,7 @@ def collect(device: str | None = None) -> dict:
             })
     info["device"] = str(dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     info["backends"] = kernels.availability(torch.device(info["device"]))
+    info["cusparselt_plans"] = cusparselt_plans.status()  # decided by the availability check above
     return info
 
 
@@ -64,4 +65,5 @@ def run(args) -> int:
     print(f"backends on {info['device']} (2:4, bfloat16):")
     for name, reason in info["backends"].items():
         print(f"  {name}: works" if reason is None else f"  {name}: unavailable ({reason})")
+    print(f"cuSPARSELt cached plans: {info['cusparselt_plans']}")
     return 0
