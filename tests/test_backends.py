@@ -323,6 +323,41 @@ def test_training_matches_reference(emulated, interval):
     assert cache.rebuilds["grad_input"] == (5 if interval == 1 else 2)  # steps 0 and 3 refresh M_C
 
 
+@pytest.mark.parametrize("speedups", [(0.5, 0.5), (1.5, 0.5), (0.5, 1.5)])
+def test_dense_fallbacks_under_autocast_match_reference_and_scatter_once(emulated, monkeypatch, speedups):
+    # fp32 master values, bf16 products: dense fallback operands are built in bf16 directly, and a
+    # dense grad_input operand is M_C applied to the forward's dense W_R, not a second scatter
+    out_speed, gi_speed = speedups
+    monkeypatch.setattr(kernels, "measure_products", lambda *a, **k: {"output": out_speed, "grad_input": gi_speed})
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    ref = SlopeLinear.from_dense(dense, SlopeConfig(backend="reference"))
+    fast = SlopeLinear.from_dense(nn.Linear(64, 32), SlopeConfig(backend="auto"))
+    fast.load_state_dict(ref.state_dict())
+    from slope import linear
+
+    scatters = []
+    real_scatter = linear.scatter_kept
+    monkeypatch.setattr(linear, "scatter_kept", lambda *a: scatters.append(a[0].dtype) or real_scatter(*a))
+    x = torch.randn(3, 8, 64)
+    grads = []
+    for layer in (ref, fast):
+        scatters.clear()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        grads.append((y, xi.grad, layer.weight.grad))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    be = next(iter(fast._backend_cache.values()))
+    assert (be.plan.sparse_output, be.plan.sparse_grad_input) == (out_speed >= 1, gi_speed >= 1)
+    # scatters of the fast layer: fp32 W_R for the column mask, then bf16 W_R only where an operand is
+    # dense and nothing dense was built before it
+    expected = [torch.float32] + ([torch.bfloat16] if not (be.plan.sparse_output and be.plan.sparse_grad_input) else [])
+    assert scatters == expected
+
+
 def test_no_double_prune_keeps_grad_input_dense(emulated):
     ref, sparse = paired_layers(double_prune=False)
     x = torch.randn(6, 64, dtype=torch.float64, requires_grad=True)

@@ -287,8 +287,10 @@ def _resolve(mask):
     return mask() if callable(mask) else mask
 
 
-def _dense_w_r(values, row_mask, dense) -> torch.Tensor:
-    return dense() if dense is not None else scatter_values(values, _resolve(row_mask))
+def _dense_w_r(values, row_mask, dense, dtype: torch.dtype) -> torch.Tensor:
+    """W_R (out, in) in `dtype`. Scattering the values already cast moves half the bytes of casting
+    the scattered fp32 matrix, and gives the same tensor (the zeros stay zeros)."""
+    return dense(dtype) if dense is not None else scatter_values(values.to(dtype), _resolve(row_mask))
 
 
 class OperandCache:
@@ -317,7 +319,8 @@ class OperandCache:
 
     def output(self, values: torch.Tensor, row_mask, row_key: Any, dense=None) -> Any:
         """Operand of x @ W_Rᵀ. values: (out, k) stored values (detached); row_mask: M_R (out, in);
-        dense: optional callable giving W_R (out, in) faster than scattering with the bool mask."""
+        dense: optional callable `dense(dtype)` giving W_R (out, in) in `dtype` faster than
+        scattering with the bool mask."""
         be = self.backend
         key = (*self._values_key(values), row_key)
         if self._out is not None and key == self._out_key:
@@ -326,7 +329,7 @@ class OperandCache:
             # a dense fallback operand is not kept: the values change every step anyway, and
             # keeping it would cost 2 bytes per weight between steps
             self.rebuilds["output"] += 1
-            return _dense_w_r(values, row_mask, dense).to(be.dtype)
+            return _dense_w_r(values, row_mask, dense, be.dtype)
         elif isinstance(self._out, Compressed) and self._out.inplace and self._out_key[2:] == key[2:]:
             be.write_values(self._out, values)  # the mask is static: only the values moved
             self.rebuilds["output_inplace"] += 1
@@ -346,11 +349,11 @@ class OperandCache:
         # without double pruning W_Rᵀ is not 2:4 along `out`: only a dense product is possible
         sparse = be.plan.sparse_grad_input and col_mask is not None
         if not sparse:  # not kept either (see output)
-            w = _dense_w_r(values, row_mask, dense)
+            w = _dense_w_r(values, row_mask, dense, be.dtype)  # may be the output's operand: not in place
             if col_mask is not None:
                 w = w * _resolve(col_mask)
             self.rebuilds["grad_input"] += 1
-            return w.to(be.dtype)
+            return w
         elif (
             self._gi_index is not None and isinstance(self._gi, Compressed) and self._gi_mask_key == (key[0], mask_key)
         ):
@@ -366,7 +369,7 @@ class OperandCache:
                 flat = torch.cat([values.reshape(-1), values.new_zeros(1)])
                 self._gi = be.compress_structured(struct_t.contiguous(), flat.index_select(0, self._gi_index))
             else:
-                self._gi = be.compress((_dense_w_r(values, row_mask, dense) * col_mask).t())
+                self._gi = be.compress((_dense_w_r(values, row_mask, dense, be.dtype) * col_mask).t())
             self._gi_mask_key = (key[0], mask_key)
             self.rebuilds["grad_input"] += 1
         self._gi_key = key

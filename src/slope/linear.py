@@ -240,13 +240,20 @@ class SlopeLinear(nn.Module):
         # that can reach backward needs them (an inference forward skips this O(weights) pass)
         m = self.config.m
         positions = self.kept_positions() if training else None
-        built: list[torch.Tensor] = []
+        built: dict[torch.dtype, torch.Tensor] = {}
+        dense_output: list[torch.Tensor] = []  # the output operand, when it is a dense W_R
 
-        def w_r():  # (out, in) W_R in the master dtype, built at most once per step and only if needed
-            if not built:
+        def w_r(dtype: torch.dtype | None = None) -> torch.Tensor:
+            """W_R (out, in) in `dtype` (default: the master dtype), built at most once per step and
+            only if needed; a dense output operand of that dtype is reused (grad_input's dense
+            fallback then only applies M_C to it instead of scattering the values again)."""
+            dtype = dtype or values.dtype
+            if dense_output and dense_output[0].dtype == dtype:
+                return dense_output[0]
+            if dtype not in built:
                 pos = positions if positions is not None else self.kept_positions()
-                built.append(scatter_kept(values, pos, m))
-            return built[0]
+                built[dtype] = scatter_kept(values.to(dtype), pos, m)
+            return built[dtype]
 
         double_prune = self.config.double_prune
         if training and double_prune and self._column_mask_due():
@@ -265,7 +272,9 @@ class SlopeLinear(nn.Module):
             return cache.grad_input(values, row_mask, col_mask, (row_key, step, bits.data_ptr()), dense=w_r)
 
         out_operand = cache.output(values, row_mask, row_key, dense=w_r)
-        built.clear()  # W_R (4 bytes per weight) must not live on until backward in this closure
+        if isinstance(out_operand, torch.Tensor):  # a dense fallback: alive until backward anyway (ctx)
+            dense_output.append(out_operand)
+        built.clear()  # a master-dtype W_R (4 bytes per weight) must not live on until backward here
         return StepOperands(backend, positions, out_operand, grad_input_operand)
 
     def _fused_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
