@@ -245,6 +245,31 @@ def test_bad_arguments_are_refused_before_any_library_call(fake):
     assert not fake.counts
 
 
+def reference_cslt(monkeypatch):
+    """torch's cuSPARSELt ops on CPU in the fake's convention: "compressed" A is A itself."""
+    monkeypatch.setattr(torch, "_cslt_compress", lambda a: a.clone())
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda a, bt, transpose_result=False, alg_id=0: (
+        (bt.t().double() @ a.double().t()).to(a.dtype) if transpose_result else (a.double() @ bt.double()).to(a.dtype)))
+
+
+def test_self_test_passes_on_a_correct_library(fake, monkeypatch):
+    reference_cslt(monkeypatch)
+    cp._self_test(cp.PlanCache(cp.Library(fake)), torch.device("cpu"))
+    assert fake.counts["matmul"] == 4  # two layouts, two dtypes
+
+
+def test_self_test_catches_a_wrong_result(fake, monkeypatch):
+    reference_cslt(monkeypatch)
+    real = fake.cusparseLtMatmul
+
+    def scaled(handle, plan, alpha, *rest):  # a library that ignores alpha = 1 (any wrong result will do)
+        return real(handle, plan, ctypes.byref(ctypes.c_float(1.5)), *rest)
+
+    monkeypatch.setattr(fake, "cusparseLtMatmul", scaled)
+    with pytest.raises(cp.CusparseLtError, match=r"disagrees with torch._cslt_sparse_mm \(torch.bfloat16, tr\)"):
+        cp._self_test(cp.PlanCache(cp.Library(fake)), torch.device("cpu"))
+
+
 # ---- when plans are used -----------------------------------------------------------------------
 
 
@@ -279,7 +304,7 @@ def test_plans_are_used_when_everything_checks_out(gpu_like):
         (lambda mp, fake: mp.setattr(cp, "load_library", lambda: (_ for _ in ()).throw(OSError("no libcusparseLt"))),
          "no libcusparseLt"),
         (lambda mp, fake: mp.setattr(cp, "_self_test", lambda c, i: (_ for _ in ()).throw(cp.CusparseLtError("off by 1"))),
-         "self-test failed: off by 1"),
+         "self-test failed: CusparseLtError: off by 1"),
         (lambda mp, fake: mp.setattr(torch.backends.cusparselt, "is_available", lambda: False), "has no cuSPARSELt"),
     ],
 )
