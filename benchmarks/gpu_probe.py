@@ -41,6 +41,25 @@ def cslt_direct():
             f"y {tuple(y.shape)} stride {y.stride()}, rel err {((y.float() - ref).norm() / ref.norm()).item():.2e}")
 
 
+def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
+    """One sparse product timed back to back: cached plan vs torch's call (plan per call) vs dense."""
+    from slope import cusparselt_plans, kernels
+    from slope.masks import nm_mask
+
+    cache = cusparselt_plans.plan_cache()
+    if cache is None:
+        return f"cached plans off: {cusparselt_plans.status()}"
+    w = torch.randn(rows, cols, device="cuda")
+    a = (w * nm_mask(w, 2, 4)).bfloat16()
+    packed = torch._cslt_compress(a)
+    b = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
+    t_plan = kernels._time_ms(lambda: cache.mm_t(packed, rows, cols, b))
+    t_torch = kernels._time_ms(lambda: torch._cslt_sparse_mm(packed, b.t(), transpose_result=True))
+    t_dense = kernels._time_ms(lambda: b @ a.t())
+    return (f"{rows}x{cols}, {tokens} tokens: cached plan {t_plan:.3f} ms, torch call {t_torch:.3f} ms, "
+            f"dense {t_dense:.3f} ms -> plan gain {t_torch / t_plan:.2f}x, sparse vs dense {t_dense / t_plan:.2f}x")
+
+
 def main() -> int:
     from slope import kernels
 
@@ -58,6 +77,11 @@ def main() -> int:
             step(f"numerics_check {kind} {dtype} (4096, 4096)",
                  lambda k=kind, d=dtype: kernels.numerics_check(k, torch.device("cuda"), d, (4096, 4096)))
     step("availability", lambda: kernels.availability(torch.device("cuda")))
+    from slope import cusparselt_plans
+
+    step("cuSPARSELt cached plans", cusparselt_plans.status)
+    for shape in ((1024, 4096, 8192), (4096, 4096, 8192), (14336, 4096, 8192)):
+        step(f"plan vs torch call {shape}", lambda s=shape: plan_vs_torch_call(*s))
     return 0
 
 
