@@ -358,6 +358,33 @@ def test_dense_fallbacks_under_autocast_match_reference_and_scatter_once(emulate
     assert scatters == expected
 
 
+def test_cached_path_builds_gradient_positions_in_backward_only(emulated, monkeypatch):
+    # held from forward to backward, int64 positions would cost 4 bytes per weight at the step's peak
+    from slope import linear
+
+    calls = []
+    real = linear.kept_positions
+    monkeypatch.setattr(linear, "kept_positions", lambda *a: calls.append(phase[0]) or real(*a))
+    ref, sparse = paired_layers(interval=3)
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    phase = [""]
+    for step in range(3):
+        x = torch.randn(5, 64, dtype=torch.float64)
+        calls.clear()
+        phase[0] = "forward"
+        y = sparse(x)
+        phase[0] = "backward"
+        y.square().sum().backward()
+        # step 0 refreshes M_C from W_R, which needs the positions in forward too (then drops them)
+        assert calls == (["forward", "backward"] if step == 0 else ["backward"]), step
+        ref(x).square().sum().backward()
+        torch.testing.assert_close(sparse.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+
+
 def test_no_double_prune_keeps_grad_input_dense(emulated):
     ref, sparse = paired_layers(double_prune=False)
     x = torch.randn(6, 64, dtype=torch.float64, requires_grad=True)

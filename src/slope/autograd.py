@@ -20,14 +20,16 @@ class StepOperands:
     """What one forward/backward of a layer multiplies with, built by `SlopeLinear`.
 
     backend: the `slope.kernels` backend running the two sparse products.
-    positions: (out, in/m, n) int64 positions of the kept weights, to gather the weight gradient.
+    positions: gives the (out, in/m, n) int64 positions of the kept weights, to gather the weight
+        gradient; called in backward only, so a layer need not hold them (4 bytes per weight)
+        from its forward to its backward.
     output: the backend operand for x @ W_Rᵀ.
     grad_input: builds the backend operand for dy @ W_RC on first use (in backward only), so a
         forward without grad never pays for the column mask.
     """
 
     backend: Any
-    positions: torch.Tensor
+    positions: Callable[[], torch.Tensor]
     output: Any
     grad_input: Callable[[], Any]
 
@@ -60,7 +62,7 @@ class SlopeLinearFunction(torch.autograd.Function):
         # grad_weight: dW = dyᵀ x is dense (reduction over tokens); only entries at M_R are kept.
         if ctx.needs_input_grad[1]:
             grad_w = dy2d.t() @ x2d  # (out, in)
-            grad_values = gather_kept(grad_w, ops.positions).to(ctx.values_dtype)
+            grad_values = gather_kept(grad_w, ops.positions()).to(ctx.values_dtype)
 
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = dy2d.sum(0).to(ctx.bias_dtype)

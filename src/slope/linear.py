@@ -216,7 +216,9 @@ class SlopeLinear(nn.Module):
                 bits = self.col_bits
             return backend.prepare_grad_input(apply_group_bits(w_r, bits, m, dim=0))
 
-        return StepOperands(backend, positions, backend.prepare_output(w_r), grad_input_operand)
+        # This path holds W_R (out, in) until backward anyway; keeping the positions beside it is
+        # cheaper on a CPU than building them a second time.
+        return StepOperands(backend, lambda: positions, backend.prepare_output(w_r), grad_input_operand)
 
     def _operand_cache(self, backend) -> kernels.OperandCache:
         cache = self._operand_caches.get(backend)
@@ -236,11 +238,10 @@ class SlopeLinear(nn.Module):
         values = self.weight.detach()
         row_mask = self.row_mask  # a callable: unpacked only when an operand is (re)built
         row_key = (self.row_bits.data_ptr(), self.row_bits._version)
-        # (out, in/m, n) kept positions: the weight gradient is gathered with them, so only a step
-        # that can reach backward needs them (an inference forward skips this O(weights) pass)
         m = self.config.m
-        positions = self.kept_positions() if training else None
+        row_bits = self.row_bits
         built: dict[torch.dtype, torch.Tensor] = {}
+        positions: list[torch.Tensor] = []  # (out, in/m, n), built at most once in this forward
         dense_output: list[torch.Tensor] = []  # the output operand, when it is a dense W_R
 
         def w_r(dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -251,8 +252,9 @@ class SlopeLinear(nn.Module):
             if dense_output and dense_output[0].dtype == dtype:
                 return dense_output[0]
             if dtype not in built:
-                pos = positions if positions is not None else self.kept_positions()
-                built[dtype] = scatter_kept(values.to(dtype), pos, m)
+                if not positions:
+                    positions.append(kept_positions(row_bits, self.config.n, m))
+                built[dtype] = scatter_kept(values.to(dtype), positions[0], m)
             return built[dtype]
 
         double_prune = self.config.double_prune
@@ -275,7 +277,12 @@ class SlopeLinear(nn.Module):
         if isinstance(out_operand, torch.Tensor):  # a dense fallback: alive until backward anyway (ctx)
             dense_output.append(out_operand)
         built.clear()  # a master-dtype W_R (4 bytes per weight) must not live on until backward here
-        return StepOperands(backend, positions, out_operand, grad_input_operand)
+        positions.clear()
+        # The weight gradient's positions are built in backward from the packed M_R (1 byte per
+        # group): held from forward to backward they would cost 4 bytes per weight, more than the
+        # compute-dtype weights themselves, for every layer at the peak of a step.
+        n = self.config.n
+        return StepOperands(backend, lambda: kept_positions(row_bits, n, m), out_operand, grad_input_operand)
 
     def _fused_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Adapter inference on a CUDA 2:4 backend: the faster of the fused and two-path versions.
