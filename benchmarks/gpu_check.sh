@@ -28,7 +28,7 @@ $PY benchmarks/gpu_probe.py
 $PY -m slope.cli info || true
 
 stage "cached cuSPARSELt plans"
-if timeout 120 $PY -c 'import sys; from slope import cusparselt_plans as p; c = p.plan_cache(); print("cuSPARSELt cached plans:", p.status()); sys.exit(c is None)'; then
+if timeout 120 $PY -c 'import sys; from slope.backends import cusparselt_plans as p; c = p.plan_cache(); print("cuSPARSELt cached plans:", p.status()); sys.exit(c is None)'; then
   echo "cached plans: on for every later stage"
 else
   echo "cached plans: OFF for every later stage (self-test failed or crashed)"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from slope import kernels
+from slope.backends import kernels
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:

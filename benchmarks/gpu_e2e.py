@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
 import slope
-from slope import cusparselt_plans, kernels
+from slope.backends import cusparselt_plans, kernels
 
 WIDTHS = {  # hidden, intermediate, heads, kv heads
     "1b": (2048, 8192, 32, 8),

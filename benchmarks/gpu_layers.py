@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
-from slope import cusparselt_plans, kernels
+from slope.backends import cusparselt_plans, kernels
 from slope.masks import column_mask, gather_values, nm_mask, scatter_values
 
 

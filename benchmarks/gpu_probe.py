@@ -43,7 +43,7 @@ def cslt_direct():
 
 def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
     """One sparse product timed back to back: cached plan vs torch's call (plan per call) vs dense."""
-    from slope import cusparselt_plans, kernels
+    from slope.backends import cusparselt_plans, kernels
     from slope.masks import nm_mask
 
     cache = cusparselt_plans.plan_cache()
@@ -61,7 +61,7 @@ def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
 
 
 def main() -> int:
-    from slope import kernels
+    from slope.backends import kernels
 
     step("torch", lambda: f"{torch.__version__} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}")
     step("device", lambda: f"{torch.cuda.get_device_name(0)} capability {torch.cuda.get_device_capability(0)}")
@@ -77,7 +77,7 @@ def main() -> int:
             step(f"numerics_check {kind} {dtype} (4096, 4096)",
                  lambda k=kind, d=dtype: kernels.numerics_check(k, torch.device("cuda"), d, (4096, 4096)))
     step("availability", lambda: kernels.availability(torch.device("cuda")))
-    from slope import cusparselt_plans
+    from slope.backends import cusparselt_plans
 
     step("cuSPARSELt cached plans", cusparselt_plans.status)
     for shape in ((1024, 4096, 8192), (4096, 4096, 8192), (14336, 4096, 8192)):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import time_ms
 
 import slope
-from slope import kernels
+from slope.backends import kernels
 
 
 def tuned_kernels():

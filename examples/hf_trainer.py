@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from slope import SlopeConfig
-from slope.hf_trainer import SlopeCallback
+from slope.train.hf_trainer import SlopeCallback
 
 FALLBACK_TEXT = """From fairest creatures we desire increase,
 That thereby beauty's rose might never die,
@@ -32,7 +32,7 @@ Thy self thy foe, to thy sweet self too cruel:
 
 def corpus_text(max_chars: int) -> str:
     try:
-        from slope.corpus import embedded_documents
+        from slope.train.corpus import embedded_documents
     except ImportError:
         return (FALLBACK_TEXT * (max_chars // len(FALLBACK_TEXT) + 1))[:max_chars]
     parts, size = [], 0

@@ -2,8 +2,8 @@
 
 from slope.config import SlopeConfig
 from slope.convert import SparsifyReport, add_adapters, densify, slope_layers, sparsify
-from slope.export import save_compressed, save_dense
-from slope.inference import FormatError, load, load_tokenizer
+from slope.io.export import save_compressed, save_dense
+from slope.io.load import FormatError, load, load_tokenizer
 from slope.linear import SlopeLinear
 from slope.masks import column_mask, double_prune, nm_mask
 

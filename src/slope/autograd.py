@@ -19,7 +19,7 @@ from slope.masks import gather_kept
 class StepOperands:
     """What one forward/backward of a layer multiplies with, built by `SlopeLinear`.
 
-    backend: the `slope.kernels` backend running the two sparse products.
+    backend: the `slope.backends.kernels` backend running the two sparse products.
     positions: gives the (out, in/m, n) int64 positions of the kept weights, to gather the weight
         gradient; called in backward only, so a layer need not hold them (4 bytes per weight)
         from its forward to its backward.

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from slope import kernels
 from slope.autograd import SlopeLinearFunction, StepOperands
+from slope.backends import kernels
 from slope.config import SlopeConfig
 from slope.masks import (
     apply_group_bits,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from slope import SlopeConfig, SlopeLinear, kernels
+from slope import SlopeConfig, SlopeLinear
+from slope.backends import kernels
 from slope.masks import column_mask, gather_values, nm_mask, scatter_values
 
 pytestmark = [

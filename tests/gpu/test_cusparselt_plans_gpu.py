@@ -9,8 +9,8 @@ differently. Against float64, the tolerance of kernels._tolerance applies.
 import pytest
 import torch
 
-from slope import cusparselt_plans as cp
-from slope import kernels
+from slope.backends import cusparselt_plans as cp
+from slope.backends import kernels
 from slope.masks import nm_mask
 
 pytestmark = [

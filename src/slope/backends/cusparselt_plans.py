@@ -1,0 +1,384 @@
+"""cuSPARSELt products with cached plans, through cuSPARSELt's C API (ctypes, nothing to compile).
+
+`torch._cslt_sparse_mm` builds a complete cuSPARSELt plan on every call (three matrix descriptors,
+a matmul descriptor, an algorithm selection, `cusparseLtMatmulPlanInit`) and destroys it after the
+launch. On an H200 that host work put a floor of about 1 ms under every sparse product (4096x4096
+and 8192x8192 layers at 8192 tokens both took 1.09 ms, while dense took 0.35 ms and 1.67 ms), so
+every layer below about 8k wide ran slower than dense. A plan depends only on the shapes, dtype,
+layouts and algorithm, not on the data, so this module builds one per
+(device, dtype, rows, cols, tokens, layout, algorithm) and reuses it: a call is then one
+`cusparseLtMatmul` launch.
+
+The compressed operand still comes from `torch._cslt_compress`: it is data laid out by the sparse
+matrix's descriptor alone (rows, cols, leading dimension, 16-byte alignment, dtype, row-major,
+50 %), and the plans here describe the sparse matrix exactly as torch does. The library is the one
+torch loaded (the version must match torch's), so the format is the same.
+
+Descriptors, mirroring `_cslt_sparse_mm(packed, b.t(), transpose_result=layout == "tr")` for
+b (T, cols) row-major:
+    A  structured (rows, cols), ld cols, row-major, opA = N
+    B  b itself: dense (T, cols), ld cols, row-major, opB = T (the product needs bᵀ)
+    D  "tr": (rows, T) column-major, ld rows, i.e. the (T, rows) row-major result
+       "nt": (rows, T) row-major, ld T
+Only cuSPARSELt 0.6-0.8 is used (the enum values and signatures below are 0.8's, unchanged since
+0.6); anything else, a failed self-test, or SLOPE_CUSPARSELT_PLANS=0 keeps torch's per-call path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("slope")
+
+# cusparse.h / library_types.h / cusparseLt.h enum values (cuSPARSELt 0.8.0)
+_SUCCESS = 0
+_OP_N, _OP_T = 0, 1  # cusparseOperation_t
+_ORDER_COL, _ORDER_ROW = 1, 2  # cusparseOrder_t
+_CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}  # cudaDataType: CUDA_R_16F, CUDA_R_16BF
+_COMPUTE_32F = 2  # cusparseComputeType since 0.5.2 (32I, 16F, 32F)
+_SPARSITY_50 = 0
+_ALG_DEFAULT = 0
+_ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
+_ALIGNMENT = 16  # bytes, as torch passes for every descriptor
+# Opaque structs are 512 bytes, 16-byte aligned, in 0.8's header; twice that is allocated so an
+# older or newer layout of the same API can never write past the buffer.
+_OPAQUE_BYTES = 1024
+SUPPORTED_VERSIONS = range(600, 900)  # cusparseLtGetVersion: major * 1000 + minor * 100 + patch
+MAX_PLANS = 256  # least recently used plans beyond this are destroyed
+ENV_SWITCH = "SLOPE_CUSPARSELT_PLANS"
+
+
+class CusparseLtError(RuntimeError):
+    pass
+
+
+def _on_device(index: int):
+    """Context making CUDA device `index` current (handles and plans bind to the current device)."""
+    return torch.cuda.device(index)
+
+
+def _stream_handle(device: torch.device) -> int:
+    """The raw cudaStream_t of the current stream on `device`: products run in stream order."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class _Opaque:
+    """A zeroed, 16-byte aligned block for one cuSPARSELt opaque struct; `.ptr` is its address."""
+
+    def __init__(self):
+        self._buf = ctypes.create_string_buffer(_OPAQUE_BYTES + 16)
+        base = ctypes.addressof(self._buf)
+        self.ptr = ctypes.c_void_p(base + (-base) % 16)
+
+
+_SIGNATURES = {
+    # name: argument types (every function returns a cusparseStatus_t)
+    "cusparseLtInit": [ctypes.c_void_p],
+    "cusparseLtGetVersion": [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)],
+    "cusparseLtDenseDescriptorInit": [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
+        ctypes.c_int, ctypes.c_int,
+    ],
+    "cusparseLtStructuredDescriptorInit": [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ],
+    "cusparseLtMatDescriptorDestroy": [ctypes.c_void_p],
+    "cusparseLtMatmulDescriptorInit": [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ],
+    "cusparseLtMatmulAlgSelectionInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+    "cusparseLtMatmulAlgSetAttribute": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t],
+    "cusparseLtMatmulAlgSelectionDestroy": [ctypes.c_void_p],
+    "cusparseLtMatmulPlanInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+    "cusparseLtMatmulGetWorkspace": [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)],
+    "cusparseLtMatmulPlanDestroy": [ctypes.c_void_p],
+    "cusparseLtMatmul": [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+    ],
+}
+
+
+def _bind(lib) -> None:
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    lib.cusparseLtGetErrorString.argtypes = [ctypes.c_int]
+    lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
+
+
+def _library_candidates() -> list[str]:
+    # The copy torch loaded comes first: dlopen of its soname returns the object already in the process.
+    names = ["libcusparseLt.so.0"]
+    for entry in sys.path:
+        lib = Path(entry) / "nvidia" / "cusparselt" / "lib" / "libcusparseLt.so.0"
+        if lib.is_file():
+            names.append(str(lib))
+    found = ctypes.util.find_library("cusparseLt")
+    if found:
+        names.append(found)
+    return names
+
+
+def load_library():
+    """The cuSPARSELt shared library, bound; raises OSError when none can be opened."""
+    errors = []
+    for name in _library_candidates():
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as err:
+            errors.append(f"{name}: {err}")
+            continue
+        _bind(lib)
+        return lib
+    raise OSError("cuSPARSELt could not be opened: " + "; ".join(errors))
+
+
+class Library:
+    """The C API of one cuSPARSELt library with one handle per CUDA device."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self._handles: dict[int, _Opaque] = {}
+        self._lock = threading.Lock()
+
+    def check(self, status: int, what: str) -> None:
+        if status != _SUCCESS:
+            text = self.lib.cusparseLtGetErrorString(status)
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            raise CusparseLtError(f"cuSPARSELt {what} failed with status {status} ({text})")
+
+    def handle(self, device_index: int) -> _Opaque:
+        with self._lock:
+            if device_index not in self._handles:
+                handle = _Opaque()
+                with _on_device(device_index):
+                    self.check(self.lib.cusparseLtInit(handle.ptr), "cusparseLtInit")
+                self._handles[device_index] = handle
+            return self._handles[device_index]
+
+    def version(self, device_index: int) -> int:
+        value = ctypes.c_int(0)
+        self.check(self.lib.cusparseLtGetVersion(self.handle(device_index).ptr, ctypes.byref(value)), "GetVersion")
+        return value.value
+
+
+class MatmulPlan:
+    """One cuSPARSELt plan for `b (tokens, cols) @ Aᵀ` with A (rows, cols) 2:4 along cols.
+
+    layout "tr" returns (tokens, rows) row-major; "nt" returns A @ bᵀ as (rows, tokens) row-major.
+    """
+
+    def __init__(self, library: Library, device_index: int, dtype: torch.dtype, rows: int, cols: int,
+                 tokens: int, layout: str, alg_id: int):
+        if dtype not in _CUDA_TYPE:
+            raise ValueError(f"cuSPARSELt plans support float16 and bfloat16, not {dtype}")
+        if layout not in ("tr", "nt"):
+            raise ValueError(f"layout {layout!r} is invalid: expected 'tr' or 'nt'")
+        self.library, self.device_index, self.dtype = library, device_index, dtype
+        self.rows, self.cols, self.tokens, self.layout, self.alg_id = rows, cols, tokens, layout, alg_id
+        lib, check = library.lib, library.check
+        handle = library.handle(device_index).ptr
+        self._handle = handle
+        ctype = _CUDA_TYPE[dtype]
+        self._a, self._b, self._d = _Opaque(), _Opaque(), _Opaque()
+        self._matmul, self._alg, self._plan = _Opaque(), _Opaque(), _Opaque()
+        self._live: list[tuple[str, _Opaque]] = []  # what `destroy` must release, in creation order
+        try:
+            check(lib.cusparseLtStructuredDescriptorInit(
+                handle, self._a.ptr, rows, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW, _SPARSITY_50), "A descriptor")
+            self._live.append(("mat", self._a))
+            check(lib.cusparseLtDenseDescriptorInit(
+                handle, self._b.ptr, tokens, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW), "B descriptor")
+            self._live.append(("mat", self._b))
+            d_ld, d_order = (rows, _ORDER_COL) if layout == "tr" else (tokens, _ORDER_ROW)
+            check(lib.cusparseLtDenseDescriptorInit(
+                handle, self._d.ptr, rows, tokens, d_ld, _ALIGNMENT, ctype, d_order), "D descriptor")
+            self._live.append(("mat", self._d))
+            check(lib.cusparseLtMatmulDescriptorInit(
+                handle, self._matmul.ptr, _OP_N, _OP_T, self._a.ptr, self._b.ptr, self._d.ptr, self._d.ptr,
+                _COMPUTE_32F), "matmul descriptor")
+            check(lib.cusparseLtMatmulAlgSelectionInit(handle, self._alg.ptr, self._matmul.ptr, _ALG_DEFAULT),
+                  "algorithm selection")
+            self._live.append(("alg", self._alg))
+            alg = ctypes.c_int(alg_id)
+            check(lib.cusparseLtMatmulAlgSetAttribute(
+                handle, self._alg.ptr, _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)), f"algorithm id {alg_id}")
+            with _on_device(device_index):
+                check(lib.cusparseLtMatmulPlanInit(handle, self._plan.ptr, self._matmul.ptr, self._alg.ptr), "plan")
+            self._live.append(("plan", self._plan))
+            size = ctypes.c_size_t(0)
+            check(lib.cusparseLtMatmulGetWorkspace(handle, self._plan.ptr, ctypes.byref(size)), "workspace size")
+            self.workspace_bytes = size.value
+        except Exception:
+            self.destroy()
+            raise
+        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def __call__(self, packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """packed: torch._cslt_compress of A; b (tokens, cols) row-major, 16-byte aligned."""
+        shape = (self.tokens, self.rows) if self.layout == "tr" else (self.rows, self.tokens)
+        out = torch.empty(shape, dtype=self.dtype, device=b.device)
+        workspace = (torch.empty(self.workspace_bytes, dtype=torch.uint8, device=b.device)
+                     if self.workspace_bytes else None)
+        stream = ctypes.c_void_p(_stream_handle(b.device))
+        self.library.check(self.library.lib.cusparseLtMatmul(
+            self._handle, self._plan.ptr, ctypes.byref(self._alpha), packed.data_ptr(), b.data_ptr(),
+            ctypes.byref(self._beta), out.data_ptr(), out.data_ptr(),
+            None if workspace is None else workspace.data_ptr(), ctypes.byref(stream), 1,
+        ), "matmul")
+        return out
+
+    def destroy(self) -> None:
+        lib = self.library.lib
+        destroyers = {"mat": lib.cusparseLtMatDescriptorDestroy, "alg": lib.cusparseLtMatmulAlgSelectionDestroy,
+                      "plan": lib.cusparseLtMatmulPlanDestroy}
+        while self._live:
+            kind, block = self._live.pop()
+            destroyers[kind](block.ptr)
+
+
+class PlanCache:
+    """Plans by (device, dtype, rows, cols, tokens, layout, algorithm), least recently used evicted."""
+
+    def __init__(self, library: Library, max_plans: int = MAX_PLANS):
+        self.library = library
+        self.max_plans = max_plans
+        self._plans: OrderedDict[tuple, MatmulPlan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.built = 0  # plans built so far (tests and benchmarks read it)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def plan(self, device_index: int, dtype: torch.dtype, rows: int, cols: int, tokens: int, layout: str,
+             alg_id: int) -> MatmulPlan:
+        key = (device_index, dtype, rows, cols, tokens, layout, alg_id)
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._plans.move_to_end(key)
+                return found
+            plan = MatmulPlan(self.library, device_index, dtype, rows, cols, tokens, layout, alg_id)
+            self._plans[key] = plan
+            self.built += 1
+            while len(self._plans) > self.max_plans:
+                _, old = self._plans.popitem(last=False)
+                # a launch on the GPU may still use the plan's kernel arguments: let it finish first
+                torch.cuda.synchronize(old.device_index)
+                old.destroy()
+            return plan
+
+    def mm_t(self, packed: torch.Tensor, rows: int, cols: int, b: torch.Tensor, layout: str = "tr",
+             alg_id: int = 0) -> torch.Tensor:
+        """b (T, cols) @ Aᵀ for the compressed A (rows, cols): (T, rows) for "tr", (rows, T) for "nt"."""
+        if b.dim() != 2 or b.shape[1] != cols:
+            raise ValueError(f"expected b of shape (tokens, {cols}), got {tuple(b.shape)}")
+        if not b.is_contiguous() or b.data_ptr() % _ALIGNMENT:
+            b = b.clone(memory_format=torch.contiguous_format)  # cuSPARSELt needs aligned, dense rows
+        plan = self.plan(b.device.index or 0, b.dtype, rows, cols, b.shape[0], layout, alg_id)
+        return plan(packed, b)
+
+
+_STATE: dict[str, object] = {}  # "cache": PlanCache or None, "reason": why plans are off
+_STATE_LOCK = threading.Lock()
+
+
+def plans_disabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _self_test(cache: PlanCache, device: torch.device) -> None:
+    """Compare cached plans with torch's own call on small products of both layouts and dtypes."""
+    from slope.backends.kernels import _rel_error, _tolerance  # kernels imports this module
+    from slope.masks import nm_mask
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = torch.randn(128, 256, device=device, generator=gen)
+        a = (w * nm_mask(w, 2, 4)).to(dtype)
+        packed = torch._cslt_compress(a)
+        b = torch.randn(40, 256, device=device, generator=gen).to(dtype)
+        for layout in ("tr", "nt"):
+            got = cache.mm_t(packed, 128, 256, b, layout)
+            want = torch._cslt_sparse_mm(packed, b.t(), transpose_result=layout == "tr")
+            if got.shape != want.shape:
+                raise CusparseLtError(f"cached plan gave shape {tuple(got.shape)}, torch {tuple(want.shape)}")
+            err = _rel_error(got, want)
+            if not err <= _tolerance(dtype):  # same kernel on the same data: in practice 0
+                raise CusparseLtError(
+                    f"cached plan disagrees with torch._cslt_sparse_mm ({dtype}, {layout}): relative error {err:.2e}"
+                )
+
+
+def plan_cache(device: torch.device | None = None) -> PlanCache | None:
+    """The process-wide plan cache, or None where cached plans are not used (see `status`).
+
+    Decided once per process, at the first call (it runs a short self-test on `device`).
+    """
+    if "cache" in _STATE:  # every sparse product asks: no lock once decided
+        return _STATE["cache"]  # type: ignore[return-value]
+    with _STATE_LOCK:
+        if "cache" not in _STATE:
+            _STATE["cache"], _STATE["reason"] = _open(device)
+            if _STATE["reason"]:
+                log.info("slope: cuSPARSELt cached plans off: %s", _STATE["reason"])
+        return _STATE["cache"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """One line for `slope info`: whether cached plans are used and, if not, why."""
+    if plans_disabled_by_env():
+        return f"off ({ENV_SWITCH}=0)"
+    if "cache" not in _STATE and not torch.cuda.is_available():
+        return "off (CUDA is not available)"
+    if "cache" not in _STATE:
+        return "not tried yet (decided at the first sparse product)"
+    return "on" if _STATE["cache"] is not None else f"off ({_STATE['reason']})"
+
+
+def _open(device) -> tuple[PlanCache | None, str | None]:
+    if plans_disabled_by_env():
+        return None, f"{ENV_SWITCH}=0"
+    if not torch.cuda.is_available():
+        return None, "CUDA is not available"
+    backend = getattr(torch.backends, "cusparselt", None)
+    if backend is None or not backend.is_available():
+        return None, f"this torch build ({torch.__version__}) has no cuSPARSELt"
+    device_index = torch.device(device).index if device is not None else None
+    device_index = torch.cuda.current_device() if device_index is None else device_index
+    try:
+        library = Library(load_library())
+        version = library.version(device_index)
+    except (OSError, AttributeError, CusparseLtError) as err:  # no library, a missing symbol, a failed init
+        return None, str(err).splitlines()[0]
+    torch_version = backend.version()
+    if version != torch_version:
+        return None, f"the cuSPARSELt opened ({version}) is not the one torch uses ({torch_version})"
+    if version not in SUPPORTED_VERSIONS:
+        return None, f"cuSPARSELt {version} is outside the versions this module is written for (0.6-0.8)"
+    cache = PlanCache(library)
+    try:
+        _self_test(cache, torch.device("cuda", device_index))
+    except Exception as err:  # whatever went wrong, torch's own call still works: never fail training here
+        return None, f"self-test failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return cache, None
+
+
+def reset() -> None:
+    """Forget the decision (tests, or after changing SLOPE_CUSPARSELT_PLANS)."""
+    with _STATE_LOCK:
+        _STATE.clear()
+

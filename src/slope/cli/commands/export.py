@@ -1,0 +1,37 @@
+"""`slope export RUN_OR_CKPT --out DIR [--dense] [--dtype float16]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from slope.cli import UserError
+
+log = logging.getLogger("slope")
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("source", help="a training run or checkpoint directory (or an existing slope export)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument(
+        "--dense", action="store_true",
+        help="write a plain Hugging Face model (sparse weights densified, adapters merged) instead",
+    )
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="store floating tensors in this dtype (default: as trained)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slope.io.export import DTYPES, export
+    from slope.io.load import FormatError
+
+    try:
+        out = export(args.source, args.out, dense=args.dense, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (FileNotFoundError, FileExistsError, FormatError) as err:
+        raise UserError(str(err)) from err
+    kind = "dense Hugging Face model" if args.dense else "compressed SLoPe model"
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log.info("slope export: wrote a %s to %s (%.2f MB)", kind, out, size / 1e6)
+    return 0

@@ -1,0 +1,52 @@
+"""`slope prepare`: tokenize a corpus once into a folder that `slope train` can use as data.train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slope.cli import UserError
+from slope.train.data import DataError
+
+EPILOG = """A source is an embedded corpus (shakespeare, shakespeare-heldout, milton), a text file, a folder
+of text files, a .jsonl file with a `text` field, or a saved Hugging Face dataset folder.
+The output folder holds tokenizer/, train.bin/.json and val.bin/.json; train on it with
+  slope train --data.train=OUT --data.val=''
+"""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    import argparse
+
+    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="corpus to tokenize")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (must not exist)")
+    p.add_argument("--val", default="", help="a separate validation source (default: the tail of SOURCE)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of SOURCE (default 0.05)")
+    p.add_argument("--tokenizer", default="", help="AutoTokenizer path or cached name (default: train a BPE)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from slope.train.prepare import prepare
+
+    if args.out.exists():
+        raise UserError(f"output folder {args.out} already exists; choose another --out")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
+    args.out.mkdir(parents=True)
+    try:
+        tokenizer, train, val = prepare(args.out, args.source, args.val, args.val_fraction, args.tokenizer, args.vocab_size)
+    except DataError as err:
+        raise UserError(str(err)) from None
+    for split, tokens in (("train", train), ("val", val)):
+        meta = tokens.meta
+        print(f"{split}: {meta['n_tokens']:,} tokens from {meta['n_bytes']:,} bytes "
+              f"({meta['n_documents']:,} pieces) -> {tokens.stem.with_suffix('.bin')}")
+    print(f"tokenizer: {len(tokenizer)} tokens -> {args.out / 'tokenizer'}")
+    print(json.dumps({"out": str(args.out), "train_tokens": len(train), "val_tokens": len(val)}))
+    return 0

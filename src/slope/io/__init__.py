@@ -1,0 +1,1 @@
+"""Files users keep: the format rules, training checkpoints, exports and loading."""

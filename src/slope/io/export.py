@@ -1,0 +1,175 @@
+"""Writing a trained model out: the compressed SLoPe format, or a plain dense Hugging Face model.
+
+Compressed format (version 1; full description in docs/export.md), one directory:
+
+    model.safetensors   per SlopeLinear `L`: L.values (out, in·n/m) kept values, L.positions uint8
+                        bit-packed pattern codes (slope.io.packing), L.bias, L.adapter_a (in, r),
+                        L.adapter_b (r, out); every other tensor of the state_dict under its own name,
+                        tied weights stored once
+    tokenizer/          PreTrainedTokenizer.save_pretrained output (optional)
+    slope_model.json    format name and version, N:M, layers, skip list, model config, checksums
+
+slope_model.json is written last, so an interrupted export is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from slope.convert import densify, slope_layers
+from slope.io.packing import code_bits, pack_positions, uses_combinations
+
+FORMAT_NAME = "slope-compressed"
+FORMAT_VERSION = 1
+META_FILE = "slope_model.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+
+class FormatError(ValueError):
+    """A checkpoint or export that cannot be loaded: newer version, corrupted, or inconsistent."""
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty directory; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().cpu()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _common_nm(layers: list[tuple[str, nn.Module]]) -> tuple[int, int]:
+    patterns = {(layer.config.n, layer.config.m) for _, layer in layers}
+    if len(patterns) > 1:
+        raise ValueError(f"export needs one N:M pattern for the whole model, found {sorted(patterns)}")
+    return patterns.pop() if patterns else (0, 0)
+
+
+def save_compressed(
+    model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `model` (a sparsified transformers model) in the compressed format; returns the directory.
+
+    dtype: cast floating tensors (values, adapters, dense weights) to it; None keeps the model's.
+    """
+    out = _prepare_out_dir(out_dir)
+    layers = slope_layers(model)
+    n, m = _common_nm(layers)
+    tensors: dict[str, torch.Tensor] = {}
+    layer_meta: dict[str, dict] = {}
+    for name, layer in layers:
+        tensors[f"{name}.values"] = _cast(layer.weight, dtype)  # (out, in·n/m)
+        tensors[f"{name}.positions"] = pack_positions(layer.row_bits, n, m)  # (ceil(groups·b/8),) uint8
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = _cast(layer.bias, dtype)
+        if layer.rank:
+            tensors[f"{name}.adapter_a"] = _cast(layer.adapter_a, dtype)  # (in, r)
+            tensors[f"{name}.adapter_b"] = _cast(layer.adapter_b, dtype)  # (r, out)
+        layer_meta[name] = {
+            "shape": [layer.out_features, layer.in_features],
+            "source": layer.source,
+            "bias": layer.bias is not None,
+            "adapter_rank": layer.rank,
+            "adapter_scale": layer.adapter_scale if layer.rank else None,
+        }
+
+    # Everything outside the SlopeLinear layers, by state_dict name. A tied tensor (GPT-2's lm_head
+    # and wte) appears under several names but is stored once; `tied` maps each alias to it.
+    stored_by_id: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key.rsplit(".", 1)[0] in layer_meta:  # stored above in compressed form
+            continue
+        if id(value) in stored_by_id:
+            tied[key] = stored_by_id[id(value)]
+            continue
+        stored_by_id[id(value)] = key
+        tensors[key] = _cast(value, dtype)
+
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / TOKENIZER_DIR)
+
+    model_config = model.config.to_dict()
+    if dtype is not None:
+        model_config["dtype"] = str(dtype).removeprefix("torch.")
+    report = getattr(model, "slope_report", None)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "n": n,
+        "m": m,
+        "position_code": ("combinations" if uses_combinations(n, m) else "bitmask") if layers else None,
+        "position_bits": code_bits(n, m) if layers else None,
+        "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        # the backend is chosen where the model is loaded (slope.load's `backend`), not stored
+        "slope_config": layers[0][1].config.replace(backend="auto").to_dict() if layers else None,
+        "layers": layer_meta,
+        "skipped": dict(report.skipped) if report is not None else {},
+        "tied": tied,
+        "model_config": model_config,
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+        "files": {
+            str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
+        },
+    }
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, out / META_FILE)
+    return out
+
+
+def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    """A plain Hugging Face model directory (W_R with adapters merged) that loads without slope.
+
+    `model` itself is left untouched: a copy is densified.
+    """
+    out = _prepare_out_dir(out_dir)
+    dense = copy.deepcopy(model)
+    if slope_layers(dense):
+        densify(dense)
+    if dtype is not None:
+        dense.to(dtype)
+    dense.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def export(source: str | Path, out_dir: str | Path, dense: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Export a training run/checkpoint (or a compressed export) to `out_dir`; returns it."""
+    from slope.io.load import load, load_tokenizer
+
+    model = load(source, device="cpu", backend="reference")
+    tokenizer = load_tokenizer(source)
+    if dense:
+        return save_dense(model, out_dir, tokenizer, dtype)
+    return save_compressed(model, out_dir, tokenizer, dtype)

@@ -1,0 +1,289 @@
+"""Loading a model for inference: `slope.load(DIR)` and its tokenizer.
+
+`load` accepts a compressed export (slope_model.json), a training run or checkpoint directory
+(slope.json / checkpoints/latest) or a plain Hugging Face model directory (config.json). The model
+is built completely on the CPU and checked before anything is returned, so a bad file never
+yields a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from slope.config import SlopeConfig
+from slope.convert import SparsifyReport, slope_layers
+from slope.io.export import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    META_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    FormatError,
+    sha256_file,
+)
+from slope.io.packing import code_bits, unpack_positions
+from slope.io.run_reader import is_training_checkpoint, read_training_checkpoint, resolve_checkpoint
+from slope.linear import SlopeLinear, _dense_weight_of
+
+__all__ = ["FormatError", "load", "load_compressed", "load_tokenizer", "read_metadata", "verify_files"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = "auto",
+    backend: str = "auto",
+) -> nn.Module:
+    """A ready transformers model (eval mode) from an export, a training checkpoint or a HF directory.
+
+    device: default CUDA when available, else CPU.
+    dtype: "auto" keeps the stored dtype, except that fp32 weights on CUDA run in bf16 (fp16 without
+        bf16 support), the precision the 2:4 sparse kernels need; None always keeps the stored dtype.
+    backend: SlopeConfig.backend for the sparse layers; "auto" picks the best one for the device.
+    """
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    if (path / META_FILE).is_file():
+        model = load_compressed(path, backend=backend)
+    elif is_training_checkpoint(path):
+        model, _, _ = read_training_checkpoint(path)
+        _set_backend(model, backend)
+    elif (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a slope export ({META_FILE}), a training run/checkpoint (checkpoints/latest or "
+            "slope.json) or a Hugging Face model directory (config.json)"
+        )
+    target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
+    return model.to(device=device, dtype=target).eval()
+
+
+def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return stored
+    if dtype != "auto":
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, 'auto' or None, got {dtype!r}")
+        return dtype
+    if device.type == "cuda" and stored == torch.float32:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return stored
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with a model directory of any kind `load` accepts."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        candidates = [path / TOKENIZER_DIR]
+    elif is_training_checkpoint(path):
+        candidates = [resolve_checkpoint(path) / "tokenizer"]
+    else:
+        candidates = [path]
+    for candidate in candidates:
+        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(candidate)
+    raise FileNotFoundError(f"{path} has no saved tokenizer (looked in {', '.join(map(str, candidates))})")
+
+
+def _set_backend(model: nn.Module, backend: str) -> None:
+    for _, layer in slope_layers(model):
+        layer.config = layer.config.replace(backend=backend)
+        layer._backend_cache.clear()
+
+
+# ---- the compressed format -------------------------------------------------------------------
+
+
+def read_metadata(path: str | Path) -> dict:
+    """slope_model.json, checked for format name and version."""
+    file = Path(path) / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{file}: cannot read the export metadata ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{file}: not a slope export (format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{file}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{file}: format version {version} is newer than this slope reads (up to {FORMAT_VERSION}); "
+            "upgrade slope to load it"
+        )
+    for key in ("n", "m", "layers", "tied", "model_config", "files", "dtype"):
+        if key not in meta:
+            raise FormatError(f"{file}: missing field {key!r}")
+    return meta
+
+
+def verify_files(path: str | Path, meta: dict) -> None:
+    """Every file listed in the metadata exists with its size and SHA-256 (truncation, corruption)."""
+    path = Path(path)
+    if WEIGHTS_FILE not in meta["files"]:
+        raise FormatError(f"{path / META_FILE}: {WEIGHTS_FILE} is not listed under files")
+    for name, expected in meta["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise FormatError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise FormatError(f"{file} has {size} bytes, expected {expected['bytes']}: the file is truncated or altered")
+        if sha256_file(file) != expected["sha256"]:
+            raise FormatError(f"{file} fails its SHA-256 check: the file is corrupted")
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
+    """Build the model of a compressed export on the CPU; raises FormatError on any inconsistency."""
+    path = Path(path)
+    meta = read_metadata(path)
+    verify_files(path, meta)
+    try:
+        return _build(path, meta, dtype, backend)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        # malformed metadata fields, an invalid slope_config, or a state_dict the model rejects
+        raise FormatError(f"{path}: inconsistent export ({type(err).__name__}: {err})") from err
+
+
+def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tensors = load_file(path / WEIGHTS_FILE)
+
+    stored_dtype = getattr(torch, meta["dtype"], None)
+    if not isinstance(stored_dtype, torch.dtype):
+        raise FormatError(f"{path / META_FILE}: unknown dtype {meta['dtype']!r}")
+    try:
+        config = AutoConfig.for_model(**meta["model_config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FormatError(f"{path / META_FILE}: invalid model_config ({err})") from err
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored_dtype)
+
+    slope_cfg = SlopeConfig(**meta["slope_config"]).replace(backend=backend) if meta["layers"] else None
+    state = _swap_in_layers(model, meta, slope_cfg, path)
+    expected = model.state_dict()
+    _check_keys(meta, expected, tensors, path)
+
+    for name, spec in meta["layers"].items():
+        out_f, in_f = spec["shape"]
+        n, m = slope_cfg.n, slope_cfg.m
+        values = tensors[f"{name}.values"]
+        if tuple(values.shape) != (out_f, in_f * n // m):
+            raise FormatError(
+                f"{name}.values has shape {tuple(values.shape)}, expected {(out_f, in_f * n // m)} for a "
+                f"{n}:{m} layer of shape (out={out_f}, in={in_f})"
+            )
+        try:
+            row_bits = unpack_positions(tensors[f"{name}.positions"], (out_f, in_f // m), n, m)
+        except ValueError as err:
+            raise FormatError(f"{name}.positions: {err}") from err
+        state[f"{name}.weight"] = values
+        state[f"{name}.row_bits"] = row_bits
+        for part in ("bias", "adapter_a", "adapter_b"):
+            if f"{name}.{part}" in tensors:
+                state[f"{name}.{part}"] = tensors[f"{name}.{part}"]
+    for key in expected:
+        if key in state:
+            continue
+        state[key] = tensors[meta["tied"].get(key, key)]
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FormatError(
+                f"{key} has shape {tuple(value.shape)} in {path / WEIGHTS_FILE}, but the model config gives "
+                f"{tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    if slope_cfg is not None:
+        model.slope_report = _report(model, meta, slope_cfg)  # so a re-export keeps the skip list
+    return model
+
+
+def _report(model: nn.Module, meta: dict, cfg: SlopeConfig) -> SparsifyReport:
+    layers = slope_layers(model)
+    after = sum(p.numel() for p in model.parameters()) - sum(
+        layer.adapter_a.numel() + layer.adapter_b.numel() for _, layer in layers if layer.rank
+    )
+    before = after + sum(layer.out_features * layer.in_features - layer.weight.numel() for _, layer in layers)
+    return SparsifyReport(
+        config=cfg, converted=list(meta["layers"]), skipped=dict(meta.get("skipped", {})),
+        params_before=before, params_after=after, first_linear_method="as recorded in the export",
+    )
+
+
+def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path: Path) -> dict:
+    """Replace the recorded layers by SlopeLinear (with adapters); returns their fixed state entries."""
+    if cfg is not None and (meta["n"], meta["m"]) != (cfg.n, cfg.m):
+        raise FormatError(f"{path / META_FILE}: n:m {meta['n']}:{meta['m']} differs from slope_config {cfg.n}:{cfg.m}")
+    if cfg is not None and meta.get("position_bits") != code_bits(cfg.n, cfg.m):
+        raise FormatError(f"{path / META_FILE}: position_bits {meta.get('position_bits')} do not match {cfg.n}:{cfg.m}")
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+            weight, source = _dense_weight_of(module)
+        except (AttributeError, TypeError) as err:
+            raise FormatError(f"layer {name} of the export is not a linear layer of the configured model ({err})") from err
+        if list(weight.shape) != list(spec["shape"]) or source != spec["source"]:
+            raise FormatError(
+                f"layer {name} is stored as a {spec['source']} of shape (out, in) = {tuple(spec['shape'])}, but the "
+                f"model config builds a {source} of shape {tuple(weight.shape)}"
+            )
+        if (module.bias is not None) != spec["bias"]:
+            raise FormatError(f"layer {name}: bias={spec['bias']} in the export, but not in the model config")
+        # no mask is computed here: the stored values and positions are loaded right after
+        layer = SlopeLinear.empty(
+            weight.shape[1], weight.shape[0], module.bias, cfg, source=source, device=weight.device, dtype=weight.dtype,
+        )
+        if spec["adapter_rank"]:
+            layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        # Not stored: M_C is a training cache, rebuilt on the first training step (column_mask_step = -1).
+        state[f"{name}.col_bits"] = layer.col_bits if layer.col_bits is not None else None
+        state[f"{name}.mask_state"] = torch.tensor([0, -1, layer.rank], dtype=torch.int64)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+def _check_keys(meta: dict, expected: dict, tensors: dict, path: Path) -> None:
+    """The weights file holds exactly the tensors this model needs, none missing, none extra."""
+    needed = set()
+    layer_parts = {"weight", "row_bits", "col_bits", "mask_state", "bias", "adapter_a", "adapter_b"}
+    for key in expected:
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in meta["layers"] and leaf in layer_parts:
+            if leaf in ("bias", "adapter_a", "adapter_b"):
+                needed.add(key)
+            elif leaf == "weight":
+                needed |= {f"{prefix}.values", f"{prefix}.positions"}
+        elif key in meta["tied"]:
+            if meta["tied"][key] not in expected:
+                raise FormatError(f"{path / META_FILE}: {key} is tied to unknown tensor {meta['tied'][key]}")
+        else:
+            needed.add(key)
+    have = set(tensors)
+    missing, extra = sorted(needed - have), sorted(have - needed)
+    if missing or extra:
+        raise FormatError(
+            f"{path / WEIGHTS_FILE} does not match the model config: "
+            + "; ".join(
+                f"{what} {len(keys)} tensor(s) (e.g. {', '.join(keys[:3])})"
+                for what, keys in (("missing", missing), ("unexpected", extra)) if keys
+            )
+        )

@@ -1,0 +1,1 @@
+"""The pretraining driver: run config, data, models, methods, the loop, evaluation and integrations."""

@@ -1,0 +1,143 @@
+"""SLoPe for Hugging Face `Trainer` users: one callback.
+
+    trainer = Trainer(model=model, args=args, train_dataset=..., callbacks=[SlopeCallback(SlopeConfig())])
+    trainer.train()      # sparse from step 0, lazy adapters for the last (1 - adapter_start) of max_steps
+
+The callback must be given to the Trainer's constructor: it sparsifies the model when the Trainer
+is built (`on_init_end`), before the Trainer creates its optimizer, so the optimizer only ever sees
+the kept values. After `adapter_step(max_steps)` optimizer steps it adds the adapters, puts them in
+the Trainer's optimizer as a new param group and in its learning-rate schedule. Every Trainer
+checkpoint also gets a compressed export in `checkpoint-N/slope/`, and the end of training writes
+one to `export_dir` (default `<output_dir>/slope-export`), loadable with `slope.load`.
+
+Single process only: adapters added mid-run are not known to an already built DDP/FSDP wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from slope.config import SlopeConfig
+from slope.convert import add_adapters, slope_layers, sparsify
+from slope.io.export import META_FILE, save_compressed
+
+log = logging.getLogger("slope")
+
+
+def adapter_step(adapter_start: float, max_steps: int) -> int | None:
+    """Optimizer steps completed before the adapters join; None: never.
+
+    The same rule as `slope train`: adapters train for the last (1 - adapter_start) of the steps,
+    and for at least the final step.
+    """
+    if adapter_start >= 1.0:
+        return None
+    return min(max_steps - 1, math.floor(adapter_start * max_steps))
+
+
+class SlopeCallback(TrainerCallback):
+    """Sparsify before training, add lazy adapters at `adapter_start` of max_steps, save our format.
+
+    config: the SlopeConfig (default 2:4, adapters for the last 1 %).
+    export_dir: where the end of training writes the compressed model (default
+        `<output_dir>/slope-export`); None keeps that default, False disables the export.
+    export_dtype: dtype of the exported floating tensors (None: as trained).
+    """
+
+    def __init__(
+        self, config: SlopeConfig | None = None, export_dir: str | Path | bool | None = None,
+        export_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.config = config or SlopeConfig()
+        self.export_dir = export_dir
+        self.export_dtype = export_dtype
+        self.adapters_added_at: int | None = None  # global step at which adapters were added
+
+    # ---- sparsify before the optimizer exists ------------------------------------------------
+
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if slope_layers(model):
+            return
+        if optimizer is not None:
+            raise ValueError(
+                "SlopeCallback: the Trainer was given an optimizer built on the dense model; sparsify first "
+                "(slope.sparsify(model, config)) and build the optimizer afterwards, or let the Trainer build it"
+            )
+        sparsify(model, self.config)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if not slope_layers(model):
+            raise RuntimeError(
+                "SlopeCallback: the model has no SlopeLinear layers; pass the callback to Trainer(callbacks=[...]) "
+                "so it sparsifies the model before the optimizer is built"
+            )
+        step = adapter_step(self.config.adapter_start, state.max_steps)
+        if step is not None and args.world_size > 1:
+            raise RuntimeError(
+                f"SlopeCallback adds adapters during training, which a {args.world_size}-process DDP/FSDP wrapper "
+                "built before them would not synchronise; use `slope train` for distributed runs, or "
+                "adapter_start=1.0 (no adapters)"
+            )
+        log.info("slope: adapters join after %s of %d steps", "no" if step is None else step, state.max_steps)
+        self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
+
+    def _maybe_add_adapters(self, args, state, model, optimizer, lr_scheduler) -> None:
+        step = adapter_step(self.config.adapter_start, state.max_steps)
+        if step is None or state.global_step < step or any(layer.rank for _, layer in slope_layers(model)):
+            return
+        group = {"weight_decay": args.weight_decay, "lr": args.learning_rate}
+        add_adapters(model, optimizer=optimizer, param_group=group)
+        _join_schedule(optimizer, lr_scheduler, base_lr=args.learning_rate)
+        self.adapters_added_at = state.global_step
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and ckpt.is_dir():
+            _replace_export(model, ckpt / "slope", processing_class, self.export_dtype)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.export_dir is False or not args.should_save:
+            return
+        out = Path(self.export_dir or Path(args.output_dir) / "slope-export")
+        _replace_export(model, out, processing_class, self.export_dtype)
+        log.info("slope: wrote the compressed model to %s (load it with slope.load)", out)
+
+
+def _replace_export(model, out: Path, tokenizer, dtype) -> None:
+    if (out / META_FILE).is_file():  # an earlier export of ours: replace it
+        shutil.rmtree(out)
+    save_compressed(model, out, tokenizer if hasattr(tokenizer, "save_pretrained") else None, dtype)
+
+
+def _join_schedule(optimizer, lr_scheduler, base_lr: float) -> None:
+    """Give the param group just added to `optimizer` its place in the learning-rate schedule.
+
+    torch schedulers keep per-group lists (base_lrs, and lr_lambdas for LambdaLR, which the
+    Trainer uses) built at construction; a group added later would silently keep a constant lr.
+    """
+    if lr_scheduler is None:
+        return
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
+    groups = optimizer.param_groups
+    new = groups[-1]
+    new["initial_lr"] = base_lr
+    if hasattr(sched, "base_lrs") and len(sched.base_lrs) == len(groups) - 1:
+        sched.base_lrs.append(base_lr)
+        if hasattr(sched, "lr_lambdas"):
+            sched.lr_lambdas.append(sched.lr_lambdas[0])
+        # the current point of the schedule, as a fraction of the base lr of the first group
+        factor = groups[0]["lr"] / sched.base_lrs[0] if sched.base_lrs[0] else 1.0
+        new["lr"] = base_lr * factor
+        if getattr(sched, "_last_lr", None) is not None:
+            sched._last_lr.append(new["lr"])

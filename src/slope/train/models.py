@@ -1,0 +1,115 @@
+"""Model presets and configs: every model is a randomly initialised Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from slope.train.runconfig import ModelSection
+
+PRESETS = ("llama", "gpt2", "opt")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name, not cached, does not fit the tokenizer)."""
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+def model_config(section: ModelSection, vocab_size: int, seq_len: int, eos_token_id: int | None = None):
+    """A transformers config: a preset sized by `section`, or a user's config file / cached hub name.
+
+    vocab_size: the tokenizer's; presets round it up to a multiple of 64 (faster embeddings and
+    head on GPUs), user configs must already be at least this large.
+    eos_token_id: the tokenizer's end-of-text id, which presets use as bos/eos (generation stops on it).
+    """
+    from transformers import AutoConfig, GPT2Config, LlamaConfig, OPTConfig
+
+    max_pos = section.max_seq_len or seq_len
+    vocab = _round_up(vocab_size, 64)
+    hidden, layers, heads = section.hidden_size, section.num_layers, section.num_heads
+    if section.preset in PRESETS and hidden % heads:
+        raise ModelError(f"model.hidden_size={hidden} is not a multiple of model.num_heads={heads}")
+    inter = section.intermediate_size or 4 * hidden
+    # Each family's default special ids belong to its own tokenizer, not to ours.
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
+    if section.preset == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos,
+            tie_word_embeddings=section.tie_embeddings, attention_dropout=section.dropout, **special,
+        )
+    elif section.preset == "gpt2":
+        # GPT-2 always ties its head to the embeddings; its linear layers are Conv1D.
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=max_pos,
+            resid_pdrop=section.dropout, embd_pdrop=section.dropout, attn_pdrop=section.dropout, **special,
+        )
+    elif section.preset == "opt":
+        config = OPTConfig(
+            vocab_size=vocab, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=max_pos, word_embed_proj_dim=hidden,
+            dropout=section.dropout, attention_dropout=section.dropout,
+            tie_word_embeddings=section.tie_embeddings, **special,  # (OPT's pad id 1 would freeze a token)
+        )
+    else:
+        config = _user_config(section.preset, AutoConfig)
+    return config
+
+
+def _user_config(name: str, auto_config):
+    path = Path(name)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ModelError(f"model config {path} is not valid JSON: {err}") from None
+        if "model_type" not in data:
+            raise ModelError(f"model config {path} has no 'model_type' (e.g. \"llama\", \"gpt2\")")
+        try:
+            return auto_config.for_model(data.pop("model_type"), **data)
+        except ValueError as err:
+            raise ModelError(f"model config {path}: {err}") from None
+    if path.is_dir():
+        return auto_config.from_pretrained(str(path))
+    try:
+        return auto_config.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise ModelError(
+            f"model.preset {name!r} is not a preset ({', '.join(PRESETS)}), not a config file or folder, "
+            "and not a model name in the local Hugging Face cache (slope never downloads)"
+        ) from None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position table allows (None: no limit, e.g. rotary only)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_fits(config, vocab_size: int, seq_len: int) -> None:
+    """Errors for a tokenizer the embedding table cannot hold or a sequence longer than the positions."""
+    if vocab_size > config.vocab_size:
+        raise ModelError(
+            f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {config.vocab_size}; "
+            "use a smaller tokenizer (tokenizer.vocab_size) or a model config with a larger vocab_size"
+        )
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ModelError(
+            f"train.seq_len={seq_len} is longer than the model's maximum of {limit} positions; "
+            "lower train.seq_len or raise model.max_seq_len"
+        )
+
+
+def build_model(config) -> nn.Module:
+    """A randomly initialised causal LM from `config` (seed the global RNG first for reproducibility)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ModelError(f"cannot build a causal language model from this config: {err}") from None

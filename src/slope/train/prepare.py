@@ -1,0 +1,95 @@
+"""Turning sources into token files: the tokenizer, the train/validation split, evaluation sets.
+
+Layout of a prepared folder (written by `slope prepare`, and by `slope train` into RUN_DIR/data):
+
+    tokenizer/            the tokenizer (save_pretrained)
+    train.bin/.json       training tokens
+    val.bin/.json         validation tokens (held-out tail of the text, or a separate source)
+    eval-<name>.bin/.json evaluation sets, tokenized on demand
+
+A prepared folder is itself a valid source: training on it reuses its tokenizer and tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from slope.train import corpus, data
+from slope.train.data import DataError, TokenFile
+
+log = logging.getLogger("slope")
+
+
+def prepare(
+    out_dir: Path, train: str, val: str = "", val_fraction: float = 0.05,
+    tokenizer_name: str = "", vocab_size: int = 8192,
+) -> tuple[object, TokenFile, TokenFile]:
+    """(tokenizer, train tokens, val tokens) in `out_dir`, tokenizing only what is not there yet."""
+    out_dir = Path(out_dir)
+    if val == "auto":
+        val = corpus.HELDOUT_OF.get(train, "")
+    source = data.resolve_source(train)
+    if source.kind == "prepared":
+        if tokenizer_name:
+            log.warning("data.train %s is prepared with its own tokenizer; ignoring tokenizer.name", train)
+        tokenizer = data.load_tokenizer(str(source.path / "tokenizer"))
+        train_tokens = TokenFile(source.path / "train")
+        if val:
+            val_tokens = tokenize_source(out_dir, "val", val, tokenizer)
+        else:
+            val_tokens = TokenFile(source.path / "val")
+        return tokenizer, train_tokens, val_tokens
+
+    if val:
+        train_docs, val_docs = source.documents, data.resolve_source(val).documents
+    else:
+        train_docs, val_docs = data.split_tail(source.documents, val_fraction)
+
+    tok_dir = out_dir / "tokenizer"
+    if tok_dir.is_dir():
+        tokenizer = data.load_tokenizer(str(tok_dir))
+    else:
+        if tokenizer_name:
+            tokenizer = data.load_tokenizer(tokenizer_name)
+        else:
+            log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, train)
+            tokenizer = data.train_bpe((text for _, text in train_docs()), vocab_size)
+            if len(tokenizer) <= 257:
+                raise DataError(f"corpus {train!r} is empty or too small to train a tokenizer on")
+        tmp = out_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        tmp.replace(tok_dir)
+
+    desc = data.tokenizer_description(tokenizer, tokenizer_name or "byte-level BPE trained on data.train")
+    train_tokens = _tokenize(out_dir / "train", train_docs, tokenizer, {**desc, "source": train,
+                             "split": "train" if val else f"first {1 - val_fraction:g} of the text",
+                             "source_files": source.hashes()})
+    val_src = data.resolve_source(val) if val else source
+    val_tokens = _tokenize(out_dir / "val", val_docs, tokenizer, {**desc, "source": val or train,
+                           "split": "all" if val else f"last {val_fraction:g} of the text",
+                           "source_files": val_src.hashes()})
+    return tokenizer, train_tokens, val_tokens
+
+
+def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
+    if stem.with_suffix(".json").is_file():
+        return TokenFile(stem)  # already prepared (a resumed run)
+    log.info("tokenizing %s -> %s", description["source"], stem.with_suffix(".bin"))
+    return data.write_tokens(stem, documents(), tokenizer, description=description)
+
+
+def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer) -> TokenFile:
+    """Token file of any source `spec` with `tokenizer`, cached in `out_dir` under a name from `spec`."""
+    source = data.resolve_source(spec)
+    if source.kind == "prepared":
+        raise DataError(f"{spec!r} is a prepared token folder; evaluate on text, not on token files")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or spec)[:40]
+    tag = hashlib.sha256(spec.encode()).hexdigest()[:8]
+    desc = {**data.tokenizer_description(tokenizer, "run tokenizer"), "source": spec,
+            "split": "all", "source_files": source.hashes()}
+    return _tokenize(Path(out_dir) / f"{prefix}-{slug}-{tag}", source.documents, tokenizer, desc)

@@ -1,0 +1,388 @@
+"""The run configuration of `slope train`: dataclass sections, TOML files and `--section.key=value` overrides.
+
+Every value is type-checked against its dataclass annotation, so a typo in a key or a wrong type is an
+error naming the key and what it expects. The `[slope]` section *is* `slope.SlopeConfig`, so every knob
+of the method is configurable without being listed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from slope.config import SlopeConfig
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a run file or an override; the message names the key."""
+
+
+@dataclass
+class RunSection:
+    name: str = "shakespeare"  # run directory prefix: <out_dir>/<name>-<method>-<timestamp>
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU), fp32, bf16, fp16
+    compile: bool = False  # torch.compile the model (no gain on CPU, measured)
+
+
+@dataclass
+class ModelSection:
+    # "llama", "gpt2", "opt", a transformers config JSON file or directory, or a hub name already in the
+    # local cache. The sizes below apply to the three presets only.
+    preset: str = "llama"
+    hidden_size: int = 256
+    num_layers: int = 8
+    num_heads: int = 4
+    intermediate_size: int = 688  # MLP width; 0 = the family's default (4x hidden)
+    max_seq_len: int = 0  # position table size; 0 = train.seq_len
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class DataSection:
+    # An embedded corpus ("shakespeare", "shakespeare-heldout", "milton"), a text file, a folder of text,
+    # a .jsonl file (`text` field), a saved Hugging Face dataset folder, or a `slope prepare` output folder.
+    train: str = "shakespeare"
+    # Validation source for periodic evaluation; "" = the final `val_fraction` of `train`'s text;
+    # "auto" = the held-out works for the embedded Shakespeare, else "".
+    val: str = "auto"
+    val_fraction: float = 0.05
+
+
+@dataclass
+class TokenizerSection:
+    name: str = ""  # "" = train a byte-level BPE on the training text; else an AutoTokenizer path/cached name
+    vocab_size: int = 8192  # of the trained BPE
+
+
+@dataclass
+class MethodSection:
+    name: str = "slope"  # dense or slope (the options of slope live in [slope])
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # on matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    impl: str = "auto"  # auto (fused on GPU, foreach on CPU), fused, foreach, loop
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    log_every: int = 10
+
+
+@dataclass
+class EvalSection:
+    every: int = 50  # steps between validation evals; 0 = only at the end
+    max_tokens: int = 8192  # tokens per periodic validation
+    final_max_tokens: int = 32768  # tokens per final evaluation set (evenly spaced windows)
+    batch_size: int = 8
+    sets: list[str] = field(default_factory=lambda: ["shakespeare-heldout", "milton"])
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    slope: SlopeConfig = field(default_factory=SlopeConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict:
+        return {f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)  # section name -> dataclass
+
+
+# ---- types ----------------------------------------------------------------------------------------
+
+
+def _field_types(section_cls: type) -> dict[str, object]:
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "none"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        item = typing.get_args(tp)[0]
+        return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """`value` (from TOML) checked against annotation `tp`; raises ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)[:1]
+            try:
+                items = [_coerce(v, item, key) for v in value]
+            except ConfigError:
+                items = None  # reported below against the whole list type
+            if items is not None:
+                return tuple(items) if origin is tuple else items
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _parse_text(text: str, tp, key: str):
+    """A command-line string converted to annotation `tp` (TOML syntax, or a bare word for strings)."""
+    if text.lower() in ("none", "null") and _allows_none(tp):
+        return None
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string (e.g. --method.name=dense)
+    if _is_str_list(tp) and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]  # --eval.sets=a,b
+    if _accepts_str(tp) and not isinstance(value, str) and not isinstance(value, list):
+        value = text  # --run.name=123 is the string "123"
+    return _coerce(value, tp, key)
+
+
+def _allows_none(tp) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _accepts_str(tp) -> bool:
+    return tp is str or str in typing.get_args(tp)
+
+
+def _is_str_list(tp) -> bool:
+    return typing.get_origin(tp) in (list, tuple) and typing.get_args(tp)[:1] == (str,)
+
+
+# ---- building -------------------------------------------------------------------------------------
+
+
+def _build_section(name: str, values: dict):
+    cls = SECTIONS[name]
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(
+                f"unknown config key '{name}.{key}'; section [{name}] has: {', '.join(types_)}"
+            )
+        kwargs[key] = _coerce(value, types_[key], f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # SlopeConfig validates its values itself
+        raise ConfigError(f"[{name}]: {err}") from None
+
+
+def from_dict(data: dict) -> RunConfig:
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}'; sections are: {', '.join(SECTIONS)}")
+    sections = {}
+    for name in SECTIONS:
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{name}' must be a table ([{name}]), got {values!r}")
+        sections[name] = _build_section(name, values)
+    cfg = RunConfig(**sections)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--section.key=value` or `--section.key value` tokens -> {"section.key": "value"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognized argument {arg!r}; overrides look like --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
+        out[key] = value
+        i += 1
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
+    """Merge string overrides into raw config data, converting each to its annotated type."""
+    data = {k: dict(v) for k, v in data.items()}
+    for dotted, text in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' in --{dotted}; sections are: {', '.join(SECTIONS)}")
+        types_ = _field_types(SECTIONS[section])
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{dotted}'; section [{section}] has: {', '.join(types_)}")
+        data.setdefault(section, {})[key] = _parse_text(text, types_[key], dotted)
+    return data
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def find_config(name_or_path: str) -> Path:
+    """A run file path, or the name of a config shipped with the package (`default`, `tiny`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("slope") / "configs" / f"{name_or_path.removesuffix('.toml')}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name.removesuffix(".toml") for p in (resources.files("slope") / "configs").iterdir()
+                   if p.name.endswith(".toml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({', '.join(names)})")
+
+
+def load(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config: dataclass defaults, then the run file (if any), then the overrides."""
+    data = read_toml(find_config(config)) if config else {}
+    data = apply_overrides(data, parse_overrides(overrides or []))
+    return from_dict(data)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field and range checks the types alone cannot express."""
+    def positive(key: str, value, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("train.max_steps", cfg.train.max_steps)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.grad_accum", cfg.train.grad_accum)
+    positive("train.seq_len", cfg.train.seq_len)
+    positive("train.log_every", cfg.train.log_every)
+    positive("optim.lr", cfg.optim.lr)
+    positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
+    positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
+    positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    positive("eval.every", cfg.eval.every, allow_zero=True)
+    positive("eval.max_tokens", cfg.eval.max_tokens)
+    positive("eval.final_max_tokens", cfg.eval.final_max_tokens)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("checkpoint.every", cfg.checkpoint.every)
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
+    positive("model.max_seq_len", cfg.model.max_seq_len, allow_zero=True)
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    choices = {
+        "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
+        "optim.impl": (cfg.optim.impl, ("auto", "fused", "foreach", "loop")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    from slope.train.methods import METHODS  # late: methods imports torch
+
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"config key 'method.name' must be one of {', '.join(METHODS)}; got {cfg.method.name!r}")
+
+
+# ---- writing --------------------------------------------------------------------------------------
+
+
+def _section_dict(section) -> dict:
+    if isinstance(section, SlopeConfig):
+        return section.to_dict()
+    return dataclasses.asdict(section)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML; `None` values (TOML has no null) are written as comments."""
+    lines = []
+    for name, values in cfg.to_dict().items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"# {key} = none" if value is None else f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_toml(cfg))
+    tmp.replace(path)

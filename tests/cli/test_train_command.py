@@ -1,0 +1,218 @@
+"""`slope train` / `slope eval` end to end through the CLI on a tiny model (hidden 64, 2 layers, 8 steps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from slope import cli
+from slope.io import checkpoint
+from slope.train import corpus, data
+from slope.train.trainer import read_metrics
+
+STEP_FILES = {"model.safetensors", "config.json", "slope.json", "tokenizer", "trainer_state.pt", "config.toml"}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """~60 kB of Shakespeare for training and ~20 kB of Milton as an extra evaluation set."""
+    root = tmp_path_factory.mktemp("corpus")
+    works = dict(corpus.embedded_documents("shakespeare"))
+    (root / "train.txt").write_text(works["shakespeare:macbeth_gut.txt"][:60_000])
+    (root / "ood.txt").write_text(next(t for _, t in corpus.embedded_documents("milton"))[:20_000])
+    return root
+
+
+def tiny_args(corpus_dir, *extra):
+    return [
+        "train", "--config", "tiny", "--no-progress",
+        f"--data.train={corpus_dir / 'train.txt'}", "--data.val=", "--data.val_fraction=0.1",
+        f"--eval.sets={corpus_dir / 'ood.txt'}", "--tokenizer.vocab_size=320", *extra,
+    ]
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def slope_run(corpus_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "slope"
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 0
+    return run_dir
+
+
+def test_smoke_run_writes_the_checkpoint_layout(slope_run):
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "curves.png", "tensorboard"):
+        assert (slope_run / name).exists(), name
+    ckpts = checkpoint.list_checkpoints(slope_run)
+    assert [p.name for p in ckpts] == ["step_00000004", "step_00000008"]  # keep_last = 2
+    assert (slope_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert {p.name for p in ckpts[-1].iterdir()} == STEP_FILES
+    info = json.loads((ckpts[-1] / "slope.json").read_text())
+    assert info == {"format": 1, "method": "slope", "slope_config": info["slope_config"], "adapters": True,
+                    "adapter_rank": None, "step": 8}
+    assert info["slope_config"]["n"] == 2 and info["slope_config"]["adapter_start"] == 0.75
+    assert not any(p.name.startswith(".") for p in (slope_run / "checkpoints").iterdir())
+    summary = json.loads((slope_run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["adapter_step"] == 6
+    assert len(summary["eval"]) == 2  # the validation split and ood.txt
+    for result in summary["eval"].values():
+        assert result["ppl"] > 1 and 0 < result["bpb"] < 20
+
+
+def test_adapters_join_at_their_step(slope_run):
+    events = [r for r in read_metrics(slope_run) if r["kind"] == "event"]
+    assert [(e["event"], e["step"]) for e in events] == [("adapters_added", 6)]  # floor(0.75 * 8)
+    assert events[0]["param_groups"] == 3
+
+
+def test_load_model_reproduces_the_final_evaluation(slope_run, corpus_dir):
+    from slope.train.evaluation import evaluate
+    from slope.train.prepare import tokenize_source
+
+    model, tokenizer = checkpoint.load_model(slope_run)  # a run dir: its latest checkpoint
+    assert sum(layer.rank > 0 for _, layer in __import__("slope").slope_layers(model)) == 11
+    tokens = tokenize_source(slope_run / "data", "eval", str(corpus_dir / "ood.txt"), tokenizer)
+    result = evaluate(model, tokens, seq_len=64, batch_size=8, max_tokens=2048, progress=False)
+    summary = json.loads((slope_run / "summary.json").read_text())
+    assert result == summary["eval"][str(corpus_dir / "ood.txt")]
+
+
+def test_eval_command(slope_run, corpus_dir, capsys):
+    capsys.readouterr()
+    ckpt = slope_run / "checkpoints" / "step_00000008"
+    assert cli.main(["eval", str(ckpt), str(corpus_dir / "ood.txt"), "--max-tokens=2048", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    summary = json.loads((slope_run / "summary.json").read_text())
+    assert out["results"][str(corpus_dir / "ood.txt")] == summary["eval"][str(corpus_dir / "ood.txt")]
+    assert cli.main(["eval", str(slope_run / "nope"), str(corpus_dir / "ood.txt")]) == 2
+
+
+def test_resume_reproduces_the_uninterrupted_losses(slope_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(slope_run, resumed)
+    # Pretend the run died after step 4: drop the later checkpoint, point `latest` back.
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
+    assert cli.main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    assert losses(resumed) == losses(slope_run)
+    # Evaluations and events too: everything but the measured speed is identical.
+    def without_speed(run):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run)]
+
+    assert without_speed(resumed) == without_speed(slope_run)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues_exactly(slope_run, corpus_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "interrupted"
+    original = data.WindowSampler.next
+
+    def next_then_interrupt(self):
+        if self.batches == 2:  # during step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(data.WindowSampler, "next", next_then_interrupt)
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 130
+    assert checkpoint.latest_checkpoint(run_dir).name == "step_00000003"  # the step in flight completed
+    monkeypatch.setattr(data.WindowSampler, "next", original)
+    assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert losses(run_dir) == losses(slope_run)
+
+
+def test_dense_method(corpus_dir, tmp_path):
+    run_dir = tmp_path / "dense"
+    assert cli.main(tiny_args(corpus_dir, "--method", "dense", "--run-dir", str(run_dir),
+                              "--train.max_steps=2", "--checkpoint.every=1")) == 0
+    info = json.loads((checkpoint.latest_checkpoint(run_dir) / "slope.json").read_text())
+    assert info["method"] == "dense" and info["slope_config"] is None and info["adapters"] is False
+    model, _ = checkpoint.load_model(checkpoint.latest_checkpoint(run_dir))
+    assert not __import__("slope").slope_layers(model)
+
+
+def test_existing_run_dir_is_never_overwritten(slope_run, corpus_dir, capsys):
+    before = (slope_run / "metrics.jsonl").read_text()
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(slope_run))) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (slope_run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--data.train=/nonexistent/corpus"], "corpus '/nonexistent/corpus' not found"),
+    (["--model.max_seq_len=32"], "train.seq_len=64 is longer than the model's maximum of 32 positions"),
+    (["--model.num_heads=3"], "not a multiple of model.num_heads=3"),
+    (["--model.preset=no-such-model"], "not a model name in the local Hugging Face cache"),
+])
+def test_bad_input_is_one_clear_line(corpus_dir, tmp_path, capsys, extra, message):
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()  # a run that never started leaves nothing behind
+
+
+def test_empty_corpus(corpus_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), f"--data.train={empty}")) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(corpus_dir, tmp_path, capsys):
+    config = tmp_path / "small_vocab.json"
+    config.write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+                                  "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4}))
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), f"--model.preset={config}")) == 2
+    assert "the tokenizer has 320 tokens but the model's vocab_size is 100" in capsys.readouterr().err
+
+
+def test_gpt2_and_opt_presets(corpus_dir, tmp_path):
+    for preset in ("gpt2", "opt"):
+        run_dir = tmp_path / preset
+        assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir), f"--model.preset={preset}",
+                                  "--train.max_steps=2", "--eval.sets=")) == 0
+        model, _ = checkpoint.load_model(run_dir)
+        assert __import__("slope").slope_layers(model)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch, capsys):
+    from slope.train import trainer
+
+    run_dir = tmp_path / "nan"
+    real_loss = trainer.causal_lm_loss
+    calls = {"n": 0}
+
+    def loss_nan_at_step_6(model, inputs, targets, reduction="mean"):
+        calls["n"] += 1 if torch.is_grad_enabled() else 0
+        loss = real_loss(model, inputs, targets, reduction)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(trainer, "causal_lm_loss", loss_nan_at_step_6)
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 3
+    out = capsys.readouterr().out
+    assert "the loss became nan at step 6" in out and "step_00000004" in out
+    assert checkpoint.latest_checkpoint(run_dir).name == "step_00000004"
+
+
+def test_out_of_memory_is_a_clear_message(corpus_dir, tmp_path, monkeypatch, capsys):
+    from slope.train import trainer
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(trainer, "causal_lm_loss", no_memory)
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "oom"))) == 3
+    assert "out of memory at step 1 with train.batch_size=4" in capsys.readouterr().out
+
+
+def test_backends_are_reported_once_after_the_first_step(corpus_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="slope"):
+        assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), "--train.max_steps=2")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slope backends:")]
+    assert len(lines) == 1 and "reference x" in lines[0] and "dense fallbacks: none" in lines[0]

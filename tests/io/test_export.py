@@ -1,0 +1,301 @@
+"""Compressed export and dense export: exact round trips, size, and every corruption / mismatch case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from _export_fixtures import logits, make_tokenizer, tiny_model, write_training_checkpoint
+from safetensors.torch import load_file, save_file
+
+import slope
+from slope.cli import main
+from slope.io.export import META_FILE, WEIGHTS_FILE, export, save_compressed, sha256_file
+from slope.io.load import FormatError, load, load_tokenizer
+from slope.io.packing import code_bits, pack_positions, unpack_positions
+from slope.masks import nm_mask, pack_group_bits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+# ---- position packing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "m", "bits"), [(2, 4, 3), (1, 4, 2), (1, 2, 1), (2, 8, 5), (4, 16, 11), (8, 32, 32)])
+def test_positions_round_trip(n, m, bits):
+    row_bits = pack_group_bits(nm_mask(torch.randn(12, 5 * m), n, m), m)  # (12, 5)
+    packed = pack_positions(row_bits, n, m)
+    assert code_bits(n, m) == bits
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-12 * 5 * bits // 8)
+    assert torch.equal(unpack_positions(packed, tuple(row_bits.shape), n, m), row_bits)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (2, 8), (4, 16)])
+def test_positions_round_trip_across_chunks(monkeypatch, n, m):
+    """Large layers are packed in chunks of groups; chunk edges must not shift any bit."""
+    import slope.io.packing
+
+    monkeypatch.setattr(slope.io.packing, "_CHUNK", 8)
+    row_bits = pack_group_bits(nm_mask(torch.randn(7, 9 * m), n, m), m)  # 63 groups: 7 full chunks + 7
+    packed = pack_positions(row_bits, n, m)
+    assert packed.numel() == -(-63 * code_bits(n, m) // 8)
+    assert torch.equal(unpack_positions(packed, (7, 9), n, m), row_bits)
+
+
+def test_positions_reject_bad_streams():
+    with pytest.raises(ValueError, match="expected"):
+        unpack_positions(torch.zeros(3, dtype=torch.uint8), (4, 4), 2, 4)  # 16 groups x 3 bits = 6 bytes
+    with pytest.raises(ValueError, match="codes >= C"):
+        unpack_positions(torch.full((6,), 255, dtype=torch.uint8), (4, 4), 2, 4)  # code 7 of 6 patterns
+
+
+# ---- exact round trips ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "adapters"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_load_identical_logits(tmp_path, tokenizer, ids, family, adapters):
+    model = tiny_model(family, adapters)
+    run = write_training_checkpoint(tmp_path / "run", model, tokenizer)
+    out = export(run, tmp_path / "export")
+    loaded = load(out, device="cpu", backend="reference")
+    layers = slope.slope_layers(loaded)
+    assert [n for n, _ in layers] == [n for n, _ in slope.slope_layers(model)]
+    assert all(layer.rank == (4 if adapters else 0) for _, layer in layers)
+    for (_, a), (_, b) in zip(slope.slope_layers(model), layers, strict=True):
+        assert torch.equal(a.row_bits, b.row_bits) and torch.equal(a.weight, b.weight)
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+    # the training checkpoint itself loads to the same model
+    assert torch.equal(logits(model, ids), logits(load(run, device="cpu", backend="reference"), ids))
+    assert load_tokenizer(out)("From fairest")["input_ids"] == tokenizer("From fairest")["input_ids"]
+
+
+def test_loaded_model_keeps_training(tmp_path, tokenizer, ids):
+    """The column mask is not exported; it is rebuilt on the first training step."""
+    model = load(save_compressed(tiny_model("llama"), tmp_path / "e", tokenizer), device="cpu")
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    layer = slope.slope_layers(model)[0][1]
+    assert layer.column_mask_step == 0 and layer.weight.grad is not None
+
+
+def test_half_precision_export(tmp_path, tokenizer, ids):
+    model = tiny_model("gpt2", adapters=True)
+    out = save_compressed(model, tmp_path / "e", tokenizer, dtype=torch.float16)
+    assert {t.dtype for t in load_file(out / WEIGHTS_FILE).values()} == {torch.float16, torch.uint8}
+    loaded = load(out, device="cpu", dtype=torch.float32)
+    # Only the fp16 rounding of the stored values differs; the sparse structure is exact.
+    assert torch.allclose(logits(loaded, ids), logits(model, ids), atol=5e-2)
+
+
+# ---- dense export -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "adapters"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dense_export_matches_in_plain_transformers(tmp_path, tokenizer, ids, family, adapters):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, adapters)
+    out = export(write_training_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "dense", dense=True)
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    assert not slope.slope_layers(dense)
+    # Same weights, different float32 rounding: plain layers run fused addmm (Conv1D on its (in, out)
+    # layout), and merged W_R + s(AB)ᵀ rounds differently from adding the adapter product to the output.
+    # Observed differences are ~1e-7.
+    assert torch.allclose(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_dense_export_loads_without_slope(tmp_path, tokenizer):
+    out = export(write_training_checkpoint(tmp_path / "run", tiny_model("llama"), tokenizer), tmp_path / "d", dense=True)
+    code = (
+        "import sys; sys.modules['slope'] = None\n"  # any import of slope now fails
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "print(m(**t('From fairest', return_tensors='pt')).logits.shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1," in result.stdout
+
+
+# ---- size ---------------------------------------------------------------------------------------------
+
+
+def test_sparse_layers_at_most_057_of_dense_fp16(tmp_path):
+    model = tiny_model("llama")
+    out = save_compressed(model, tmp_path / "e", dtype=torch.float16)
+    tensors = load_file(out / WEIGHTS_FILE)
+    stored = dense = 0
+    for name, layer in slope.slope_layers(model):
+        stored += sum(tensors[f"{name}.{part}"].nbytes for part in ("values", "positions"))
+        dense += layer.out_features * layer.in_features * 2
+    assert stored / dense <= 0.57
+    assert stored / dense == pytest.approx(0.5 + 3 / 64, abs=1e-3)  # 2 fp16 values + 3 bits per group of 4
+
+
+# ---- errors, never a half-loaded model -------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path, tokenizer):
+    return save_compressed(tiny_model("gpt2", adapters=True), tmp_path / "e", tokenizer)
+
+
+def _edit_meta(path, change):
+    meta = json.loads((path / META_FILE).read_text())
+    change(meta)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def _rewrite_weights(path, change):
+    """Rewrite the weights file and its checksum, so only the structural check can catch `change`."""
+    tensors = load_file(path / WEIGHTS_FILE)
+    change(tensors)
+    save_file(tensors, path / WEIGHTS_FILE)
+    file = path / WEIGHTS_FILE
+
+    def fix(meta):
+        meta["files"][WEIGHTS_FILE] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+
+    _edit_meta(path, fix)
+
+
+def _truncate(path):
+    data = (path / WEIGHTS_FILE).read_bytes()
+    (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path):
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-100] ^= 0x01
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+
+
+LAYER = "transformer.h.1.attn.c_attn"
+
+CASES = {
+    "newer format": (lambda p: _edit_meta(p, lambda m: m.update(format_version=99)), "newer than this slope reads"),
+    "not an export": (lambda p: _edit_meta(p, lambda m: m.update(format="other")), "not a slope export"),
+    "truncated": (_truncate, "truncated"),
+    "corrupted byte": (_flip_byte, "SHA-256"),
+    "missing tokenizer file": (lambda p: (p / "tokenizer" / "tokenizer.json").unlink(), "is missing"),
+    "bad json": (lambda p: (p / META_FILE).write_text("{"), "cannot read"),
+    "config shape mismatch": (
+        lambda p: _edit_meta(p, lambda m: m["model_config"].update(n_embd=128)), "model config builds",
+    ),
+    "config layer count mismatch": (
+        lambda p: _edit_meta(p, lambda m: m["model_config"].update(n_layer=1)), "not a linear layer",
+    ),
+    "values shape": (
+        lambda p: _rewrite_weights(p, lambda t: t.update({f"{LAYER}.values": t[f"{LAYER}.values"][:, :-2].clone()})),
+        "values has shape",
+    ),
+    "positions garbage": (
+        lambda p: _rewrite_weights(p, lambda t: t.update({f"{LAYER}.positions": torch.full_like(t[f"{LAYER}.positions"], 255)})),
+        "codes >= C",
+    ),
+    "missing tensor": (lambda p: _rewrite_weights(p, lambda t: t.pop(f"{LAYER}.adapter_b")), "missing 1 tensor"),
+    "extra tensor": (lambda p: _rewrite_weights(p, lambda t: t.update(extra=torch.zeros(1))), "unexpected 1 tensor"),
+    "dense shape": (
+        lambda p: _rewrite_weights(p, lambda t: t.update({"transformer.wpe.weight": torch.zeros(64, 64)})),
+        "model config gives",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_exports_fail_clearly(exported, case):
+    damage, message = CASES[case]
+    damage(exported)
+    with pytest.raises(FormatError, match=message):
+        load(exported, device="cpu")
+
+
+def test_cli_reports_bad_export_in_one_line(exported, capsys):
+    _truncate(exported)
+    assert main(["generate", str(exported), "--prompt", "From"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slope generate: error:") and "truncated" in err and "\n" not in err
+
+
+def test_cli_export(tmp_path, tokenizer, capsys):
+    run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
+    assert main(["export", str(run), "--out", str(tmp_path / "e"), "--dtype", "bfloat16"]) == 0
+    meta = json.loads((tmp_path / "e" / META_FILE).read_text())
+    assert (meta["n"], meta["m"], meta["position_bits"], meta["dtype"]) == (2, 4, 3, "bfloat16")
+    assert meta["skipped"]["lm_head"].startswith("matches skip pattern")
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2  # exists: one clear line
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_dense_run_exports_and_loads(tmp_path, tokenizer, ids):
+    """A `--method dense` run has no sparse layers; its compressed export is just the dense tensors."""
+    from _export_fixtures import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    out = export(write_training_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "e")
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["layers"] == {} and meta["slope_config"] is None
+    assert torch.equal(logits(load(out, device="cpu"), ids), logits(model, ids))
+
+
+def test_bad_training_checkpoints_fail_clearly(tmp_path, tokenizer):
+    run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
+    ckpt = run / "checkpoints" / "step_00000010"
+    info = json.loads((ckpt / "slope.json").read_text())
+    (ckpt / "slope.json").write_text(json.dumps({**info, "format": 2}))
+    with pytest.raises(FormatError, match="upgrade slope"):
+        load(run, device="cpu")
+    (ckpt / "slope.json").write_text(json.dumps({**info, "adapters": False}))  # weights have adapters
+    with pytest.raises(FormatError, match="does not fit"):
+        load(run, device="cpu")
+    (ckpt / "slope.json").write_text(json.dumps(info))
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError):
+        load(run, device="cpu")
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
+
+
+def test_reexport_compressed_as_dense_and_half(tmp_path, tokenizer, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gpt2", adapters=True)
+    first = save_compressed(model, tmp_path / "e", tokenizer)
+    assert main(["export", str(first), "--out", str(tmp_path / "d"), "--dense"]) == 0
+    assert main(["export", str(first), "--out", str(tmp_path / "h"), "--dtype", "float16"]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert torch.allclose(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)  # see the dense test above
+    assert json.loads((tmp_path / "h" / META_FILE).read_text())["dtype"] == "float16"
+
+
+def test_reexport_keeps_the_skip_list(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    first = save_compressed(model, tmp_path / "a", tokenizer)
+    loaded = load(first, device="cpu")
+    assert loaded.slope_report.skipped == model.slope_report.skipped
+    assert loaded.slope_report.params_after == model.slope_report.params_after
+    assert loaded.slope_report.params_before == model.slope_report.params_before
+    second = save_compressed(loaded, tmp_path / "b", tokenizer)
+    meta_a, meta_b = (json.loads((p / META_FILE).read_text()) for p in (first, second))
+    assert meta_a["skipped"] == meta_b["skipped"] and meta_a["layers"] == meta_b["layers"]
+    assert meta_a["slope_config"] == meta_b["slope_config"] and meta_a["slope_config"]["backend"] == "auto"
+    # same tensors (the files themselves may differ: safetensors orders its header metadata freely)
+    tensors_a, tensors_b = load_file(first / WEIGHTS_FILE), load_file(second / WEIGHTS_FILE)
+    assert tensors_a.keys() == tensors_b.keys()
+    assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
