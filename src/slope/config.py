@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "reference", "cusparselt", "cutlass")
+# "emulated" runs the 2:4 backends' bookkeeping (compressed operands, plans, in-place refreshes) on any
+# device with exact dense products: the CUDA path's logic, testable on a CPU.
+CUDA_BACKENDS = ("cusparselt", "cutlass")
+BACKENDS = ("auto", "reference", *CUDA_BACKENDS, "emulated")
 ADAPTER_INITS = ("normal", "kaiming")
 ON_INDIVISIBLE = ("skip", "error")
 # Group bit masks are stored in one integer per group; 64 bits is the widest torch integer.
@@ -34,7 +38,7 @@ class SlopeConfig:
     keep_first_linear_dense: keep dense the first linear layer(s) reading the model's input.
     on_indivisible: "skip" (one warning listing them) or "error" for layers whose shape is not a
         multiple of `m`.
-    backend: "auto", "reference", "cusparselt" or "cutlass".
+    backend: "auto", "reference", "cusparselt", "cutlass" or "emulated" (see `BACKENDS`).
     """
 
     n: int = 2
@@ -89,6 +93,15 @@ class SlopeConfig:
             return self.adapter_rank
         ratio = 1 / 64 if self.adapter_rank_ratio is None else self.adapter_rank_ratio
         return max(1, round(ratio * min(in_features, out_features)))
+
+    def adapter_step(self, total_steps: int) -> int | None:
+        """Optimizer steps completed before the adapters join, for a run of `total_steps`; None: never.
+
+        Adapters train for the last (1 - adapter_start) of the steps, and for at least the final one.
+        """
+        if self.adapter_start >= 1.0:
+            return None
+        return min(total_steps - 1, math.floor(self.adapter_start * total_steps))
 
     def replace(self, **changes) -> SlopeConfig:
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slope.config import SlopeConfig
-from slope.linear import SlopeLinear, _dense_weight_of, _is_conv1d
+from slope.linear import SlopeLinear, dense_weight_of, is_conv1d
 
 log = logging.getLogger("slope")
 
@@ -46,7 +46,7 @@ class SparsifyReport:
 
 
 def _is_convertible(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -128,7 +128,7 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
     modules = dict(model.named_modules())
     indivisible = []
     for name in eligible:
-        out_f, in_f = _dense_weight_of(modules[name])[0].shape
+        out_f, in_f = dense_weight_of(modules[name])[0].shape
         if in_f % config.m or (config.double_prune and out_f % config.m):
             indivisible.append(f"{name} (out={out_f}, in={in_f})")
             report.skipped[name] = f"shape not a multiple of m={config.m}"
@@ -149,15 +149,25 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
         )
 
     for name in eligible:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SlopeLinear.from_dense(modules[name], config))
+        replace_module(model, name, SlopeLinear.from_dense(modules[name], config))
         report.converted.append(name)
 
     report.params_after = sum(p.numel() for p in model.parameters())
     model.slope_report = report
     log.info(report.summary())
     return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name` (qualified, e.g. "model.layers.0.mlp.up_proj")."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def dense_equivalent_params(model: nn.Module) -> int:
+    """Parameters of `model` counting each SlopeLinear as its full (out, in) weight, adapters included."""
+    stored = sum(p.numel() for p in model.parameters())
+    return stored + sum(layer.in_features * layer.out_features - layer.weight.numel() for _, layer in slope_layers(model))
 
 
 def slope_layers(model: nn.Module) -> list[tuple[str, SlopeLinear]]:
@@ -221,9 +231,7 @@ def densify(model: nn.Module) -> nn.Module:
             dense.bias = layer.bias
         elif layer.source == "conv1d":
             dense.bias.data.zero_()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dense)
+        replace_module(model, name, dense)
     if hasattr(model, "slope_report"):
         del model.slope_report
     return model

@@ -58,7 +58,7 @@ class SlopeLinear(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Module, config: SlopeConfig | None = None) -> SlopeLinear:
         """Convert an `nn.Linear` or Hugging Face `Conv1D`; its bias Parameter is reused, not copied."""
-        weight, source = _dense_weight_of(module)
+        weight, source = dense_weight_of(module)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup_from_dense(weight.detach(), module.bias, config or SlopeConfig(), source)
@@ -416,11 +416,11 @@ def _check_shape(out_features: int, in_features: int, config: SlopeConfig) -> No
         )
 
 
-def _dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
+def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
     """(out, in) weight of a convertible module and its kind."""
     if isinstance(module, nn.Linear):
         return module.weight, "linear"
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.t(), "conv1d"  # Conv1D stores (in, out)
     raise TypeError(
         f"cannot convert {type(module).__name__} to SlopeLinear: supported are torch.nn.Linear and "
@@ -428,7 +428,7 @@ def _dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
     )
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # Imported lazily: transformers is heavy and SlopeLinear itself does not need it.
     try:
         from transformers.pytorch_utils import Conv1D

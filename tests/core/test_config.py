@@ -41,7 +41,7 @@ def test_frozen():
         ("skip", ("",), r"SlopeConfig.skip=\('',\) is invalid"),
         ("skip", "lm_head", r"SlopeConfig.skip='lm_head' is invalid: expected type tuple"),
         ("on_indivisible", "pad", r"on_indivisible='pad' is invalid: expected one of \('skip', 'error'\)"),
-        ("backend", "triton", r"backend='triton' is invalid: expected one of \('auto', 'reference', 'cusparselt', 'cutlass'\)"),
+        ("backend", "triton", r"backend='triton' is invalid: expected one of \('auto', 'reference', 'cusparselt', 'cutlass', 'emulated'\)"),
     ],
 )
 def test_invalid_fields(field, value, message):
@@ -65,3 +65,11 @@ def test_skip_accepts_list_and_roundtrips_through_dict():
     cfg = SlopeConfig(skip=["lm_head", "*gate*"])
     assert cfg.skip == ("lm_head", "*gate*")
     assert SlopeConfig(**cfg.to_dict()) == cfg
+
+
+def test_adapter_step_rule():
+    # the one rule `slope train` and the Trainer callback share: the last (1 - adapter_start) of the steps
+    assert SlopeConfig(adapter_start=0.5).adapter_step(4) == 2
+    assert SlopeConfig(adapter_start=0.99).adapter_step(100) == 99
+    assert SlopeConfig(adapter_start=0.999).adapter_step(10) == 9  # at least the final step trains with adapters
+    assert SlopeConfig(adapter_start=1.0).adapter_step(10) is None

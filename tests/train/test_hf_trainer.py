@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 import slope
 from slope.io.load import load
-from slope.train.hf_trainer import SlopeCallback, adapter_step
+from slope.train.hf_trainer import SlopeCallback
 
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'slope[hf-trainer]')")
 
@@ -33,13 +33,6 @@ class RecordAdapters(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.had_adapters.append(any(layer.rank for _, layer in slope.slope_layers(model)))
-
-
-def test_adapter_step_rule():
-    assert adapter_step(0.5, 4) == 2
-    assert adapter_step(0.99, 100) == 99
-    assert adapter_step(0.999, 10) == 9  # at least the final step trains with adapters
-    assert adapter_step(1.0, 10) is None
 
 
 def test_example_trains_and_adds_adapters_at_the_right_step(tmp_path):

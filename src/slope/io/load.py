@@ -29,7 +29,7 @@ from slope.io.export import (
 )
 from slope.io.packing import code_bits, unpack_positions
 from slope.io.run_reader import is_training_checkpoint, read_training_checkpoint, resolve_checkpoint
-from slope.linear import SlopeLinear, _dense_weight_of
+from slope.linear import SlopeLinear, dense_weight_of
 
 __all__ = ["FormatError", "load", "load_compressed", "load_tokenizer", "read_metadata", "verify_files"]
 
@@ -237,7 +237,7 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
     for name, spec in meta["layers"].items():
         try:
             module = model.get_submodule(name)
-            weight, source = _dense_weight_of(module)
+            weight, source = dense_weight_of(module)
         except (AttributeError, TypeError) as err:
             raise FormatError(f"layer {name} of the export is not a linear layer of the configured model ({err})") from err
         if list(weight.shape) != list(spec["shape"]) or source != spec["source"]:

@@ -5,7 +5,7 @@
 
 The callback must be given to the Trainer's constructor: it sparsifies the model when the Trainer
 is built (`on_init_end`), before the Trainer creates its optimizer, so the optimizer only ever sees
-the kept values. After `adapter_step(max_steps)` optimizer steps it adds the adapters, puts them in
+the kept values. After `config.adapter_step(max_steps)` optimizer steps it adds the adapters, puts them in
 the Trainer's optimizer as a new param group and in its learning-rate schedule. Every Trainer
 checkpoint also gets a compressed export in `checkpoint-N/slope/`, and the end of training writes
 one to `export_dir` (default `<output_dir>/slope-export`), loadable with `slope.load`.
@@ -16,7 +16,6 @@ Single process only: adapters added mid-run are not known to an already built DD
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -28,17 +27,6 @@ from slope.convert import add_adapters, slope_layers, sparsify
 from slope.io.export import META_FILE, save_compressed
 
 log = logging.getLogger("slope")
-
-
-def adapter_step(adapter_start: float, max_steps: int) -> int | None:
-    """Optimizer steps completed before the adapters join; None: never.
-
-    The same rule as `slope train`: adapters train for the last (1 - adapter_start) of the steps,
-    and for at least the final step.
-    """
-    if adapter_start >= 1.0:
-        return None
-    return min(max_steps - 1, math.floor(adapter_start * max_steps))
 
 
 class SlopeCallback(TrainerCallback):
@@ -77,7 +65,7 @@ class SlopeCallback(TrainerCallback):
                 "SlopeCallback: the model has no SlopeLinear layers; pass the callback to Trainer(callbacks=[...]) "
                 "so it sparsifies the model before the optimizer is built"
             )
-        step = adapter_step(self.config.adapter_start, state.max_steps)
+        step = self.config.adapter_step(state.max_steps)
         if step is not None and args.world_size > 1:
             raise RuntimeError(
                 f"SlopeCallback adds adapters during training, which a {args.world_size}-process DDP/FSDP wrapper "
@@ -91,7 +79,7 @@ class SlopeCallback(TrainerCallback):
         self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
 
     def _maybe_add_adapters(self, args, state, model, optimizer, lr_scheduler) -> None:
-        step = adapter_step(self.config.adapter_start, state.max_steps)
+        step = self.config.adapter_step(state.max_steps)
         if step is None or state.global_step < step or any(layer.rank for _, layer in slope_layers(model)):
             return
         group = {"weight_decay": args.weight_decay, "lr": args.learning_rate}

@@ -7,12 +7,12 @@ registered in `METHODS`, with no change to the loop, the checkpoints or `load_mo
 from __future__ import annotations
 
 import logging
-import math
 
 from torch import nn
 
 import slope
 from slope.config import SlopeConfig
+from slope.convert import dense_equivalent_params
 
 log = logging.getLogger("slope")
 
@@ -59,11 +59,7 @@ class SlopeMethod(Method):
         slope.sparsify(model, self.slope_config)  # logs its report: converted and skipped layers
 
     def adapter_step(self, max_steps: int) -> int | None:
-        start = self.slope_config.adapter_start
-        if start >= 1.0:
-            return None
-        # Adapters train for the last (1 - adapter_start) of the steps; at least the final step.
-        return min(max_steps - 1, math.floor(start * max_steps))
+        return self.slope_config.adapter_step(max_steps)
 
     def before_step(self, step, max_steps, model, optimizer, group):
         if step != self.adapter_step(max_steps) or self.has_adapters(model):
@@ -99,8 +95,4 @@ def get_method(name: str, slope_config: SlopeConfig | None = None) -> Method:
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Stored parameters, and the dense-equivalent count (a SlopeLinear counts as its full in x out)."""
-    stored = sum(p.numel() for p in model.parameters())
-    dense = stored
-    for _, layer in slope.slope_layers(model):
-        dense += layer.in_features * layer.out_features - layer.weight.numel()
-    return {"stored": stored, "dense_equivalent": dense}
+    return {"stored": sum(p.numel() for p in model.parameters()), "dense_equivalent": dense_equivalent_params(model)}
