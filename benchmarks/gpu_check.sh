@@ -25,7 +25,7 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }
 stage "probe"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 $PY benchmarks/gpu_probe.py
-$PY -m slope.cli info || true
+$PY -m slope info || true
 
 stage "cached cuSPARSELt plans"
 if timeout 120 $PY -c 'import sys; from slope.backends import cusparselt_plans as p; c = p.plan_cache(); print("cuSPARSELt cached plans:", p.status()); sys.exit(c is None)'; then

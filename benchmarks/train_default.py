@@ -26,7 +26,7 @@ SETS = ("shakespeare-heldout", "milton")
 
 
 def run_one(method: str, run_dir: Path, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "slope.cli", "train", "--method", method, "--run-dir", str(run_dir),
+    command = [sys.executable, "-m", "slope", "train", "--method", method, "--run-dir", str(run_dir),
                "--no-progress", *extra]
     start = time.perf_counter()
     subprocess.run(command, check=True)

@@ -1,13 +1,35 @@
-"""slope: sparse pretraining of language models with SLoPe (double-pruned N:M + lazy low-rank adapters)."""
+"""slope: sparse pretraining of language models with SLoPe (double-pruned N:M + lazy low-rank adapters).
 
-from slope.config import SlopeConfig
-from slope.convert import SparsifyReport, add_adapters, densify, slope_layers, sparsify
-from slope.io.export import save_compressed, save_dense
-from slope.io.load import FormatError, load, load_tokenizer
-from slope.linear import SlopeLinear
-from slope.masks import column_mask, double_prune, nm_mask
+The public API is listed in `__all__`. Each name is imported from its module on first use, so
+`import slope` (and the `slope` command's help) does not pay for importing torch until a name is
+needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> the module that owns it
+_OWNERS = {
+    "SlopeConfig": "slope.config",
+    "SlopeLinear": "slope.linear",
+    "SparsifyReport": "slope.convert",
+    "add_adapters": "slope.convert",
+    "densify": "slope.convert",
+    "slope_layers": "slope.convert",
+    "sparsify": "slope.convert",
+    "column_mask": "slope.masks",
+    "double_prune": "slope.masks",
+    "nm_mask": "slope.masks",
+    "FormatError": "slope.io.load",
+    "load": "slope.io.load",
+    "load_tokenizer": "slope.io.load",
+    "save_compressed": "slope.io.export",
+    "save_dense": "slope.io.export",
+}
 
 __all__ = [
     "FormatError",
@@ -27,3 +49,26 @@ __all__ = [
     "slope_layers",
     "sparsify",
 ]
+
+
+def __getattr__(name: str):
+    owner = _OWNERS.get(name)
+    if owner is None:
+        raise AttributeError(f"module 'slope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(owner), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_OWNERS))
+
+
+if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
+    from slope.config import SlopeConfig
+    from slope.convert import SparsifyReport, add_adapters, densify, slope_layers, sparsify
+    from slope.io.export import save_compressed, save_dense
+    from slope.io.format import FormatError
+    from slope.io.load import load, load_tokenizer
+    from slope.linear import SlopeLinear
+    from slope.masks import column_mask, double_prune, nm_mask

@@ -10,7 +10,7 @@ import pytest
 from slope import cli
 from slope.train import corpus, data
 from slope.train.data import DataError, TokenFile, WindowSampler
-from slope.train.prepare import prepare
+from slope.train.prepare import prepare_data
 
 TEXT = "".join(f"Line {i}: shall I compare thee to a summer's day?\n" for i in range(400))
 
@@ -117,7 +117,7 @@ def test_prepare_command_and_training_on_its_output(tmp_path, capsys):
     meta = json.loads((out / "train.json").read_text())
     assert meta["source_files"][0]["sha256"] and meta["tokenizer"]["vocab_size"] == 300
     assert cli.main(["prepare", str(tmp_path / "c.txt"), "-o", str(out)]) == 2  # never overwritten
-    tok, train, val = prepare(tmp_path / "run", str(out))
+    tok, train, val = prepare_data(tmp_path / "run", str(out))
     assert len(tok) == 300 and len(train) == summary["train_tokens"] and len(val) == summary["val_tokens"]
 
 
@@ -131,7 +131,7 @@ def test_saved_hugging_face_dataset(tmp_path):
 
 def test_val_auto_is_the_tail_for_a_user_corpus(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
-    _, train, val = prepare(tmp_path / "run", str(tmp_path / "c.txt"), "auto", 0.1, "", 300)
+    _, train, val = prepare_data(tmp_path / "run", str(tmp_path / "c.txt"), "auto", 0.1, "", 300)
     assert val.meta["split"] == "last 0.1 of the text" and val.meta["source"] == str(tmp_path / "c.txt")
     assert 0.05 < val.meta["n_bytes"] / (train.meta["n_bytes"] + val.meta["n_bytes"]) < 0.15
     assert corpus.HELDOUT_OF["shakespeare"] == "shakespeare-heldout"

@@ -17,15 +17,15 @@ SHIPPED = Path(slope.__file__).parent / "configs"
 
 
 def test_default_toml_is_the_builtin_default():
-    assert runconfig.load("default") == RunConfig()
+    assert runconfig.resolve("default") == RunConfig()
 
 
 @pytest.mark.parametrize("name", ["default", "tiny", "gpu-gpt2-small"])
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
-    cfg = runconfig.load(name)
+    cfg = runconfig.resolve(name)
     path = tmp_path / "c.toml"
     runconfig.save(cfg, path)
-    assert runconfig.load(str(path)) == cfg
+    assert runconfig.resolve(str(path)) == cfg
 
 
 def test_repository_configs_folder_is_the_shipped_one():
@@ -34,7 +34,7 @@ def test_repository_configs_folder_is_the_shipped_one():
 
 
 def test_overrides_are_typed():
-    cfg = runconfig.load("tiny", [
+    cfg = runconfig.resolve("tiny", [
         "--optim.lr=1e-3", "--train.max_steps", "5", "--slope.double_prune=false", "--eval.sets=a.txt,milton",
         "--slope.adapter_rank=3", "--run.name=123", "--slope.skip=[\"lm_head\"]", "--data.val=",
     ])
@@ -43,11 +43,11 @@ def test_overrides_are_typed():
     assert cfg.eval.sets == ["a.txt", "milton"]
     assert cfg.run.name == "123" and cfg.data.val == ""
     assert cfg.slope.skip == ("lm_head",)
-    assert runconfig.load(None, ["--slope.adapter_rank=none"]).slope.adapter_rank is None
+    assert runconfig.resolve(None, ["--slope.adapter_rank=none"]).slope.adapter_rank is None
 
 
 def test_int_is_accepted_where_a_float_is_expected():
-    assert runconfig.load(None, ["--optim.lr=1"]).optim.lr == 1.0
+    assert runconfig.resolve(None, ["--optim.lr=1"]).optim.lr == 1.0
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -67,22 +67,22 @@ def test_int_is_accepted_where_a_float_is_expected():
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        runconfig.load(None, override)
+        runconfig.resolve(None, override)
 
 
 def test_bad_toml_files(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nmax_steps = 'ten'\n")
     with pytest.raises(ConfigError, match=re.escape("'train.max_steps' expects an integer, got 'ten'")):
-        runconfig.load(str(bad))
+        runconfig.resolve(str(bad))
     bad.write_text("[train]\nmax_step = 10\n")
     with pytest.raises(ConfigError, match=re.escape("unknown config key 'train.max_step'; section [train] has: max_steps")):
-        runconfig.load(str(bad))
+        runconfig.resolve(str(bad))
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        runconfig.load(str(bad))
+        runconfig.resolve(str(bad))
     with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
-        runconfig.load(str(tmp_path / "missing.toml"))
+        runconfig.resolve(str(tmp_path / "missing.toml"))
 
 
 def test_cli_reports_config_errors_in_one_line(capsys):

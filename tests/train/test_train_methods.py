@@ -17,7 +17,7 @@ from slope.train.trainer import build_optimizer, lr_at
 
 
 def tiny_model(preset: str = "llama"):
-    cfg = runconfig.load("tiny")
+    cfg = runconfig.resolve("tiny")
     cfg.model.preset = preset
     torch.manual_seed(0)
     return models.build_model(models.model_config(cfg.model, vocab_size=128, seq_len=32)), cfg
@@ -26,7 +26,7 @@ def tiny_model(preset: str = "llama"):
 def test_adapters_join_at_their_step_and_change_nothing_then():
     model, cfg = tiny_model()
     method = get_method("slope", cfg.slope.replace(adapter_start=0.5))
-    method.prepare(model)
+    method.apply(model)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     max_steps = 10
     assert method.adapter_step(max_steps) == 5
@@ -51,7 +51,7 @@ def test_adapter_start_one_means_never():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = runconfig.load(None, ["--optim.lr=1.0", "--optim.warmup_steps=4", "--train.max_steps=14",
+    cfg = runconfig.resolve(None, ["--optim.lr=1.0", "--optim.warmup_steps=4", "--train.max_steps=14",
                                 "--optim.min_lr_ratio=0.1"])
     lrs = [lr_at(s, cfg) for s in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -63,7 +63,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_presets_convert(preset):
     model, cfg = tiny_model(preset)
     assert model.config.vocab_size == 128 and models.max_positions(model.config) == 32
-    SlopeMethod(cfg.slope).prepare(model)
+    SlopeMethod(cfg.slope).apply(model)
     assert slope.slope_layers(model)
 
 

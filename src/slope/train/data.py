@@ -204,7 +204,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None)
 
 
-def load_tokenizer(name: str):
+def pretrained_tokenizer(name: str):
     """Any AutoTokenizer path, or a name already in the local cache (never downloads)."""
     from transformers import AutoTokenizer
 

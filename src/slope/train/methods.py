@@ -10,9 +10,8 @@ import logging
 
 from torch import nn
 
-import slope
 from slope.config import SlopeConfig
-from slope.convert import dense_equivalent_params
+from slope.convert import add_adapters, dense_equivalent_params, slope_layers, sparsify
 
 log = logging.getLogger("slope")
 
@@ -25,7 +24,7 @@ class Method:
     def __init__(self, slope_config: SlopeConfig | None = None) -> None:
         self.slope_config = slope_config
 
-    def prepare(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module) -> None:
         """Convert `model` in place before training (and log what was done)."""
         log.info("dense: every layer trains dense")
 
@@ -55,8 +54,8 @@ class SlopeMethod(Method):
 
     name = "slope"
 
-    def prepare(self, model: nn.Module) -> None:
-        slope.sparsify(model, self.slope_config)  # logs its report: converted and skipped layers
+    def apply(self, model: nn.Module) -> None:
+        sparsify(model, self.slope_config)  # logs its report: converted and skipped layers
 
     def adapter_step(self, max_steps: int) -> int | None:
         return self.slope_config.adapter_step(max_steps)
@@ -64,15 +63,15 @@ class SlopeMethod(Method):
     def before_step(self, step, max_steps, model, optimizer, group):
         if step != self.adapter_step(max_steps) or self.has_adapters(model):
             return None
-        params = slope.add_adapters(model, optimizer=optimizer, param_group=group)
+        params = add_adapters(model, optimizer=optimizer, param_group=group)
         return {
             "event": "adapters_added", "step": step, "params": sum(p.numel() for p in params),
-            "ranks": sorted({layer.rank for _, layer in slope.slope_layers(model)}),
+            "ranks": sorted({layer.rank for _, layer in slope_layers(model)}),
             "param_groups": len(optimizer.param_groups),
         }
 
     def has_adapters(self, model):
-        return any(layer.rank for _, layer in slope.slope_layers(model))
+        return any(layer.rank for _, layer in slope_layers(model))
 
     def checkpoint_info(self, model):
         return {"method": self.name, "slope_config": self.slope_config.to_dict(),
@@ -80,9 +79,9 @@ class SlopeMethod(Method):
 
     @classmethod
     def rebuild(cls, model, info):
-        slope.sparsify(model, SlopeConfig(**info["slope_config"]))
+        sparsify(model, SlopeConfig(**info["slope_config"]))
         if info.get("adapters"):
-            slope.add_adapters(model, rank=info.get("adapter_rank"))
+            add_adapters(model, rank=info.get("adapter_rank"))
         return model
 
 

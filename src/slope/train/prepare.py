@@ -24,7 +24,7 @@ from slope.train.data import DataError, TokenFile
 log = logging.getLogger("slope")
 
 
-def prepare(
+def prepare_data(
     out_dir: Path, train: str, val: str = "", val_fraction: float = 0.05,
     tokenizer_name: str = "", vocab_size: int = 8192,
 ) -> tuple[object, TokenFile, TokenFile]:
@@ -36,7 +36,7 @@ def prepare(
     if source.kind == "prepared":
         if tokenizer_name:
             log.warning("data.train %s is prepared with its own tokenizer; ignoring tokenizer.name", train)
-        tokenizer = data.load_tokenizer(str(source.path / "tokenizer"))
+        tokenizer = data.pretrained_tokenizer(str(source.path / "tokenizer"))
         train_tokens = TokenFile(source.path / "train")
         if val:
             val_tokens = tokenize_source(out_dir, "val", val, tokenizer)
@@ -51,10 +51,10 @@ def prepare(
 
     tok_dir = out_dir / "tokenizer"
     if tok_dir.is_dir():
-        tokenizer = data.load_tokenizer(str(tok_dir))
+        tokenizer = data.pretrained_tokenizer(str(tok_dir))
     else:
         if tokenizer_name:
-            tokenizer = data.load_tokenizer(tokenizer_name)
+            tokenizer = data.pretrained_tokenizer(tokenizer_name)
         else:
             log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, train)
             tokenizer = data.train_bpe((text for _, text in train_docs()), vocab_size)

@@ -301,7 +301,7 @@ def find_config(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({', '.join(names)})")
 
 
-def load(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+def resolve(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config: dataclass defaults, then the run file (if any), then the overrides."""
     data = read_toml(find_config(config)) if config else {}
     data = apply_overrides(data, parse_overrides(overrides or []))

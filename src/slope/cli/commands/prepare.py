@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slope.cli import UserError
-from slope.train.data import DataError
+from slope.cli.errors import UserError
 
 EPILOG = """A source is an embedded corpus (shakespeare, shakespeare-heldout, milton), a text file, a folder
 of text files, a .jsonl file with a `text` field, or a saved Hugging Face dataset folder.
@@ -30,7 +29,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args) -> int:
-    from slope.train.prepare import prepare
+    from slope.train.data import DataError
+    from slope.train.prepare import prepare_data
 
     if args.out.exists():
         raise UserError(f"output folder {args.out} already exists; choose another --out")
@@ -40,7 +40,7 @@ def run(args) -> int:
         raise UserError(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
     args.out.mkdir(parents=True)
     try:
-        tokenizer, train, val = prepare(args.out, args.source, args.val, args.val_fraction, args.tokenizer, args.vocab_size)
+        tokenizer, train, val = prepare_data(args.out, args.source, args.val, args.val_fraction, args.tokenizer, args.vocab_size)
     except DataError as err:
         raise UserError(str(err)) from None
     for split, tokens in (("train", train), ("val", val)):

@@ -7,11 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
-from slope.cli import UserError
-from slope.io.checkpoint import CheckpointError
+from slope.cli.errors import UserError
 from slope.train import runconfig
-from slope.train.data import DataError
-from slope.train.models import ModelError
 from slope.train.runconfig import ConfigError
 
 log = logging.getLogger("slope")
@@ -65,15 +62,18 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
         config_file = args.resume / "config.toml"
         if not config_file.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml)")
-        return runconfig.load(str(config_file)), args.resume, True
+        return runconfig.resolve(str(config_file)), args.resume, True
     extra = list(args.extra)
     if args.method:
         extra.append(f"--method.name={args.method}")
-    cfg = runconfig.load(args.config, extra)
+    cfg = runconfig.resolve(args.config, extra)
     return cfg, _new_run_dir(cfg, args.run_dir), False
 
 
 def run(args) -> int:
+    from slope.io.format import FormatError
+    from slope.train.data import DataError
+    from slope.train.models import ModelError
     from slope.train.trainer import Interrupted, Trainer, TrainingFailed
 
     run_dir, created = None, False
@@ -86,7 +86,7 @@ def run(args) -> int:
         if created:
             runconfig.save(cfg, run_dir / "config.toml")
         result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
-    except (ConfigError, DataError, ModelError, CheckpointError) as err:
+    except (ConfigError, DataError, ModelError, FormatError) as err:
         # Set-up errors come before any training: a run directory made just now holds nothing of value.
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir)

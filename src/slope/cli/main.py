@@ -1,0 +1,62 @@
+"""The `slope` dispatcher: one parser, one module per sub-command under `slope.cli.commands`.
+
+Each sub-command module exposes `register(subparsers, name, help)`, which adds its parser and sets
+`func` (called with the parsed namespace, returns an exit code). Command modules import nothing
+heavy at module level (torch, transformers, numpy come inside their `run`), so `slope --help`
+imports no torch and stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from slope import __version__
+from slope.cli.errors import UserError
+
+# (command name, module under slope.cli.commands, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("train", "train", "pretrain a language model with SLoPe (or dense) on a corpus"),
+    ("prepare", "prepare", "tokenize text into a memory-mapped token file"),
+    ("eval", "evaluate", "perplexity / bits-per-byte of a run or checkpoint on text"),
+    ("info", "info", "versions, GPU and which sparse backends work here"),
+    ("export", "export", "write a compressed SLoPe checkpoint or a dense Hugging Face model"),
+    ("generate", "generate", "sample text from an exported model"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slope", description="Sparse pretraining of language models with SLoPe (N:M sparse + lazy adapters)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"slope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        importlib.import_module(f"slope.cli.commands.{module}").register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"slope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slope {args.command}: interrupted", file=sys.stderr)
+        return 130
