@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 import slope
-from slope.io.export import WEIGHTS_FILE, save_compressed, save_dense
+from slope.io.export import save_compressed, save_dense
+from slope.io.format import WEIGHTS_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # benchmarks/ is not a package: found through the path entry above

@@ -24,7 +24,7 @@ _OWNERS = {
     "column_mask": "slope.masks",
     "double_prune": "slope.masks",
     "nm_mask": "slope.masks",
-    "FormatError": "slope.io.load",
+    "FormatError": "slope.io.format",
     "load": "slope.io.load",
     "load_tokenizer": "slope.io.load",
     "save_compressed": "slope.io.export",

@@ -73,11 +73,11 @@ def test_adapters_join_at_their_step(slope_run):
     assert events[0]["param_groups"] == 3
 
 
-def test_load_model_reproduces_the_final_evaluation(slope_run, corpus_dir):
+def test_load_checkpoint_reproduces_the_final_evaluation(slope_run, corpus_dir):
     from slope.train.evaluation import evaluate
     from slope.train.prepare import tokenize_source
 
-    model, tokenizer = checkpoint.load_model(slope_run)  # a run dir: its latest checkpoint
+    model, tokenizer, _ = checkpoint.load_checkpoint(slope_run)  # a run dir: its latest checkpoint
     assert sum(layer.rank > 0 for _, layer in __import__("slope").slope_layers(model)) == 11
     tokens = tokenize_source(slope_run / "data", "eval", str(corpus_dir / "ood.txt"), tokenizer)
     result = evaluate(model, tokens, seq_len=64, batch_size=8, max_tokens=2048, progress=False)
@@ -133,7 +133,7 @@ def test_dense_method(corpus_dir, tmp_path):
                               "--train.max_steps=2", "--checkpoint.every=1")) == 0
     info = json.loads((checkpoint.latest_checkpoint(run_dir) / "slope.json").read_text())
     assert info["method"] == "dense" and info["slope_config"] is None and info["adapters"] is False
-    model, _ = checkpoint.load_model(checkpoint.latest_checkpoint(run_dir))
+    model, _, _ = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run_dir))
     assert not __import__("slope").slope_layers(model)
 
 
@@ -177,7 +177,7 @@ def test_gpt2_and_opt_presets(corpus_dir, tmp_path):
         run_dir = tmp_path / preset
         assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir), f"--model.preset={preset}",
                                   "--train.max_steps=2", "--eval.sets=")) == 0
-        model, _ = checkpoint.load_model(run_dir)
+        model, _, _ = checkpoint.load_checkpoint(run_dir)
         assert __import__("slope").slope_layers(model)
 
 

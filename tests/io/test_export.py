@@ -13,10 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import slope
 from slope.cli import main
-from slope.io.export import META_FILE, WEIGHTS_FILE, export, save_compressed, sha256_file
-from slope.io.load import FormatError, load, load_tokenizer
-from slope.io.packing import code_bits, pack_positions, unpack_positions
-from slope.masks import nm_mask, pack_group_bits
+from slope.io.export import export, save_compressed
+from slope.io.format import META_FILE, WEIGHTS_FILE, FormatError, sha256_file
+from slope.io.load import load, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,37 +26,6 @@ def tokenizer():
 @pytest.fixture
 def ids():
     return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-# ---- position packing ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("n", "m", "bits"), [(2, 4, 3), (1, 4, 2), (1, 2, 1), (2, 8, 5), (4, 16, 11), (8, 32, 32)])
-def test_positions_round_trip(n, m, bits):
-    row_bits = pack_group_bits(nm_mask(torch.randn(12, 5 * m), n, m), m)  # (12, 5)
-    packed = pack_positions(row_bits, n, m)
-    assert code_bits(n, m) == bits
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-12 * 5 * bits // 8)
-    assert torch.equal(unpack_positions(packed, tuple(row_bits.shape), n, m), row_bits)
-
-
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (2, 8), (4, 16)])
-def test_positions_round_trip_across_chunks(monkeypatch, n, m):
-    """Large layers are packed in chunks of groups; chunk edges must not shift any bit."""
-    import slope.io.packing
-
-    monkeypatch.setattr(slope.io.packing, "_CHUNK", 8)
-    row_bits = pack_group_bits(nm_mask(torch.randn(7, 9 * m), n, m), m)  # 63 groups: 7 full chunks + 7
-    packed = pack_positions(row_bits, n, m)
-    assert packed.numel() == -(-63 * code_bits(n, m) // 8)
-    assert torch.equal(unpack_positions(packed, (7, 9), n, m), row_bits)
-
-
-def test_positions_reject_bad_streams():
-    with pytest.raises(ValueError, match="expected"):
-        unpack_positions(torch.zeros(3, dtype=torch.uint8), (4, 4), 2, 4)  # 16 groups x 3 bits = 6 bytes
-    with pytest.raises(ValueError, match="codes >= C"):
-        unpack_positions(torch.full((6,), 255, dtype=torch.uint8), (4, 4), 2, 4)  # code 7 of 6 patterns
 
 
 # ---- exact round trips ----------------------------------------------------------------------------
@@ -252,24 +220,6 @@ def test_dense_run_exports_and_loads(tmp_path, tokenizer, ids):
     meta = json.loads((out / META_FILE).read_text())
     assert meta["layers"] == {} and meta["slope_config"] is None
     assert torch.equal(logits(load(out, device="cpu"), ids), logits(model, ids))
-
-
-def test_bad_training_checkpoints_fail_clearly(tmp_path, tokenizer):
-    run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
-    ckpt = run / "checkpoints" / "step_00000010"
-    info = json.loads((ckpt / "slope.json").read_text())
-    (ckpt / "slope.json").write_text(json.dumps({**info, "format": 2}))
-    with pytest.raises(FormatError, match="upgrade slope"):
-        load(run, device="cpu")
-    (ckpt / "slope.json").write_text(json.dumps({**info, "adapters": False}))  # weights have adapters
-    with pytest.raises(FormatError, match="does not fit"):
-        load(run, device="cpu")
-    (ckpt / "slope.json").write_text(json.dumps(info))
-    data = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(FormatError):
-        load(run, device="cpu")
-    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
 
 
 def test_reexport_compressed_as_dense_and_half(tmp_path, tokenizer, ids):

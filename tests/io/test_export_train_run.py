@@ -7,7 +7,7 @@ from _export_fixtures import logits
 
 import slope
 from slope.cli import main
-from slope.io.checkpoint import load_model
+from slope.io.checkpoint import load_checkpoint
 from slope.io.load import load, load_tokenizer
 
 
@@ -17,7 +17,7 @@ def test_export_of_a_tiny_training_run(tmp_path):
     argv = ["train", "--config", "tiny", "--run-dir", str(run), "--no-progress",
             "--train.max_steps=4", "--eval.every=0", "--eval.sets=[]"]
     assert main(argv) == 0
-    trained, tokenizer = load_model(run)
+    trained, tokenizer, _ = load_checkpoint(run)
     assert main(["export", str(run), "--out", str(tmp_path / "e"), "--dtype", "float32"]) == 0
 
     loaded = load(tmp_path / "e", device="cpu", backend="reference")

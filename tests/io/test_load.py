@@ -1,6 +1,8 @@
-"""slope.load and slope generate: a ready model on the best backend, generation, streaming CLI."""
+"""slope.load and what reads through it: a ready model on the best backend, generation, `slope eval`."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import slope
 from slope.backends import kernels
 from slope.cli import main
 from slope.io.export import save_compressed, save_dense
-from slope.io.load import load, load_tokenizer
+from slope.io.load import ModelDir, load, load_tokenizer, resolve_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,85 @@ def test_inference_dtype_rule():
     assert _inference_dtype(torch.float64, torch.float32, cpu) == torch.float64
     with pytest.raises(ValueError, match="dtype"):
         _inference_dtype("float16", torch.float32, cpu)
+
+
+# ---- one resolver for every kind of directory ------------------------------------------------------
+
+
+def test_resolve_model_dir_names_each_kind(tmp_path, exported):
+    tokenizer = make_tokenizer()
+    model = tiny_model("gpt2")
+    run = write_training_checkpoint(tmp_path / "run", model, tokenizer)
+    dense = save_dense(model, tmp_path / "dense", tokenizer)
+    ckpt = run / "checkpoints" / "step_00000010"
+    assert resolve_model_dir(exported) == ModelDir("export", exported)
+    assert resolve_model_dir(run) == ModelDir("checkpoint", ckpt)  # a run: its latest checkpoint
+    assert resolve_model_dir(ckpt) == ModelDir("checkpoint", ckpt)
+    assert resolve_model_dir(dense) == ModelDir("huggingface", dense)
+
+
+def test_load_refuses_missing_and_unknown_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nothing", device="cpu")
+    with pytest.raises(FileNotFoundError, match="not a slope export"):
+        load(tmp_path, device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nothing")
+
+
+def test_damaged_dense_directory_is_a_format_error(tmp_path):
+    dense = save_dense(tiny_model("llama"), tmp_path / "dense", make_tokenizer())
+    data = (dense / "model.safetensors").read_bytes()
+    (dense / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(slope.FormatError, match="cannot load this Hugging Face model directory") as err:
+        load(dense, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+# ---- `slope eval` reads every kind of directory through the same loader --------------------------
+
+
+@pytest.fixture(scope="module")
+def three_forms(tmp_path_factory):
+    """One model as a training run, a compressed export and a dense Hugging Face directory."""
+    root = tmp_path_factory.mktemp("forms")
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", adapters=True)
+    run = write_training_checkpoint(root / "run", model, tokenizer)
+    return {"run": run, "export": save_compressed(model, root / "export", tokenizer),
+            "dense": save_dense(model, root / "dense", tokenizer)}
+
+
+def _eval_json(capsys, path, *extra):
+    capsys.readouterr()
+    assert main(["eval", str(path), "milton", "--max-tokens", "256", "--device", "cpu", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_eval_of_an_export_and_a_dense_directory(three_forms, capsys):
+    results = {form: _eval_json(capsys, path) for form, path in three_forms.items()}
+    # no run config: the window is the model's positions (128 in the tiny config)
+    assert {form: r["seq_len"] for form, r in results.items()} == {"run": 128, "export": 128, "dense": 128}
+    loss = {form: r["results"]["milton"]["loss"] for form, r in results.items()}
+    assert loss["export"] == loss["run"]  # the compressed export is exact
+    assert loss["dense"] == pytest.approx(loss["run"], abs=1e-5)  # merged adapters round differently
+    assert results["export"]["model"] == str(three_forms["export"])
+    assert results["run"]["model"] == str(three_forms["run"] / "checkpoints" / "step_00000010")
+
+
+def test_cli_eval_window_comes_from_the_run_config(three_forms, capsys):
+    ckpt = three_forms["run"] / "checkpoints" / "step_00000010"
+    (ckpt / "config.toml").write_text("[train]\nseq_len = 32\n")
+    try:
+        assert _eval_json(capsys, three_forms["run"])["seq_len"] == 32
+        assert _eval_json(capsys, three_forms["run"], "--seq-len", "16")["seq_len"] == 16
+    finally:
+        (ckpt / "config.toml").unlink()
+
+
+def test_cli_eval_reports_user_mistakes_in_one_line(tmp_path, three_forms, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "nothing"), "milton"]) == 2
+    assert main(["eval", str(three_forms["export"]), "milton", "--device", "nonsense"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "does not exist" in lines[0] and "--device" in lines[1]

@@ -9,13 +9,11 @@ import pytest
 import torch
 from _export_fixtures import make_tokenizer, tiny_model
 
-from slope.cli import UserError
 from slope.io.export import save_compressed
 from slope.io.load import load, load_tokenizer
 from slope.train.lmeval import (
     LOCAL_TASK,
     LmEvalError,
-    eval_tasks_cli,
     format_results,
     local_task_config,
     run_lm_eval,
@@ -70,15 +68,14 @@ def test_bundled_sample_and_errors(tmp_path):
     assert results["results"][LOCAL_TASK]["bits_per_byte,none"] > 0
 
 
-def test_cli_hook(tmp_path, capsys):
+def test_cli_task_errors_are_one_line(tmp_path, capsys):
+    from slope.cli import main
+
     exported = save_compressed(tiny_model("llama"), tmp_path / "e", make_tokenizer())
-    assert eval_tasks_cli(exported, LOCAL_TASK, device="cpu", limit=1, as_json=True) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["results"][LOCAL_TASK]["bits_per_byte,none"] > 0
-    with pytest.raises(UserError, match="does not exist"):
-        eval_tasks_cli(exported, LOCAL_TASK, data=tmp_path / "none.jsonl")
-    with pytest.raises(UserError, match="not a slope export"):
-        eval_tasks_cli(tmp_path, LOCAL_TASK)
+    assert main(["eval", str(exported), "--tasks", LOCAL_TASK, "--tasks-data", str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--tasks", LOCAL_TASK]) == 2
+    assert "not a slope export" in capsys.readouterr().err
 
 
 def test_slope_eval_tasks_through_the_cli(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Writing a trained model out: the compressed SLoPe format, or a plain dense Hugging Face model.
 
-Compressed format (version 1; full description in docs/export.md), one directory:
+Compressed format (version 1; full description in docs/export.md; names and version in
+slope.io.format), one directory:
 
     model.safetensors   per SlopeLinear `L`: L.values (out, in·n/m) kept values, L.positions uint8
                         bit-packed pattern codes (slope.io.packing), L.bias, L.adapter_a (in, r),
@@ -10,12 +11,12 @@ Compressed format (version 1; full description in docs/export.md), one directory
     slope_model.json    format name and version, N:M, layers, skip list, model config, checksums
 
 slope_model.json is written last, so an interrupted export is never mistaken for a complete one.
+`export` converts anything `slope.io.load.load` reads (run, checkpoint, export) into either form.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,29 +26,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slope.convert import densify, slope_layers
+from slope.io.format import (
+    EXPORT_FORMAT_NAME,
+    EXPORT_FORMAT_VERSION,
+    META_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    dtype_name,
+    sha256_file,
+)
+from slope.io.load import load, load_tokenizer
 from slope.io.packing import code_bits, pack_positions, uses_combinations
-
-FORMAT_NAME = "slope-compressed"
-FORMAT_VERSION = 1
-META_FILE = "slope_model.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-
-
-
-class FormatError(ValueError):
-    """A checkpoint or export that cannot be loaded: newer version, corrupted, or inconsistent."""
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
@@ -79,9 +68,10 @@ def save_compressed(
 
     dtype: cast floating tensors (values, adapters, dense weights) to it; None keeps the model's.
     """
-    out = _prepare_out_dir(out_dir)
+    stored_dtype = dtype_name(dtype or next(model.parameters()).dtype)  # before anything is written
     layers = slope_layers(model)
     n, m = _common_nm(layers)
+    out = _prepare_out_dir(out_dir)
     tensors: dict[str, torch.Tensor] = {}
     layer_meta: dict[str, dict] = {}
     for name, layer in layers:
@@ -113,23 +103,26 @@ def save_compressed(
         stored_by_id[id(value)] = key
         tensors[key] = _cast(value, dtype)
 
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    save_file(
+        tensors, out / WEIGHTS_FILE,
+        metadata={"format": EXPORT_FORMAT_NAME, "format_version": str(EXPORT_FORMAT_VERSION)},
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
 
     model_config = model.config.to_dict()
     if dtype is not None:
-        model_config["dtype"] = str(dtype).removeprefix("torch.")
+        model_config["dtype"] = stored_dtype
     report = getattr(model, "slope_report", None)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format": EXPORT_FORMAT_NAME,
+        "format_version": EXPORT_FORMAT_VERSION,
         "n": n,
         "m": m,
         "position_code": ("combinations" if uses_combinations(n, m) else "bitmask") if layers else None,
         "position_bits": code_bits(n, m) if layers else None,
-        "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": stored_dtype,
         # the backend is chosen where the model is loaded (slope.load's `backend`), not stored
         "slope_config": layers[0][1].config.replace(backend="auto").to_dict() if layers else None,
         "layers": layer_meta,
@@ -166,8 +159,6 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: tor
 
 def export(source: str | Path, out_dir: str | Path, dense: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Export a training run/checkpoint (or a compressed export) to `out_dir`; returns it."""
-    from slope.io.load import load, load_tokenizer
-
     model = load(source, device="cpu", backend="reference")
     tokenizer = load_tokenizer(source)
     if dense:

@@ -1,14 +1,15 @@
-"""Loading a model for inference: `slope.load(DIR)` and its tokenizer.
+"""Loading a model for inference: `slope.load(DIR)`, its tokenizer, and the compressed export reader.
 
 `load` accepts a compressed export (slope_model.json), a training run or checkpoint directory
-(slope.json / checkpoints/latest) or a plain Hugging Face model directory (config.json). The model
-is built completely on the CPU and checked before anything is returned, so a bad file never
-yields a half-loaded model.
+(read by slope.io.checkpoint) or a plain Hugging Face model directory (config.json). The model is
+built completely on the CPU and checked before anything is returned, so a bad file never yields a
+half-loaded model. Which device and half-precision dtype to use is slope.devices' decision.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,25 +18,57 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slope.config import SlopeConfig
-from slope.convert import SparsifyReport, slope_layers
-from slope.io.export import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
+from slope.convert import SparsifyReport, dense_equivalent_params, replace_module, slope_layers
+from slope.devices import half_dtype, resolve_device
+from slope.io import checkpoint
+from slope.io.format import (
+    DTYPES,
+    EXPORT_FORMAT_NAME,
+    EXPORT_FORMAT_VERSION,
+    HF_CONFIG_FILE,
+    INFO_FILE,
     META_FILE,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     FormatError,
+    one_line,
     sha256_file,
 )
 from slope.io.packing import code_bits, unpack_positions
-from slope.io.run_reader import is_training_checkpoint, read_training_checkpoint, resolve_checkpoint
 from slope.linear import SlopeLinear, dense_weight_of
 
-__all__ = ["FormatError", "load", "load_compressed", "load_tokenizer", "read_metadata", "verify_files"]
+__all__ = [
+    "FormatError", "ModelDir", "load", "load_compressed", "load_tokenizer", "read_metadata", "resolve_model_dir",
+    "verify_files",
+]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class ModelDir:
+    """The directory that holds a model, and its kind: "export", "checkpoint" or "huggingface"."""
+
+    kind: str
+    path: Path
+
+
+def resolve_model_dir(path: str | Path) -> ModelDir:
+    """What `path` holds; a run directory resolves to its latest checkpoint.
+
+    FileNotFoundError when `path` does not exist or holds none of the three kinds.
+    """
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return ModelDir("export", path)
+    if checkpoint.is_checkpoint_or_run(path):
+        return ModelDir("checkpoint", checkpoint.resolve_checkpoint(path))
+    if (path / HF_CONFIG_FILE).is_file():
+        return ModelDir("huggingface", path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(
+        f"{path}: not a slope export ({META_FILE}), a training run/checkpoint (checkpoints/ or {INFO_FILE}) "
+        f"or a Hugging Face model directory ({HF_CONFIG_FILE})"
+    )
 
 
 def load(
@@ -44,31 +77,35 @@ def load(
     dtype: torch.dtype | str | None = "auto",
     backend: str = "auto",
 ) -> nn.Module:
-    """A ready transformers model (eval mode) from an export, a training checkpoint or a HF directory.
+    """A ready transformers model (eval mode) from an export, a training run/checkpoint or a HF directory.
 
-    device: default CUDA when available, else CPU.
-    dtype: "auto" keeps the stored dtype, except that fp32 weights on CUDA run in bf16 (fp16 without
-        bf16 support), the precision the 2:4 sparse kernels need; None always keeps the stored dtype.
+    device: "auto" or None: CUDA when available, else CPU (slope.devices.resolve_device; ValueError for
+        a device this machine does not have).
+    dtype: "auto" keeps the stored dtype, except that fp32 weights on CUDA run in the GPU's 16-bit
+        dtype (slope.devices.half_dtype), the precision the 2:4 sparse kernels need; None always keeps
+        the stored dtype.
     backend: SlopeConfig.backend for the sparse layers; "auto" picks the best one for the device.
     """
-    path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
-    if (path / META_FILE).is_file():
-        model = load_compressed(path, backend=backend)
-    elif is_training_checkpoint(path):
-        model, _, _ = read_training_checkpoint(path)
+    device = resolve_device(device)
+    source = resolve_model_dir(path)
+    if source.kind == "export":
+        model = load_compressed(source.path, backend=backend)
+    elif source.kind == "checkpoint":
+        model, _, _ = checkpoint.load_checkpoint(source.path)
         _set_backend(model, backend)
-    elif (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path)
     else:
-        raise FileNotFoundError(
-            f"{path}: not a slope export ({META_FILE}), a training run/checkpoint (checkpoints/latest or "
-            "slope.json) or a Hugging Face model directory (config.json)"
-        )
+        model = _load_huggingface(source.path)
     target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
     return model.to(device=device, dtype=target).eval()
+
+
+def _load_huggingface(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise FormatError(f"{path}: cannot load this Hugging Face model directory ({one_line(err)})") from err
 
 
 def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
@@ -79,7 +116,7 @@ def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.
             raise ValueError(f"dtype must be a torch.dtype, 'auto' or None, got {dtype!r}")
         return dtype
     if device.type == "cuda" and stored == torch.float32:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return half_dtype(device)
     return stored
 
 
@@ -87,17 +124,11 @@ def load_tokenizer(path: str | Path):
     """The tokenizer saved with a model directory of any kind `load` accepts."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        candidates = [path / TOKENIZER_DIR]
-    elif is_training_checkpoint(path):
-        candidates = [resolve_checkpoint(path) / "tokenizer"]
-    else:
-        candidates = [path]
-    for candidate in candidates:
-        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(candidate)
-    raise FileNotFoundError(f"{path} has no saved tokenizer (looked in {', '.join(map(str, candidates))})")
+    source = resolve_model_dir(path)
+    folder = source.path if source.kind == "huggingface" else source.path / TOKENIZER_DIR
+    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    raise FileNotFoundError(f"{path} has no saved tokenizer (looked in {folder})")
 
 
 def _set_backend(model: nn.Module, backend: str) -> None:
@@ -116,14 +147,14 @@ def read_metadata(path: str | Path) -> dict:
         meta = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FormatError(f"{file}: cannot read the export metadata ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT_NAME:
         raise FormatError(f"{file}: not a slope export (format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise FormatError(f"{file}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
+    if version > EXPORT_FORMAT_VERSION:
         raise FormatError(
-            f"{file}: format version {version} is newer than this slope reads (up to {FORMAT_VERSION}); "
+            f"{file}: format version {version} is newer than this slope reads (up to {EXPORT_FORMAT_VERSION}); "
             "upgrade slope to load it"
         )
     for key in ("n", "m", "layers", "tied", "model_config", "files", "dtype"):
@@ -152,14 +183,14 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
     """Build the model of a compressed export on the CPU; raises FormatError on any inconsistency."""
     path = Path(path)
     meta = read_metadata(path)
-    verify_files(path, meta)
     try:
+        verify_files(path, meta)
         return _build(path, meta, dtype, backend)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
         # malformed metadata fields, an invalid slope_config, or a state_dict the model rejects
-        raise FormatError(f"{path}: inconsistent export ({type(err).__name__}: {err})") from err
+        raise FormatError(f"{path}: inconsistent export ({one_line(err)})") from err
 
 
 def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> nn.Module:
@@ -167,13 +198,13 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
 
     tensors = load_file(path / WEIGHTS_FILE)
 
-    stored_dtype = getattr(torch, meta["dtype"], None)
-    if not isinstance(stored_dtype, torch.dtype):
-        raise FormatError(f"{path / META_FILE}: unknown dtype {meta['dtype']!r}")
+    stored_dtype = DTYPES.get(meta["dtype"])
+    if stored_dtype is None:
+        raise FormatError(f"{path / META_FILE}: unknown dtype {meta['dtype']!r} (expected one of {', '.join(DTYPES)})")
     try:
         config = AutoConfig.for_model(**meta["model_config"])
     except (ValueError, KeyError, TypeError) as err:
-        raise FormatError(f"{path / META_FILE}: invalid model_config ({err})") from err
+        raise FormatError(f"{path / META_FILE}: invalid model_config ({one_line(err)})") from err
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored_dtype)
 
     slope_cfg = SlopeConfig(**meta["slope_config"]).replace(backend=backend) if meta["layers"] else None
@@ -216,14 +247,13 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
 
 
 def _report(model: nn.Module, meta: dict, cfg: SlopeConfig) -> SparsifyReport:
-    layers = slope_layers(model)
-    after = sum(p.numel() for p in model.parameters()) - sum(
-        layer.adapter_a.numel() + layer.adapter_b.numel() for _, layer in layers if layer.rank
-    )
-    before = after + sum(layer.out_features * layer.in_features - layer.weight.numel() for _, layer in layers)
+    # As `sparsify` reported it: counted before adapters were added.
+    adapters = sum(layer.adapter_a.numel() + layer.adapter_b.numel() for _, layer in slope_layers(model) if layer.rank)
     return SparsifyReport(
         config=cfg, converted=list(meta["layers"]), skipped=dict(meta.get("skipped", {})),
-        params_before=before, params_after=after, first_linear_method="as recorded in the export",
+        params_before=dense_equivalent_params(model) - adapters,
+        params_after=sum(p.numel() for p in model.parameters()) - adapters,
+        first_linear_method="as recorded in the export",
     )
 
 
@@ -253,8 +283,7 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
         )
         if spec["adapter_rank"]:
             layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
         # Not stored: M_C is a training cache, rebuilt on the first training step (column_mask_step = -1).
         state[f"{name}.col_bits"] = layer.col_bits if layer.col_bits is not None else None
         state[f"{name}.mask_state"] = torch.tensor([0, -1, layer.rank], dtype=torch.int64)

@@ -24,7 +24,8 @@ from transformers import TrainerCallback
 
 from slope.config import SlopeConfig
 from slope.convert import add_adapters, slope_layers, sparsify
-from slope.io.export import META_FILE, save_compressed
+from slope.io.export import save_compressed
+from slope.io.format import META_FILE
 
 log = logging.getLogger("slope")
 

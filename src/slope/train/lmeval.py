@@ -89,38 +89,3 @@ def format_results(results: dict) -> str:
     from lm_eval.utils import make_table
 
     return make_table(results)
-
-
-def eval_tasks_cli(
-    model_dir: str | Path,
-    tasks: str,
-    *,
-    data: str | Path | None = None,
-    device: str | None = "auto",
-    batch_size: int = 1,
-    limit: int | float | None = None,
-    as_json: bool = False,
-) -> int:
-    """`slope eval DIR --tasks a,b [--tasks-data FILE.jsonl]`: print lm-eval's table (or JSON); exit code.
-
-    User mistakes (lm-eval missing, unknown task, bad directory or data file) become
-    `slope.cli.UserError`, so the CLI prints one line and exits with 2.
-    """
-    import json
-
-    from slope.cli import UserError
-    from slope.io.load import FormatError
-
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    try:
-        results = run_lm_eval(
-            model_dir, names, jsonl=data, device=None if device in (None, "auto") else device,
-            batch_size=batch_size, limit=limit,
-        )
-    except (LmEvalError, FileNotFoundError, FormatError) as err:
-        raise UserError(str(err)) from None
-    if as_json:
-        print(json.dumps({"model": str(model_dir), "results": results.get("results", {})}, indent=1, default=str))
-    else:
-        print(format_results(results))
-    return 0

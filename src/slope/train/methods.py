@@ -1,7 +1,8 @@
 """Training methods: how a freshly built dense model is turned into what gets trained.
 
 The training loop only talks to the `Method` interface, so a new method (a baseline) is one class
-registered in `METHODS`, with no change to the loop, the checkpoints or `load_model`.
+registered in `METHODS`, with no change to the loop. Checkpoints need no method code to load: their
+slope.json describes the model's structure (`checkpoint_info`), which `slope.io.checkpoint` rebuilds.
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ class Method:
         """The method's part of a checkpoint's slope.json."""
         return {"method": self.name, "slope_config": None, "adapters": False, "adapter_rank": None}
 
-    @classmethod
-    def rebuild(cls, model: nn.Module, info: dict) -> nn.Module:
-        """Re-apply a saved method to a freshly built model, so a saved state_dict loads into it."""
-        return model
-
 
 class SlopeMethod(Method):
     """SLoPe: static N:M sparse weights, double-pruned backward, lazy adapters at `adapter_start`."""
@@ -76,13 +72,6 @@ class SlopeMethod(Method):
     def checkpoint_info(self, model):
         return {"method": self.name, "slope_config": self.slope_config.to_dict(),
                 "adapters": self.has_adapters(model), "adapter_rank": None}
-
-    @classmethod
-    def rebuild(cls, model, info):
-        sparsify(model, SlopeConfig(**info["slope_config"]))
-        if info.get("adapters"):
-            add_adapters(model, rank=info.get("adapter_rank"))
-        return model
 
 
 METHODS: dict[str, type[Method]] = {"dense": Method, "slope": SlopeMethod}

@@ -25,11 +25,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from slope.backends.kernels import backend_summary
 from slope.convert import slope_layers
+from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
 from slope.train import models, runconfig
 from slope.train.evaluation import causal_lm_loss, evaluate
 from slope.train.methods import count_params, get_method
-from slope.train.prepare import prepare, tokenize_source
+from slope.train.prepare import prepare_data, tokenize_source
 from slope.train.runconfig import ConfigError, RunConfig
 
 log = logging.getLogger("slope")
@@ -47,23 +48,17 @@ class Interrupted(Exception):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key 'run.device' is not a device: {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device asks for cuda but no CUDA device is available here")
-    return device
+        return resolve_device(name)
+    except ValueError as err:
+        raise ConfigError(f"config key 'run.device': {err}") from None
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":
-        if device.type != "cuda":
-            return None  # bf16 autocast gave no gain on CPU (measured)
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 autocast gave no gain on CPU (measured); a GPU computes in its 16-bit dtype
+        return half_dtype(device) if device.type == "cuda" else None
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("run.precision=fp16 is not supported on CPU; use fp32 or bf16")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -205,7 +200,7 @@ class Trainer:
         cfg = self.cfg
         self.device = pick_device(cfg.run.device)
         self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
-        self.tokenizer, self.train_tokens, self.val_tokens = prepare(
+        self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(
             self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
             cfg.tokenizer.name, cfg.tokenizer.vocab_size,
         )
@@ -220,7 +215,7 @@ class Trainer:
         dense_params = sum(p.numel() for p in self.model.parameters())
         self.method = get_method(cfg.method.name, cfg.slope)
         log.info("model: %s, %s parameters", type(self.model).__name__, f"{dense_params:,}")
-        self.method.prepare(self.model)
+        self.method.apply(self.model)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         from slope.train.data import WindowSampler
@@ -241,7 +236,7 @@ class Trainer:
     def _restore(self) -> None:
         ckpt = checkpoint.latest_checkpoint(self.run_dir)
         if ckpt is None:
-            raise checkpoint.CheckpointError(f"{self.run_dir} has no complete checkpoint to resume from")
+            raise FileNotFoundError(f"{self.run_dir} has no complete checkpoint to resume from")
         state = checkpoint.load_trainer_state(ckpt)
         step = state["step"]
         if self.adapter_step is not None and step > self.adapter_step:

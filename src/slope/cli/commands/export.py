@@ -24,8 +24,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slope.io.export import DTYPES, export
-    from slope.io.load import FormatError
+    from slope.io.export import export
+    from slope.io.format import DTYPES, FormatError
 
     try:
         out = export(args.source, args.out, dense=args.dense, dtype=DTYPES[args.dtype] if args.dtype else None)

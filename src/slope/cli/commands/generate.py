@@ -36,11 +36,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from slope.io.load import FormatError, load, load_tokenizer
+    from slope.devices import resolve_device
+    from slope.io.format import FormatError
+    from slope.io.load import load, load_tokenizer
 
     _check(args)
     try:
-        model = load(args.model, device=args.device)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UserError(f"--device: {err}") from None
+    try:
+        model = load(args.model, device=device)
         tokenizer = load_tokenizer(args.model)
     except (FileNotFoundError, FormatError) as err:
         raise UserError(str(err)) from err

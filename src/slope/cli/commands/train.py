@@ -86,7 +86,7 @@ def run(args) -> int:
         if created:
             runconfig.save(cfg, run_dir / "config.toml")
         result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
-    except (ConfigError, DataError, ModelError, FormatError) as err:
+    except (ConfigError, DataError, ModelError, FormatError, FileNotFoundError) as err:
         # Set-up errors come before any training: a run directory made just now holds nothing of value.
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir)
