@@ -1,4 +1,9 @@
-"""Shared result writer for benchmarks: one JSON schema (DESIGN §8) plus a markdown table."""
+"""Shared result writer for benchmarks: one JSON schema plus a markdown table.
+
+Every result JSON has the same top level, so runs compare across machines:
+{"benchmark", "command", "date", "hardware", "versions", "metrics": {name: number}, "rows": [...]},
+with the headline ratios (e.g. `step_time_ratio_slope_over_dense`) under "metrics".
+"""
 
 from __future__ import annotations
 

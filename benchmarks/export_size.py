@@ -120,7 +120,7 @@ def main() -> None:
     notes = (
         "2:4 in fp16: per group of 4 weights, 2 kept fp16 values (32 bits) + a 3-bit pattern code "
         "(one of C(4,2) = 6) = 35 of 64 bits, 0.547x. The whole-file ratio is higher because embeddings, "
-        "the LM head and the first linear layers after the input stay dense (DESIGN §2.5)."
+        "the LM head and the first linear layers after the input stay dense (the paper keeps them dense; see docs/training.md)."
     )
     path = _report.write("export_size", metrics, rows, table, notes, out_dir=args.out)
     print(f"wrote {path}")

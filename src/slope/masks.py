@@ -98,7 +98,7 @@ def nm_bits(w: torch.Tensor, n: int = 2, m: int = 4, dim: int = -1) -> torch.Ten
 
 
 def column_mask(w_r: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """M_C of DESIGN §2.2: prune the row-pruned `w_r` (out, in) again along `out`.
+    """M_C, the backward (column) mask: prune the row-pruned `w_r` (out, in) again along `out`.
 
     In every column and every group of `m` consecutive rows keep the `n` largest |w_r|. A group that
     already holds <= n non-zeros keeps all of them: zeros rank last, so the top-n always include

@@ -1,1 +1,1 @@
-"""Sub-commands of the `slope` CLI, one module each (see slope.cli.COMMANDS)."""
+"""Sub-commands of the `slope` CLI, one module each (listed in `slope.cli.main.COMMANDS`)."""
