@@ -36,7 +36,7 @@ else
 fi
 
 stage "gpu tests"
-timeout "$T_TESTS" $PY -m pytest tests/gpu tests/test_inference_gpu.py tests/test_train_gpu.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -n 60
+timeout "$T_TESTS" $PY -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tail -n 60
 echo "pytest exit: $?"
 
 stage "profile"
@@ -61,7 +61,7 @@ stage "done"
   echo "# CUDA 2:4 backend: GPU check"
   echo
   echo "- command: \`OUT=$OUT bash benchmarks/gpu_check.sh\` (stages: \`$PY benchmarks/gpu_probe.py\`,"
-  echo "  \`$PY -m pytest tests/gpu tests/test_inference_gpu.py tests/test_train_gpu.py -m gpu -q\`, \`$PY benchmarks/gpu_profile.py --skip-model\`, \`$PY benchmarks/gpu_layers.py --out \$OUT\`,"
+  echo "  \`$PY -m pytest tests/gpu -m gpu -q\`, \`$PY benchmarks/gpu_profile.py --skip-model\`, \`$PY benchmarks/gpu_layers.py --out \$OUT\`,"
   echo "  \`$PY benchmarks/gpu_e2e.py --out \$OUT --widths 8b 1b --layers 4\`, \`$PY benchmarks/gpu_plot.py\`)"
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "- GPU / driver: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"

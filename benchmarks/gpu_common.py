@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from slope.backends import kernels
+from slope.backends.timing import time_ms as _time_ms
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
@@ -26,7 +26,7 @@ def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    return kernels._time_ms(fn, reps=reps)
+    return _time_ms(fn, "cuda", reps=reps)
 
 
 def _driver() -> str | None:

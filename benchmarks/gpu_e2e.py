@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
 import slope
-from slope.backends import cusparselt_plans, kernels
+from slope.backends import backend_summary, cusparselt_plans
+from slope.backends.semistructured import SemiStructuredBackend
 
 WIDTHS = {  # hidden, intermediate, heads, kv heads
     "1b": (2048, 8192, 32, 8),
@@ -80,7 +81,7 @@ def train_row(width, layers, variant, batch, seq) -> dict:
            "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
            "state_gib": (torch.cuda.memory_allocated() - base) / 2**30}
     if variant != "dense":
-        row["backends"] = kernels.backend_summary(slope.slope_layers(model))
+        row["backends"] = backend_summary(slope.slope_layers(model))
     free(model, opt)
     return row
 
@@ -103,9 +104,9 @@ def infer_row(width, layers, variant, batch, seq) -> dict:
            "tokens_per_s": batch * seq / ms * 1e3,
            "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "state_gib": weights}
     if variant != "dense":
-        row["backends"] = kernels.backend_summary(slope.slope_layers(model))
-        fused = {be.plan.fused_inference for _, layer in slope.slope_layers(model)
-                 for be in layer._backend_cache.values() if hasattr(be, "plan")}
+        row["backends"] = backend_summary(slope.slope_layers(model))
+        fused = {lane.backend.plan.fused_inference for _, layer in slope.slope_layers(model)
+                 for lane in layer.runtime.lanes() if isinstance(lane.backend, SemiStructuredBackend)}
         row["fused_adapter_path"] = ",".join(sorted(str(f) for f in fused))
     free(model)
     return row

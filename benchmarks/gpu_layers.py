@@ -26,8 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import md_table, time_ms, write
 
-from slope.backends import cusparselt_plans, kernels
-from slope.masks import column_mask, gather_values, nm_mask, scatter_values
+from slope.backends import cusparselt_plans
+from slope.backends.numerics import layout_check
+from slope.backends.select import measure_products
+from slope.backends.semistructured import OperandCache, ProductPlan, SemiStructuredBackend, pad_to_rows
+from slope.backends.sparselib import LIBRARIES, TOKEN_ALIGN, Compressed
+from slope.backends.weights import ColumnMask, StepWeights
+from slope.config import CUDA_BACKENDS
+from slope.masks import column_mask, gather_values, nm_mask, pack_group_bits, scatter_values
 
 
 def model_shapes() -> list[tuple[str, int, int]]:
@@ -50,14 +56,16 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
     col_mask = column_mask(w_r, 2, 4)
     values = gather_values(w_r, row_mask)  # (out, in/2) fp32 master values
     del w
+    lib = LIBRARIES[kind]
+    be = SemiStructuredBackend(lib, dtype, (out_f, in_f), ProductPlan(), inplace=layout_check(lib, dev, dtype))
     # the kernels the library would pick for this shape and token count (tuned as at set-up)
-    tuned = kernels.measure_products(kind, dev, dtype, (out_f, in_f), tokens)
-    plan = kernels.ProductPlan()
-    plan.kernel.update(tuned["kernel"])
-    be = kernels.SemiStructuredBackend(kind, dtype, (out_f, in_f), plan, inplace=kernels.layout_check(kind, dev, dtype))
-    cache = kernels.OperandCache(be, index_maps=True)
-    op_out = cache.output(values, row_mask, 0)
-    op_gi = cache.grad_input(values, row_mask, col_mask, 0)
+    plan = be.plan
+    plan.kernel.update(measure_products(be, dev, tokens).kernel)
+    cache = OperandCache(be, index_maps=True)
+    row_bits = pack_group_bits(row_mask, 4, dim=1)  # (out, in/4) M_R as a layer stores it
+    col = ColumnMask.from_mask(col_mask)
+    op_out = cache.output(StepWeights(values, row_bits, 2, 4))
+    op_gi = cache.grad_input(StepWeights(values, row_bits, 2, 4), col)
     w_d = w_r.to(dtype)  # the dense baseline's operand (same values; dense kernels ignore zeros)
     x = torch.randn(tokens, in_f, device=dev, dtype=dtype)
     dy = torch.randn(tokens, out_f, device=dev, dtype=dtype)
@@ -105,11 +113,11 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
 
         def inplace_output():
             bump()
-            cache.output(values, row_mask, 0)
+            cache.output(StepWeights(values, row_bits, 2, 4))
 
         def inplace_grad_input():
             bump()
-            cache.grad_input(values, row_mask, col_mask, 0)
+            cache.grad_input(StepWeights(values, row_bits, 2, 4), col)
 
         def recompress_grad_input():
             be.compress((scatter_values(values, row_mask) * col_mask).t())
@@ -128,10 +136,10 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
 
 def torch_call_ms(be, op, inp, product: str) -> float | None:
     """The product through torch._cslt_sparse_mm (a plan built per call), same operand and kernel."""
-    if be.name != "cusparselt" or not isinstance(op, kernels.Compressed):
+    if be.name != "cusparselt" or not isinstance(op, Compressed):
         return None
     layout, alg_id = be.plan.kernel[product]
-    b = kernels.pad_to_rows(inp, 8)
+    b = pad_to_rows(inp, TOKEN_ALIGN)
     return time_ms(lambda: torch._cslt_sparse_mm(op.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id))
 
 
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    p.add_argument("--backend", default="cusparselt", choices=kernels.CUDA_BACKENDS)
+    p.add_argument("--backend", default="cusparselt", choices=CUDA_BACKENDS)
     p.add_argument("--sweep", type=int, nargs="*", default=SWEEP)
     p.add_argument("--no-models", action="store_true", help="only the hidden-size sweep")
     ARGS = p.parse_args(argv)

@@ -43,7 +43,8 @@ def cslt_direct():
 
 def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
     """One sparse product timed back to back: cached plan vs torch's call (plan per call) vs dense."""
-    from slope.backends import cusparselt_plans, kernels
+    from slope.backends import cusparselt_plans
+    from slope.backends.timing import time_ms
     from slope.masks import nm_mask
 
     cache = cusparselt_plans.plan_cache()
@@ -53,15 +54,19 @@ def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
     a = (w * nm_mask(w, 2, 4)).bfloat16()
     packed = torch._cslt_compress(a)
     b = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
-    t_plan = kernels._time_ms(lambda: cache.mm_t(packed, rows, cols, b))
-    t_torch = kernels._time_ms(lambda: torch._cslt_sparse_mm(packed, b.t(), transpose_result=True))
-    t_dense = kernels._time_ms(lambda: b @ a.t())
+    t_plan = time_ms(lambda: cache.mm_t(packed, rows, cols, b), "cuda")
+    t_torch = time_ms(lambda: torch._cslt_sparse_mm(packed, b.t(), transpose_result=True), "cuda")
+    t_dense = time_ms(lambda: b @ a.t(), "cuda")
     return (f"{rows}x{cols}, {tokens} tokens: cached plan {t_plan:.3f} ms, torch call {t_torch:.3f} ms, "
             f"dense {t_dense:.3f} ms -> plan gain {t_torch / t_plan:.2f}x, sparse vs dense {t_dense / t_plan:.2f}x")
 
 
 def main() -> int:
-    from slope.backends import kernels
+    from slope.backends import availability, cusparselt_plans_status
+    from slope.backends.numerics import layout_check, numerics_check
+    from slope.backends.semistructured import ProductPlan, SemiStructuredBackend
+    from slope.backends.sparselib import LIBRARIES
+    from slope.config import CUDA_BACKENDS
 
     step("torch", lambda: f"{torch.__version__} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}")
     step("device", lambda: f"{torch.cuda.get_device_name(0)} capability {torch.cuda.get_device_capability(0)}")
@@ -71,15 +76,18 @@ def main() -> int:
     step("_sparse_semi_structured_linear schema", lambda: torch.ops.aten._sparse_semi_structured_linear.default._schema)
     step("to_sparse_semi_structured", tiny_semi_structured)
     step("_cslt_compress/_cslt_sparse_mm (transpose fused)", cslt_direct)
-    for kind in kernels.CUDA_BACKENDS:
-        for dtype in (torch.float16, torch.bfloat16):
-            step(f"layout_check {kind} {dtype}", lambda k=kind, d=dtype: kernels.layout_check(k, torch.device("cuda"), d))
-            step(f"numerics_check {kind} {dtype} (4096, 4096)",
-                 lambda k=kind, d=dtype: kernels.numerics_check(k, torch.device("cuda"), d, (4096, 4096)))
-    step("availability", lambda: kernels.availability(torch.device("cuda")))
-    from slope.backends import cusparselt_plans
+    cuda = torch.device("cuda")
 
-    step("cuSPARSELt cached plans", cusparselt_plans.status)
+    def numerics(lib, dtype):
+        be = SemiStructuredBackend(lib, dtype, (4096, 4096), ProductPlan(), inplace=layout_check(lib, cuda, dtype))
+        return numerics_check(be, cuda)
+
+    for kind in CUDA_BACKENDS:
+        for dtype in (torch.float16, torch.bfloat16):
+            step(f"layout_check {kind} {dtype}", lambda k=kind, d=dtype: layout_check(LIBRARIES[k], cuda, d))
+            step(f"numerics_check {kind} {dtype} (4096, 4096)", lambda k=kind, d=dtype: numerics(LIBRARIES[k], d))
+    step("availability", lambda: availability(cuda))
+    step("cuSPARSELt cached plans", cusparselt_plans_status)
     for shape in ((1024, 4096, 8192), (4096, 4096, 8192), (14336, 4096, 8192)):
         step(f"plan vs torch call {shape}", lambda s=shape: plan_vs_torch_call(*s))
     return 0

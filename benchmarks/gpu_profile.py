@@ -18,15 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import time_ms
 
 import slope
-from slope.backends import kernels
+from slope.backends import backend_summary
+from slope.backends.numerics import layout_check
+from slope.backends.select import measure_products
+from slope.backends.semistructured import ProductPlan, SemiStructuredBackend
+from slope.backends.sparselib import CUSPARSELT
 
 
 def tuned_kernels():
     for shape in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
         for tokens in (2048, 16384):
-            r = kernels.measure_products("cusparselt", torch.device("cuda"), torch.bfloat16, shape, tokens)
-            print(f"tuned {shape} T={tokens}: output {r['output']:.2f}x {r['kernel']['output']}  "
-                  f"grad_input {r['grad_input']:.2f}x {r['kernel']['grad_input']}", flush=True)
+            dev, dtype = torch.device("cuda"), torch.bfloat16
+            be = SemiStructuredBackend(CUSPARSELT, dtype, shape, ProductPlan(), inplace=layout_check(CUSPARSELT, dev, dtype))
+            r = measure_products(be, dev, tokens)
+            print(f"tuned {shape} T={tokens}: output {r.speedup['output']:.2f}x {r.kernel['output']}  "
+                  f"grad_input {r.speedup['grad_input']:.2f}x {r.kernel['grad_input']}", flush=True)
 
 
 def one_layer(out_f, in_f, tokens=16384):
@@ -52,7 +58,7 @@ def one_layer(out_f, in_f, tokens=16384):
             res[f"prefill_{name}"] = time_ms(lambda m=mod, xb=xb: m(xb))
     print(f"one layer {out_f}x{in_f} T={tokens}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items())
           + f"  | train x{res['train_dense'] / res['train_slope']:.2f}, prefill x{res['prefill_dense'] / res['prefill_slope']:.2f}")
-    print("   ", kernels.backend_summary([layer]), flush=True)
+    print("   ", backend_summary([layer]), flush=True)
 
 
 def table(prof, title):
@@ -88,7 +94,7 @@ def model_profile():
         step()
         torch.cuda.synchronize()
     table(prof, "SLoPe train step, 2 blocks at 8B width, 8192 tokens")
-    print(kernels.backend_summary(slope.slope_layers(model)))
+    print(backend_summary(slope.slope_layers(model)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ MOVED = {
     "slope.methods": ("slope.train.methods", ["METHODS", "Method", "SlopeMethod", "get_method"]),
     "slope.inference": ("slope.io.load", ["FormatError", "load", "load_tokenizer", "read_metadata", "verify_files"]),
     "slope.lmeval": ("slope.train.lmeval", ["LOCAL_TASK", "format_results", "run_lm_eval"]),
+    "slope.kernels": ("slope.backends", ["backend_summary"]),
 }
 
 

@@ -17,21 +17,21 @@ from slope.masks import gather_kept
 
 @dataclass
 class StepOperands:
-    """What one forward/backward of a layer multiplies with, built by `SlopeLinear`.
+    """What one forward/backward of a layer multiplies with, built by its `slope.backends.LayerRuntime`.
 
-    backend: the `slope.backends.kernels` backend running the two sparse products.
+    backend: the backend running the two N:M products (`output(x, operand)`, `grad_input(dy, operand)`).
     positions: gives the (out, in/m, n) int64 positions of the kept weights, to gather the weight
         gradient; called in backward only, so a layer need not hold them (4 bytes per weight)
         from its forward to its backward.
     output: the backend operand for x @ W_Rᵀ.
-    grad_input: builds the backend operand for dy @ W_RC on first use (in backward only), so a
-        forward without grad never pays for the column mask.
+    grad_input: builds the backend operand for dy @ W_RC (called in backward only); None for a
+        forward without grad, whose backward never computes grad_input.
     """
 
     backend: Any
     positions: Callable[[], torch.Tensor]
     output: Any
-    grad_input: Callable[[], Any]
+    grad_input: Callable[[], Any] | None
 
 
 class SlopeLinearFunction(torch.autograd.Function):

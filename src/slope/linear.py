@@ -7,20 +7,23 @@ Storage (DESIGN §3):
     bias       Parameter (out,) or None
     adapter_a  Parameter (in, r), adapter_b (r, out): lazy low-rank adapters, absent until added
 
-The dense W_R, W_RC and any backend operand are caches derived from these and rebuilt when the
-values change: a parameter's `_version` counter moves on every in-place update, which is how an
-optimizer step is noticed without any hook in the user's training loop.
+The dense W_R, W_RC and any backend operand are caches derived from these, kept by the layer's
+`runtime` (a `slope.backends.LayerRuntime`) and rebuilt when the values change: a parameter's
+`_version` counter moves on every in-place update, which is how an optimizer step is noticed
+without any hook in the user's training loop. The layer keeps the step counters, and with them
+decides when M_C is recomputed (`step_column_mask`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from slope.autograd import SlopeLinearFunction, StepOperands
-from slope.backends import kernels
+from slope.autograd import SlopeLinearFunction
+from slope.backends import ColumnMask, LayerRuntime
 from slope.config import SlopeConfig
 from slope.masks import (
     apply_group_bits,
@@ -38,7 +41,11 @@ _MASK_STATE = "mask_state"  # state_dict key for the step counters (see _save_to
 
 
 class SlopeLinear(nn.Module):
-    """y = x W_Rᵀ + b (+ (x A) B · s once adapters are added), trained with the SLoPe products."""
+    """y = x W_Rᵀ + b (+ (x A) B · s once adapters are added), trained with the SLoPe products.
+
+    The products run through `runtime`, a `slope.backends.LayerRuntime` (replace it to choose
+    backends through another `slope.backends.select.Selector`); `set_backend` switches backends.
+    """
 
     def __init__(
         self,
@@ -116,10 +123,8 @@ class SlopeLinear(nn.Module):
         self._seen_version: int | None = None
         self._grad_pending = False  # a backward delivered a gradient that no zero_grad has cleared yet
         self.weight.register_post_accumulate_grad_hook(self._on_grad)
-        self._backend_cache: dict[tuple, object] = {}
-        # caches of CUDA backends (see _cached_operands); empty on the reference path
-        self._operand_caches: dict[object, kernels.OperandCache] = {}
-        self._fused = None
+        # the backend side: chosen backends and their operands per (device, dtype), all derived state
+        self.runtime = LayerRuntime()
 
     # ---- derived tensors -------------------------------------------------------------------
 
@@ -183,140 +188,22 @@ class SlopeLinear(nn.Module):
             or self.mask_steps - self.column_mask_step >= self.config.backward_mask_interval
         )
 
-    def _backend(self, device: torch.device, dtype: torch.dtype, tokens: int | None = None):
-        # `tokens` of the first forward sets the token count at which "auto" measures sparse vs dense
-        key = (device, dtype)
-        if key not in self._backend_cache:
-            self._backend_cache[key] = kernels.select_backend(
-                self.config.backend, device=device, dtype=dtype, n=self.config.n, m=self.config.m,
-                shape=(self.out_features, self.in_features), tokens=tokens,
-            )
-        return self._backend_cache[key]
-
-    def _operands(self, dtype: torch.dtype, training: bool, tokens: int | None = None) -> StepOperands:
-        backend = self._backend(self.weight.device, dtype, tokens)
-        self._observe_step()
-        if backend.keeps_operands:
-            return self._cached_operands(backend, training)
-        positions = self.kept_positions()  # (out, in/m, n)
-        w_master = scatter_kept(self.weight.detach(), positions, self.config.m)  # (out, in) W_R
-        double_prune = self.config.double_prune
-        if training and double_prune and self._column_mask_due():
-            self._refresh_column_mask(w_master)
-        w_r = w_master.to(dtype)
-        m = self.config.m
-        bits_at_forward = self.col_bits if self.column_mask_step >= 0 else None
-
-        def grad_input_operand():
-            if not double_prune:
-                return backend.prepare_grad_input(w_r)
-            bits = bits_at_forward
-            if bits is None:  # backward without a training forward (rare): build M_C now
-                self._refresh_column_mask(w_master)
-                bits = self.col_bits
-            return backend.prepare_grad_input(apply_group_bits(w_r, bits, m, dim=0))
-
-        # This path holds W_R (out, in) until backward anyway; keeping the positions beside it is
-        # cheaper on a CPU than building them a second time.
-        return StepOperands(backend, lambda: positions, backend.prepare_output(w_r), grad_input_operand)
-
-    def _operand_cache(self, backend) -> kernels.OperandCache:
-        cache = self._operand_caches.get(backend)
-        if cache is None:
-            # index maps (2 bytes per weight) pay off only while a column mask lasts several steps
-            cache = kernels.OperandCache(backend, index_maps=self.config.backward_mask_interval > 1)
-            self._operand_caches[backend] = cache
-        return cache
-
-    def _cached_operands(self, backend, training: bool) -> StepOperands:
-        """Operands of a backend that keeps them (CUDA 2:4): compressed once, refreshed in place.
-
-        The output operand follows the values' `_version`; the grad_input operand also follows the
-        column-mask step, so M_C is recompressed only every `backward_mask_interval` steps.
-        """
-        cache = self._operand_cache(backend)
-        values = self.weight.detach()
-        row_mask = self.row_mask  # a callable: unpacked only when an operand is (re)built
-        row_key = (self.row_bits.data_ptr(), self.row_bits._version)
-        m = self.config.m
-        row_bits = self.row_bits
-        built: dict[torch.dtype, torch.Tensor] = {}
-        positions: list[torch.Tensor] = []  # (out, in/m, n), built at most once in this forward
-        dense_output: list[torch.Tensor] = []  # the output operand, when it is a dense W_R
-
-        def w_r(dtype: torch.dtype | None = None) -> torch.Tensor:
-            """W_R (out, in) in `dtype` (default: the master dtype), built at most once per step and
-            only if needed; a dense output operand of that dtype is reused (grad_input's dense
-            fallback then only applies M_C to it instead of scattering the values again)."""
-            dtype = dtype or values.dtype
-            if dense_output and dense_output[0].dtype == dtype:
-                return dense_output[0]
-            if dtype not in built:
-                if not positions:
-                    positions.append(kept_positions(row_bits, self.config.n, m))
-                built[dtype] = scatter_kept(values.to(dtype), positions[0], m)
-            return built[dtype]
-
-        double_prune = self.config.double_prune
-        if training and double_prune and self._column_mask_due():
-            self._refresh_column_mask(w_r())
-        col_step = self.column_mask_step
-        bits_at_forward = self.col_bits if col_step >= 0 else None
-
-        def grad_input_operand():
-            if not double_prune:
-                return cache.grad_input(values, row_mask, None, row_key, dense=w_r)
-            bits, step = bits_at_forward, col_step
-            if bits is None:  # backward without a training forward (rare): build M_C now
-                self._refresh_column_mask(w_r())
-                bits, step = self.col_bits, self.column_mask_step
-            col_mask = lambda: unpack_group_bits(bits, m, dim=0)  # noqa: E731  (out, in) M_C, built on demand
-            return cache.grad_input(values, row_mask, col_mask, (row_key, step, bits.data_ptr()), dense=w_r)
-
-        out_operand = cache.output(values, row_mask, row_key, dense=w_r)
-        if isinstance(out_operand, torch.Tensor):  # a dense fallback: alive until backward anyway (ctx)
-            dense_output.append(out_operand)
-        built.clear()  # a master-dtype W_R (4 bytes per weight) must not live on until backward here
-        positions.clear()
-        # The weight gradient's positions are built in backward from the packed M_R (1 byte per
-        # group): held from forward to backward they would cost 4 bytes per weight, more than the
-        # compute-dtype weights themselves, for every layer at the peak of a step.
-        n = self.config.n
-        return StepOperands(backend, lambda: kept_positions(row_bits, n, m), out_operand, grad_input_operand)
-
-    def _fused_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Adapter inference on a CUDA 2:4 backend: the faster of the fused and two-path versions.
-
-        Returns None on backends without it (the caller then runs the plain path).
-        """
-        backend = self._backend(self.weight.device, dtype, x.numel() // x.shape[-1])
-        if not (backend.keeps_operands and backend.plan.sparse_output):
+    def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
+        """M_C for a training step: recomputed from `w_r()` (W_R in the master dtype) when due, i.e.
+        every `backward_mask_interval` optimizer steps; None without double pruning. The one place
+        every backend path asks for the column mask."""
+        if not self.config.double_prune:
             return None
-        self._observe_step()
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
-        values, a, b = self.weight.detach(), self.adapter_a.detach(), self.adapter_b.detach()
-        cache = self._operand_cache(backend)
-        row_mask = self.row_mask
-        row_key = (self.row_bits.data_ptr(), self.row_bits._version)
-        a_c, b_c = a.to(dtype), b.to(dtype)
+        if self._column_mask_due():
+            self._refresh_column_mask(w_r())
+        return ColumnMask(self.col_bits, self.column_mask_step, self.config.m)
 
-        def two_path():
-            return kernels.two_path_inference(backend, x2d, cache.output(values, row_mask, row_key), a_c, b_c,
-                                              self.adapter_scale)
+    # ---- backend ----------------------------------------------------------------------------
 
-        if self._fused is None:
-            self._fused = kernels.FusedAdapterInference(backend)
-        key = (values.data_ptr(), values._version, a.data_ptr(), a._version, row_key)
-
-        def fused():
-            return self._fused(x2d, lambda: self.dense_weight().to(dtype), a_c, b_c, self.adapter_scale, key)
-
-        if backend.plan.fused_inference is None:  # decided once per layer shape, at the first call
-            backend.plan.fused_inference = kernels.fused_is_faster(fused, two_path)
-        y = fused() if backend.plan.fused_inference else two_path()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def set_backend(self, backend: str) -> None:
+        """Run on `backend` (a `SlopeConfig.backend` name) from the next forward on."""
+        self.config = self.config.replace(backend=backend)
+        self.runtime.reset()
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -325,11 +212,13 @@ class SlopeLinear(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        tokens = x.numel() // max(1, x.shape[-1])
+        self._observe_step()
         if self.adapter_a is not None and not training:
-            y = self._fused_inference(x, dtype)
+            y = self.runtime.infer(self, x, dtype, tokens)
             if y is not None:
                 return y
-        ops = self._operands(dtype, training, x.numel() // max(1, x.shape[-1]))
+        ops = self.runtime.operands(self, dtype, training, tokens)
         with torch.autocast(device_type=device_type, enabled=False):
             y = SlopeLinearFunction.apply(x.to(dtype), self.weight, self.bias, ops)
         if self.adapter_a is not None:
@@ -396,6 +285,7 @@ class SlopeLinear(nn.Module):
         if state is not None:
             self.mask_steps, self.column_mask_step = steps, col_step
         self._seen_version = self.weight._version  # loading is not an optimizer step
+        self.runtime.reset()  # operands of the old values and masks
 
     def extra_repr(self) -> str:
         return (

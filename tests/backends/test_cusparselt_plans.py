@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from slope.backends import cusparselt_plans as cp
-from slope.backends import kernels
-from slope.backends.kernels import Compressed, ProductPlan, SemiStructuredBackend
+from slope.backends.semistructured import ProductPlan, SemiStructuredBackend
+from slope.backends.sparselib import CUSPARSELT, Compressed
 from slope.masks import nm_mask
 
 _TYPES = {2: torch.float16, 14: torch.bfloat16}
@@ -323,7 +323,7 @@ def test_status_without_cuda():
 @pytest.mark.parametrize("layout", ["tr", "nt"])
 def test_backend_products_go_through_the_plans(gpu_like, layout, monkeypatch):
     # the cusparselt backend with plans on: the kernel layout picks the plan, padding to 8 tokens stays
-    be = SemiStructuredBackend("cusparselt", torch.bfloat16, (32, 64), ProductPlan(), inplace=False)
+    be = SemiStructuredBackend(CUSPARSELT, torch.bfloat16, (32, 64), ProductPlan(), inplace=False)
     be.plan.kernel["output"] = (layout, 0)
     a = two_four(32, 64)
     op = Compressed(32, 64, a, None, inplace=False)  # the fake's "compressed" A is A itself
@@ -333,4 +333,4 @@ def test_backend_products_go_through_the_plans(gpu_like, layout, monkeypatch):
     assert torch.equal(y, (x.double() @ a.double().t()).bfloat16())
     assert gpu_like.counts["plan_init"] == 1 and next(iter(gpu_like.mats.values()))["rows"] == 32
     assert any(m["rows"] == 16 and not m["structured"] for m in gpu_like.mats.values())  # 13 tokens padded to 16
-    assert kernels.cusparselt_plans.plan_cache().built == 1
+    assert cp.plan_cache().built == 1

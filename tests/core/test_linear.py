@@ -267,3 +267,42 @@ def test_empty_layer_loads_a_state_dict_exactly():
     assert torch.equal(empty(x), layer(x))
     with pytest.raises(ValueError, match=r"shape \(out=32, in=30\)"):
         SlopeLinear.empty(30, 32)
+
+
+def test_step_column_mask_is_recomputed_only_when_due():
+    _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32, backward_mask_interval=2)
+    built = []
+
+    def w_r():
+        built.append(layer.dense_weight())
+        return built[-1]
+
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # a forward without grad: no M_C yet
+    assert layer.column_mask_step == -1
+    first = layer.step_column_mask(w_r)
+    assert first.step == 0 and len(built) == 1
+    assert torch.equal(first.mask(), column_mask(built[0]))
+    for step in (1, 2):
+        with torch.no_grad():
+            layer.weight.mul_(-1.5).add_(0.1)  # an optimizer step, seen by the next forward
+            layer(torch.randn(2, 64))
+        current = layer.step_column_mask(w_r)
+        assert layer.mask_steps == step and current.step == (0 if step == 1 else 2)
+    assert len(built) == 2  # W_R was built only where M_C was recomputed
+    assert torch.equal(current.mask(), column_mask(layer.dense_weight()))
+    _, no_dp = make_layer(double_prune=False)
+    assert no_dp.step_column_mask(w_r) is None and len(built) == 2
+
+
+def test_set_backend_validates_and_applies_from_the_next_forward():
+    _, layer = make_layer()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    y = layer(x)
+    layer.set_backend("reference")
+    assert layer.config.backend == "reference" and layer.runtime.describe() == "no forward yet"
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    assert layer.runtime.describe() == "cpu: reference float64"
+    with pytest.raises(ValueError, match=r"SlopeConfig.backend='triton' is invalid"):
+        layer.set_backend("triton")
+    assert layer.config.backend == "reference"

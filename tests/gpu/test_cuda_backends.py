@@ -2,7 +2,7 @@
 
 Both sides multiply the same rounded operands (W_R, W_RC in the compute dtype) with fp32
 accumulation, so they differ by summation order and the final rounding only: relative Frobenius
-errors near 0.3·eps of the compute dtype. The tolerance is 4·eps (see kernels._tolerance); a wrong
+errors near 0.3·eps of the compute dtype. The tolerance is 4·eps (see numerics.tolerance); a wrong
 compressed layout, metadata or transpose gives errors of order 1.
 """
 
@@ -11,8 +11,16 @@ import torch
 from torch import nn
 
 from slope import SlopeConfig, SlopeLinear
-from slope.backends import kernels
-from slope.masks import column_mask, gather_values, nm_mask, scatter_values
+from slope.backends import backend_summary
+from slope.backends.fused import FusedAdapterInference
+from slope.backends.numerics import layout_check, tolerance
+from slope.backends.reference import ReferenceBackend
+from slope.backends.select import unavailable_reason
+from slope.backends.semistructured import OperandCache, ProductPlan, SemiStructuredBackend
+from slope.backends.sparselib import LIBRARIES
+from slope.backends.weights import ColumnMask, StepWeights
+from slope.config import CUDA_BACKENDS
+from slope.masks import column_mask, gather_values, nm_mask, pack_group_bits, scatter_values
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +33,7 @@ SHAPES = [(256, 512), (1024, 256), (768, 2048), (2048, 5632)]
 
 
 def kind_or_skip(kind: str, dtype=torch.bfloat16, shape=(256, 512)) -> None:
-    reason = kernels.unavailable_reason(kind, device=torch.device("cuda"), dtype=dtype, n=2, m=4, shape=shape)
+    reason = unavailable_reason(LIBRARIES[kind], device=torch.device("cuda"), dtype=dtype, n=2, m=4, shape=shape)
     if reason is not None:
         pytest.skip(f"{kind}: {reason}")
 
@@ -50,7 +58,7 @@ def pair(kind, shape, rank=0, interval=1, seed=0):
     return ref, fast
 
 
-@pytest.mark.parametrize("kind", kernels.CUDA_BACKENDS)
+@pytest.mark.parametrize("kind", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rank", [0, 16], ids=["no_adapter", "adapter16"])
@@ -58,7 +66,7 @@ def test_three_products_match_reference(kind, dtype, shape, rank):
     kind_or_skip(kind, dtype, shape)
     ref, fast = pair(kind, shape, rank)
     opts = [torch.optim.SGD(layer.parameters(), lr=1e-3) for layer in (ref, fast)]
-    tol = kernels._tolerance(dtype)
+    tol = tolerance(dtype)
     for step in range(3):  # step 0 compresses; steps 1-2 refresh the values (in place where verified)
         torch.manual_seed(100 + step)
         x = torch.randn(3, 181, shape[1], device="cuda")  # 543 tokens: not a multiple of 8
@@ -76,14 +84,14 @@ def test_three_products_match_reference(kind, dtype, shape, rank):
             assert a.dtype == b.dtype and a.shape == b.shape
             err = rel(a, b)
             assert err <= tol, f"{kind} {name} step {step}: relative error {err:.2e} > {tol:.1e}"
-    be = next(iter(fast._backend_cache.values()))
-    assert isinstance(be, kernels.SemiStructuredBackend) and be.plan.sparse_output and be.plan.sparse_grad_input
-    (cache,) = fast._operand_caches.values()
+    (lane,) = fast.runtime.lanes()
+    be, cache = lane.backend, lane.store
+    assert isinstance(be, SemiStructuredBackend) and be.plan.sparse_output and be.plan.sparse_grad_input
     if be.inplace:
         assert cache.rebuilds["output_inplace"] == 2
 
 
-@pytest.mark.parametrize("kind", kernels.CUDA_BACKENDS)
+@pytest.mark.parametrize("kind", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_mask_interval_refreshes_in_place(kind, dtype):
     kind_or_skip(kind, dtype)
@@ -102,74 +110,80 @@ def test_mask_interval_refreshes_in_place(kind, dtype):
             grads.append(xi.grad)
             opt.step()
             opt.zero_grad()
-        assert rel(grads[1], grads[0]) <= kernels._tolerance(dtype), f"step {step}"
+        assert rel(grads[1], grads[0]) <= tolerance(dtype), f"step {step}"
     assert torch.equal(ref.col_bits, fast.col_bits)
-    (cache,) = fast._operand_caches.values()
+    (lane,) = fast.runtime.lanes()
+    cache = lane.store
     assert cache.rebuilds["grad_input"] + cache.rebuilds["grad_input_inplace"] == 6
-    be = next(iter(fast._backend_cache.values()))
-    assert cache.rebuilds["grad_input"] == (2 if be.inplace else 6)  # M_C refreshed at steps 0 and 4
+    assert cache.rebuilds["grad_input"] == (2 if lane.backend.inplace else 6)  # M_C refreshed at steps 0 and 4
 
 
-@pytest.mark.parametrize("kind", kernels.CUDA_BACKENDS)
+@pytest.mark.parametrize("kind", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_layout_check_and_both_refresh_paths(kind, dtype):
     kind_or_skip(kind, dtype)
-    inplace = kernels.layout_check(kind, torch.device("cuda"), dtype)
+    lib = LIBRARIES[kind]
+    inplace = layout_check(lib, torch.device("cuda"), dtype)
     print(f"{kind} {dtype}: in-place value layout verified = {inplace}")
     # whatever the layout, forcing each path must give the reference numerics
     for forced in ({True, False} if inplace else {False}):
-        be = kernels.SemiStructuredBackend(kind, dtype, (512, 1024), kernels.ProductPlan(), inplace=forced)
-        cache = kernels.OperandCache(be)
+        be = SemiStructuredBackend(lib, dtype, (512, 1024), ProductPlan(), inplace=forced)
+        cache = OperandCache(be)
         torch.manual_seed(3)
         w = torch.randn(512, 1024, device="cuda")
         row_mask = nm_mask(w, 2, 4, dim=1)
+        row_bits = pack_group_bits(row_mask, 4, dim=1)
         values = gather_values(w, row_mask).clone()
         col_mask = column_mask(w * row_mask, 2, 4)
+        col = ColumnMask.from_mask(col_mask)
         x = torch.randn(200, 1024, device="cuda", dtype=dtype)
         dy = torch.randn(200, 512, device="cuda", dtype=dtype)
         for _ in range(2):
             w_r = scatter_values(values, row_mask).to(dtype)
-            y = be.output(x, cache.output(values, row_mask, 0))
-            dx = be.grad_input(dy, cache.grad_input(values, row_mask, col_mask, 0))
-            assert rel(y, x.double() @ w_r.double().t()) <= kernels._tolerance(dtype)
-            assert rel(dx, dy.double() @ (w_r * col_mask).double()) <= kernels._tolerance(dtype)
+            weights = StepWeights(values, row_bits, 2, 4)
+            y = be.output(x, cache.output(weights))
+            dx = be.grad_input(dy, cache.grad_input(weights, col))
+            assert rel(y, x.double() @ w_r.double().t()) <= tolerance(dtype)
+            assert rel(dx, dy.double() @ (w_r * col_mask).double()) <= tolerance(dtype)
             values.mul_(-1.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("rank", [8, 36])
 def test_fused_adapter_inference_matches_reference(dtype, rank):
-    kind = "cusparselt" if kernels.unavailable_reason(
-        "cusparselt", device=torch.device("cuda"), dtype=dtype, n=2, m=4, shape=(256, 512)) is None else "cutlass"
+    kind = "cusparselt" if unavailable_reason(
+        LIBRARIES["cusparselt"], device=torch.device("cuda"), dtype=dtype, n=2, m=4, shape=(256, 512)) is None else "cutlass"
     kind_or_skip(kind, dtype)
     ref, fast = pair(kind, (1024, 2048), rank=rank)
     x = torch.randn(4, 100, 2048, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         y_ref, y = ref(x), fast(x)
-        be = next(iter(fast._backend_cache.values()))
-        fused = kernels.FusedAdapterInference(be)
-        w_r = fast.dense_weight().to(dtype)
-        y_fused = fused(x.reshape(-1, 2048).to(dtype), w_r, fast.adapter_a.to(dtype), fast.adapter_b.to(dtype),
+        (lane,) = fast.runtime.lanes()
+        be = lane.backend
+        fused = FusedAdapterInference(be)
+        weights = StepWeights(fast.weight.detach(), fast.row_bits, 2, 4)
+        y_fused = fused(x.reshape(-1, 2048).to(dtype), weights, fast.adapter_a.to(dtype), fast.adapter_b.to(dtype),
                         fast.adapter_scale, ("k",))
     assert be.plan.fused_inference in (True, False)
-    assert rel(y, y_ref) <= kernels._tolerance(dtype)
-    assert rel(y_fused + fast.bias.to(dtype), y_ref.reshape(-1, 1024)) <= kernels._tolerance(dtype)
+    assert rel(y, y_ref) <= tolerance(dtype)
+    assert rel(y_fused + fast.bias.to(dtype), y_ref.reshape(-1, 1024)) <= tolerance(dtype)
 
 
 def test_auto_picks_a_sparse_backend_and_reports():
-    if all(kernels.unavailable_reason(k, device=torch.device("cuda"), dtype=torch.bfloat16, n=2, m=4,
-                                      shape=(4096, 4096)) for k in kernels.CUDA_BACKENDS):
+    if all(unavailable_reason(LIBRARIES[k], device=torch.device("cuda"), dtype=torch.bfloat16, n=2, m=4,
+                              shape=(4096, 4096)) for k in CUDA_BACKENDS):
         pytest.skip("no CUDA 2:4 backend on this GPU")
     layer = SlopeLinear(4096, 4096, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         layer(torch.randn(2048, 4096, device="cuda")).sum().backward()
-    line = kernels.backend_summary([layer])
+    line = backend_summary([layer])
     print(line)
     assert line.startswith("slope backends: cus") or line.startswith("slope backends: cutlass")
     # fp32 without autocast and non-2:4 patterns stay on the reference path
     fp32 = SlopeLinear(256, 256, device="cuda")
     fp32(torch.randn(8, 256, device="cuda"))
-    assert next(iter(fp32._backend_cache.values())) is kernels.REFERENCE
+    (lane,) = fp32.runtime.lanes()
+    assert isinstance(lane.backend, ReferenceBackend)
 
 
 def test_explicit_backend_errors_name_the_reason():

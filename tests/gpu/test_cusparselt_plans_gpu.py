@@ -3,14 +3,16 @@
 The same compressed operand goes through `torch._cslt_sparse_mm` (a plan built per call) and
 through a cached plan with the same algorithm: the same kernel on the same data, so results must
 agree to the last bit or within one rounding of the output where a kernel splits its sums
-differently. Against float64, the tolerance of kernels._tolerance applies.
+differently. Against float64, the tolerance of numerics.tolerance applies.
 """
 
 import pytest
 import torch
 
 from slope.backends import cusparselt_plans as cp
-from slope.backends import kernels
+from slope.backends.numerics import rel_error, tolerance
+from slope.backends.select import unavailable_reason
+from slope.backends.sparselib import CUSPARSELT
 from slope.masks import nm_mask
 
 pytestmark = [
@@ -23,8 +25,8 @@ SHAPES = [(128, 256, 40), (1024, 512, 72), (768, 2048, 256), (4096, 4096, 2048)]
 
 @pytest.fixture(scope="module")
 def cache():
-    reason = kernels.unavailable_reason("cusparselt", device=torch.device("cuda"), dtype=torch.bfloat16, n=2, m=4,
-                                        shape=(256, 256))
+    reason = unavailable_reason(CUSPARSELT, device=torch.device("cuda"), dtype=torch.bfloat16, n=2, m=4,
+                                shape=(256, 256))
     if reason is not None:
         pytest.skip(f"cusparselt: {reason}")
     cp.reset()
@@ -53,14 +55,14 @@ def test_cached_plan_matches_torch_and_reference(cache, rows, cols, tokens, dtyp
     assert ((got.float() - torch_call.float()).abs() <= ulp).all()
     ref = b.double() @ a.double().t()
     mine = got if layout == "tr" else got.t()
-    assert kernels._rel_error(mine, ref) <= kernels._tolerance(dtype)
+    assert rel_error(mine, ref) <= tolerance(dtype)
 
 
 def test_searched_algorithm_runs_through_a_cached_plan(cache):
     a, packed, b = operands(2048, 2048, 2048, torch.bfloat16)
     alg = int(torch._cslt_sparse_mm_search(packed, b.t(), transpose_result=True))
     got = cache.mm_t(packed, 2048, 2048, b, "tr", alg)
-    assert kernels._rel_error(got, b.double() @ a.double().t()) <= kernels._tolerance(torch.bfloat16)
+    assert rel_error(got, b.double() @ a.double().t()) <= tolerance(torch.bfloat16)
 
 
 def test_repeated_calls_reuse_one_plan_and_follow_new_values(cache):
@@ -80,4 +82,4 @@ def test_products_on_a_side_stream_follow_that_stream(cache):
     with torch.cuda.stream(side):
         y = cache.mm_t(packed, 1024, 1024, b)
     torch.cuda.current_stream().wait_stream(side)
-    assert kernels._rel_error(y, b.double() @ a.double().t()) <= kernels._tolerance(torch.bfloat16)
+    assert rel_error(y, b.double() @ a.double().t()) <= tolerance(torch.bfloat16)

@@ -43,8 +43,8 @@ def test_auto_backend_on_cuda_matches_reference(exported):
     ids = torch.randint(1, 320, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
-    kinds = {type(b).__name__ for _, layer in slope.slope_layers(fast) for b in layer._backend_cache.values()}
-    print("backends used:", kinds, "| summary:", slope.backends.kernels.backend_summary(slope.slope_layers(fast)))
+    kinds = {type(lane.backend).__name__ for _, layer in slope.slope_layers(fast) for lane in layer.runtime.lanes()}
+    print("backends used:", kinds, "| summary:", slope.backends.backend_summary(slope.slope_layers(fast)))
     assert "SemiStructuredBackend" in kinds
     assert float((got - want).norm() / want.norm()) < 3e-2
 

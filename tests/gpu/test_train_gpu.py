@@ -31,5 +31,5 @@ def test_tiny_run_on_cuda(tmp_path, precision):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["precision"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["eval"]["val"]["loss"])
-    model, _ = checkpoint.load_model(run_dir)  # loads on CPU
+    model, _, _ = checkpoint.load_checkpoint(run_dir)  # loads on CPU
     assert next(model.parameters()).device.type == "cpu"

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+from slope.backends.numerics import rel_error, tolerance
+from slope.masks import nm_mask
+
 log = logging.getLogger("slope")
 
 # cusparse.h / library_types.h / cusparseLt.h enum values (cuSPARSELt 0.8.0)
@@ -302,9 +305,6 @@ def plans_disabled_by_env() -> bool:
 
 def _self_test(cache: PlanCache, device: torch.device) -> None:
     """Compare cached plans with torch's own call on small products of both layouts and dtypes."""
-    from slope.backends.kernels import _rel_error, _tolerance  # kernels imports this module
-    from slope.masks import nm_mask
-
     gen = torch.Generator(device=device).manual_seed(3)
     for dtype in (torch.bfloat16, torch.float16):
         w = torch.randn(128, 256, device=device, generator=gen)
@@ -316,8 +316,8 @@ def _self_test(cache: PlanCache, device: torch.device) -> None:
             want = torch._cslt_sparse_mm(packed, b.t(), transpose_result=layout == "tr")
             if got.shape != want.shape:
                 raise CusparseLtError(f"cached plan gave shape {tuple(got.shape)}, torch {tuple(want.shape)}")
-            err = _rel_error(got, want)
-            if not err <= _tolerance(dtype):  # same kernel on the same data: in practice 0
+            err = rel_error(got, want)
+            if not err <= tolerance(dtype):  # same kernel on the same data: in practice 0
                 raise CusparseLtError(
                     f"cached plan disagrees with torch._cslt_sparse_mm ({dtype}, {layout}): relative error {err:.2e}"
                 )

@@ -92,7 +92,8 @@ def load(
         model = load_compressed(source.path, backend=backend)
     elif source.kind == "checkpoint":
         model, _, _ = checkpoint.load_checkpoint(source.path)
-        _set_backend(model, backend)
+        for _, layer in slope_layers(model):
+            layer.set_backend(backend)
     else:
         model = _load_huggingface(source.path)
     target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
@@ -129,12 +130,6 @@ def load_tokenizer(path: str | Path):
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     raise FileNotFoundError(f"{path} has no saved tokenizer (looked in {folder})")
-
-
-def _set_backend(model: nn.Module, backend: str) -> None:
-    for _, layer in slope_layers(model):
-        layer.config = layer.config.replace(backend=backend)
-        layer._backend_cache.clear()
 
 
 # ---- the compressed format -------------------------------------------------------------------

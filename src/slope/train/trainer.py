@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from slope.backends.kernels import backend_summary
+from slope.backends import backend_summary
 from slope.convert import slope_layers
 from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint

@@ -18,7 +18,7 @@ def collect(device: str | None = None) -> dict:
     import torch
 
     import slope
-    from slope.backends import cusparselt_plans, kernels
+    from slope.backends import availability, cusparselt_plans_status
     from slope.cli import UserError
 
     try:
@@ -46,8 +46,8 @@ def collect(device: str | None = None) -> dict:
                 "memory_gib": round(props.total_memory / 2**30, 1),
             })
     info["device"] = str(dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    info["backends"] = kernels.availability(torch.device(info["device"]))
-    info["cusparselt_plans"] = cusparselt_plans.status()  # decided by the availability check above
+    info["backends"] = availability(torch.device(info["device"]))
+    info["cusparselt_plans"] = cusparselt_plans_status()  # decided by the availability check above
     return info
 
 

@@ -1,0 +1,193 @@
+"""How one SlopeLinear runs: its backend per (device, dtype), the operands of each step, adapter inference.
+
+A SlopeLinear keeps storage and mask bookkeeping; everything that depends on the backend goes
+through its `LayerRuntime`:
+
+    operands(layer, dtype, training, tokens)  the StepOperands of one forward/backward
+    infer(layer, x, dtype, tokens)            adapter inference on a sparse backend, or None
+    lanes(), describe()                       what runs, for reports (`backend_summary`)
+    reset()                                   forget every backend and cache (new backend, load)
+
+A `Lane` is what runs on one (device, dtype): the backend chosen at the first forward there, and
+its operand store (the reference's dense operands, or a 2:4 `OperandCache`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from slope.autograd import StepOperands
+from slope.backends.fused import FusedAdapterInference, fused_is_faster, two_path_inference
+from slope.backends.select import SELECTOR, Selector
+from slope.backends.semistructured import SemiStructuredBackend
+from slope.backends.timing import time_ms
+from slope.backends.weights import ColumnMask, StepWeights
+from slope.config import SlopeConfig
+
+
+class RuntimeLayer(Protocol):
+    """What a runtime reads from its layer (a SlopeLinear)."""
+
+    weight: torch.Tensor  # (out, k) kept values
+    row_bits: torch.Tensor  # (out, in/m) packed M_R
+    bias: torch.Tensor | None
+    config: SlopeConfig
+    in_features: int
+    out_features: int
+    adapter_a: torch.Tensor | None  # (in, r)
+    adapter_b: torch.Tensor | None  # (r, out)
+    adapter_scale: float
+
+    def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
+        """M_C for a training step, recomputed from w_r() when due; None without double pruning."""
+
+
+class OperandStore(Protocol):
+    def output(self, weights: StepWeights) -> Any: ...
+
+    def grad_input(self, weights: StepWeights, col: ColumnMask | None) -> Any: ...
+
+
+class Backend(Protocol):
+    name: str
+    fallbacks: tuple[str, ...]  # why products run dense, for reports
+    keeps_step_weights: bool  # hold a step's W_R and positions from forward to backward
+
+    def operand_store(self, index_maps: bool) -> OperandStore: ...
+
+    def output(self, x: torch.Tensor, operand: Any) -> torch.Tensor: ...
+
+    def grad_input(self, dy: torch.Tensor, operand: Any) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class Lane:
+    """What a layer runs on one (device, dtype)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: Backend
+    store: OperandStore
+    fused: FusedAdapterInference | None = None  # built at the first fused adapter inference
+
+
+class LayerRuntime:
+    """The backend side of one SlopeLinear (see module docstring). `selector` chooses backends."""
+
+    def __init__(self, selector: Selector = SELECTOR):
+        self.selector = selector
+        self._lanes: dict[tuple[torch.device, torch.dtype], Lane] = {}
+
+    def lanes(self) -> list[Lane]:
+        return list(self._lanes.values())
+
+    def lane(self, layer: RuntimeLayer, dtype: torch.dtype, tokens: int | None = None) -> Lane:
+        """The lane for the layer's device and `dtype`, chosen at its first use; `tokens` of that
+        first forward is the token count at which "auto" measures sparse against dense."""
+        device = layer.weight.device
+        lane = self._lanes.get((device, dtype))
+        if lane is None:
+            cfg = layer.config
+            backend = self.selector.select(
+                cfg.backend, device=device, dtype=dtype, n=cfg.n, m=cfg.m,
+                shape=(layer.out_features, layer.in_features), tokens=tokens,
+            )
+            # index maps (2 bytes per weight) pay off only while a column mask lasts several steps
+            store = backend.operand_store(index_maps=cfg.backward_mask_interval > 1)
+            lane = self._lanes[(device, dtype)] = Lane(device, dtype, backend, store)
+        return lane
+
+    def operands(self, layer: RuntimeLayer, dtype: torch.dtype, training: bool, tokens: int) -> StepOperands:
+        """What one forward (and, when `training`, its backward) of `layer` multiplies with.
+
+        M_C is the layer's concern: a training step asks it for the column mask, which it recomputes
+        when due. Without training there is no backward through this layer's input, so no grad_input
+        operand, and the column mask is not even looked at.
+        """
+        lane = self.lane(layer, dtype, tokens)
+        cfg = layer.config
+        weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
+        col = layer.step_column_mask(weights.dense) if training else None
+        output = lane.store.output(weights)
+        if not lane.backend.keeps_step_weights:
+            # The weight gradient's positions are then built again in backward from the packed M_R
+            # (1 byte per group): held from forward to backward they would cost 4 bytes per weight,
+            # more than the compute-dtype weights themselves, for every layer at the peak of a step.
+            weights.release(output)
+        grad_input = functools.partial(lane.store.grad_input, weights, col) if training else None
+        return StepOperands(lane.backend, weights.positions, output, grad_input)
+
+    def infer(self, layer: RuntimeLayer, x: torch.Tensor, dtype: torch.dtype, tokens: int) -> torch.Tensor | None:
+        """y = x W_Rᵀ + b + s·(x A) B without grad, on a 2:4 backend whose output product is sparse:
+        the faster of the fused and the two-path version (decided once per layer shape). None
+        elsewhere: the caller runs the plain forward."""
+        lane = self.lane(layer, dtype, tokens)
+        backend = lane.backend
+        if not (isinstance(backend, SemiStructuredBackend) and backend.plan.sparse_output):
+            return None
+        cfg = layer.config
+        weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+        a, b = layer.adapter_a.detach(), layer.adapter_b.detach()
+        a_c, b_c, scale = a.to(dtype), b.to(dtype), layer.adapter_scale
+        if lane.fused is None:
+            lane.fused = FusedAdapterInference(backend)
+        key = (weights.layout_key, weights.version, a.data_ptr(), a._version)
+
+        def fused() -> torch.Tensor:
+            return lane.fused(x2d, weights, a_c, b_c, scale, key)
+
+        def two_path() -> torch.Tensor:
+            return two_path_inference(backend, x2d, lane.store.output(weights), a_c, b_c, scale)
+
+        if backend.plan.fused_inference is None:
+            backend.plan.fused_inference = fused_is_faster(fused, two_path, functools.partial(time_ms, device=x.device))
+        y = fused() if backend.plan.fused_inference else two_path()  # (T, out)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def describe(self) -> str:
+        """One line: the backend of each (device, dtype) this layer has run on."""
+        if not self._lanes:
+            return "no forward yet"
+        return "; ".join(f"{lane.device}: {lane.backend.describe()}" for lane in self._lanes.values())
+
+    def reset(self) -> None:
+        """Forget every backend and cached operand: the next forward chooses again."""
+        self._lanes.clear()
+
+    def __reduce__(self):
+        # Copies and pickles of a layer start without caches: they are derived state.
+        return (LayerRuntime, (self.selector,))
+
+
+def backend_summary(layers) -> str:
+    """One line: which backend each layer uses and which products fell back to dense, and why.
+
+    layers: SlopeLinear modules (or (name, module) pairs, as `slope.slope_layers` returns).
+    """
+    counts: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    total = 0
+    for item in layers:
+        layer = item[1] if isinstance(item, tuple) else item
+        for lane in layer.runtime.lanes():
+            be = lane.backend
+            total += 1
+            counts[be.name] = counts.get(be.name, 0) + 1
+            for reason in be.fallbacks:
+                tag = f"{be.shape}: {reason}"
+                dense[tag] = dense.get(tag, 0) + 1
+    if total == 0:
+        return "slope backends: no layer has run yet"
+    used = ", ".join(f"{name} x{c}" for name, c in sorted(counts.items()))
+    fallbacks = "; ".join(f"{c} layer(s) {tag}" for tag, c in sorted(dense.items())) or "none"
+    return f"slope backends: {used}; dense fallbacks: {fallbacks}"
