@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmarks: CUDA-event timing and the common result schema (DESIGN §8).
+"""Shared pieces of the GPU benchmarks: CUDA-event timing and the common result schema (see benchmarks/_report.py).
 
 Every result JSON: {"benchmark", "command", "date", "hardware", "versions", "metrics", "rows"};
 next to it a markdown file with the same header and a table.

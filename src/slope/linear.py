@@ -1,6 +1,6 @@
 """SlopeLinear: an N:M sparse linear layer that stores only its kept weights.
 
-Storage (DESIGN §3):
+Storage:
     weight     Parameter (out, in·n/m)  the kept values, row-major within each row
     row_bits   buffer    (out, in/m)    M_R, one bit per position of each group along `in`
     col_bits   buffer    (out/m, in)    M_C, one bit per position of each group along `out`

@@ -6,7 +6,20 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from slope import SlopeConfig, SlopeLinear, column_mask, nm_mask
+from slope import SlopeConfig, SlopeLinear
+
+
+def loop_mask(w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """N:M mask by a plain loop over groups, written independently of slope.masks: in every group of
+    `m` consecutive entries along `dim`, keep the `n` largest |w|; of equal values the lower index."""
+    w = w if dim == 1 else w.t()
+    keep = torch.zeros(w.shape, dtype=torch.bool)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], m):
+            group = [(-abs(float(w[row, start + i])), i) for i in range(m)]
+            for _, i in sorted(group)[:n]:
+                keep[row, start + i] = True
+    return keep if dim == 1 else keep.t()
 
 
 def make_layer(out_f=16, in_f=32, bias=True, dtype=torch.float64, **cfg):
@@ -16,10 +29,10 @@ def make_layer(out_f=16, in_f=32, bias=True, dtype=torch.float64, **cfg):
 
 
 def reference_products(w, b, x, dy, n=2, m=4, double_prune=True):
-    """Plain dense masked products in float64 (DESIGN §2)."""
-    m_r = nm_mask(w, n, m, dim=1)
+    """Plain dense masked products in float64."""
+    m_r = loop_mask(w, n, m, dim=1)
     w_r = w * m_r
-    w_rc = w_r * column_mask(w_r, n, m) if double_prune else w_r
+    w_rc = w_r * loop_mask(w_r, n, m, dim=0) if double_prune else w_r
     y = x @ w_r.t() + (0 if b is None else b)
     dx = dy @ w_rc
     dw = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))[m_r].view(w.shape[0], -1)
@@ -46,9 +59,9 @@ def test_three_products_equal_reference(double_prune, bias, n, m):
 def test_dense_and_backward_weight():
     dense, layer = make_layer()
     w = dense.weight.detach()
-    w_r = w * nm_mask(w, 2, 4)
+    w_r = w * loop_mask(w, 2, 4, dim=1)
     assert torch.equal(layer.dense_weight(), w_r)
-    assert torch.equal(layer.backward_weight(), w_r * column_mask(w_r))
+    assert torch.equal(layer.backward_weight(), w_r * loop_mask(w_r, 2, 4, dim=0))
     _, no_dp = make_layer(double_prune=False)
     assert torch.equal(no_dp.backward_weight(), no_dp.dense_weight())
     assert no_dp.col_bits is None
@@ -120,7 +133,7 @@ def test_column_mask_tracks_current_weights_every_step():
         dy = torch.randn(8, 32)
         layer(x).backward(dy)
         w_r = layer.dense_weight()
-        torch.testing.assert_close(x.grad, dy @ (w_r * column_mask(w_r)))
+        torch.testing.assert_close(x.grad, dy @ (w_r * loop_mask(w_r, 2, 4, dim=0)))
         opt.step()
         opt.zero_grad()
 
@@ -250,7 +263,7 @@ def test_steps_are_seen_with_every_optimizer_kind(optimizer, accumulate):
             dy = torch.randn(8, 32)
             layer(x).backward(dy)
             w_r = layer.dense_weight()
-            torch.testing.assert_close(x.grad, dy @ (w_r * column_mask(w_r)))  # M_C of the current values
+            torch.testing.assert_close(x.grad, dy @ (w_r * loop_mask(w_r, 2, 4, dim=0)))  # M_C of the current values
         assert layer.mask_steps == step
         opt.step()
         opt.zero_grad()
@@ -282,7 +295,7 @@ def test_step_column_mask_is_recomputed_only_when_due():
     assert layer.column_mask_step == -1
     first = layer.step_column_mask(w_r)
     assert first.step == 0 and len(built) == 1
-    assert torch.equal(first.mask(), column_mask(built[0]))
+    assert torch.equal(first.mask(), loop_mask(built[0], 2, 4, dim=0))
     for step in (1, 2):
         with torch.no_grad():
             layer.weight.mul_(-1.5).add_(0.1)  # an optimizer step, seen by the next forward
@@ -290,7 +303,7 @@ def test_step_column_mask_is_recomputed_only_when_due():
         current = layer.step_column_mask(w_r)
         assert layer.mask_steps == step and current.step == (0 if step == 1 else 2)
     assert len(built) == 2  # W_R was built only where M_C was recomputed
-    assert torch.equal(current.mask(), column_mask(layer.dense_weight()))
+    assert torch.equal(current.mask(), loop_mask(layer.dense_weight(), 2, 4, dim=0))
     _, no_dp = make_layer(double_prune=False)
     assert no_dp.step_column_mask(w_r) is None and len(built) == 2
 
