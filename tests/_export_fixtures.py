@@ -40,7 +40,7 @@ def make_tokenizer(vocab_size: int = 320):
 
 
 def tiny_config(family: str, vocab_size: int = 320):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
 
     if family == "llama":
         return LlamaConfig(
@@ -53,20 +53,49 @@ def tiny_config(family: str, vocab_size: int = 320):
             vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
+    if family == "opt":
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=64, max_position_embeddings=128,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
     raise ValueError(family)
 
 
-def tiny_model(family: str, adapters: bool = False, cfg: slope.SlopeConfig | None = None, seed: int = 0):
-    """A sparsified tiny model whose adapters (if any) hold non-zero values, so they matter."""
+# Not the defaults (A ~ N(0, 1), scale 1/r): what is saved and loaded must carry the configured values;
+# a reader falling back to the defaults is caught.
+ADAPTER_CONFIG = {"adapter_init": "kaiming", "adapter_scale": 0.37}
+
+
+def tiny_model(
+    family: str, adapters: bool = False, cfg: slope.SlopeConfig | None = None, seed: int = 0,
+    per_layer_scales: bool = False,
+):
+    """A sparsified tiny model in which every stored number matters.
+
+    - Every bias (GPT-2's and OPT's linear and LayerNorm biases; LLaMA has none) is random: Hugging
+      Face initialises them to zero, and an export that wrote zeros instead would then change nothing.
+    - Adapters (rank 4) follow `cfg`, by default ADAPTER_CONFIG: kaiming A, scale 0.37. B is random,
+      not the zero of insertion, so the adapters change the output.
+    - per_layer_scales: each layer gets its own explicit scale (0.5, 0.6, ...), as
+      `SlopeLinear.add_adapter(scale=...)` allows, which no config derives: only a loader that reads
+      the stored scale gets it back. Training checkpoints re-derive the scale from the config (as
+      training does), so such a model is only for `save_compressed`.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
-    slope.sparsify(model, cfg or slope.SlopeConfig(backend="reference"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    slope.sparsify(model, cfg or slope.SlopeConfig(backend="reference", **ADAPTER_CONFIG))
     if adapters:
-        for p in slope.add_adapters(model, rank=4):
+        for i, (_, layer) in enumerate(slope.slope_layers(model)):
+            layer.add_adapter(4, scale=0.5 + 0.1 * i if per_layer_scales else None)
             with torch.no_grad():
-                p.normal_(0, 0.5)
+                layer.adapter_b.normal_(0, 0.5)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from transformers import (
 
 import slope
 from slope import SlopeConfig, SlopeLinear
+from slope.masks import nm_mask
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB}
@@ -92,7 +93,10 @@ def test_sparsified_model_matches_masked_dense_model():
     reference = tiny("llama").double()
     slope.sparsify(model.double())
     for name, layer in slope.slope_layers(model):
-        reference.get_submodule(name).weight.data.copy_(layer.dense_weight())
+        # W_R from the dense weight itself (the same init), not from what the layer stored
+        weight = reference.get_submodule(name).weight.data
+        weight.mul_(nm_mask(weight, 2, 4))
+        assert torch.equal(layer.dense_weight(), weight)
     ids = torch.randint(0, VOCAB, (2, 12))
     torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-10)
 

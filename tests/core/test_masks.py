@@ -32,6 +32,17 @@ def reference_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return out
 
 
+def reference_bits(mask: torch.Tensor, m: int) -> list[list[int]]:
+    """Per-group loop over the last dim of a 2-D mask: bit i of a group's integer is position i (unsigned)."""
+    return [[sum(1 << i for i in range(m) if row[g * m + i]) for g in range(len(row) // m)]
+            for row in mask.tolist()]
+
+
+def unsigned(bits: torch.Tensor, m: int) -> list[list[int]]:
+    """Stored group integers read unsigned (int16/32/64 storage wraps the top bit to negative)."""
+    return [[v & ((1 << m) - 1) for v in row] for row in bits.tolist()]
+
+
 @pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (3, 5), (8, 16)])
 def test_exactly_n_per_group_and_largest_kept(n, m):
     w = torch.randn(12, 4 * m, dtype=torch.float64)
@@ -59,10 +70,10 @@ def test_dtypes(dtype):
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2, -1, -2])
-def test_any_dim_matches_moving_that_dim_last(dim):
-    w = torch.randn(8, 12, 16)
+def test_any_dim_matches_the_reference_along_that_dim(dim):
+    w = torch.randint(-3, 4, (8, 12, 16)).float()  # many ties, including zeros and +/- pairs
     mask = nm_mask(w, 2, 4, dim=dim)
-    expected = nm_mask(w.movedim(dim, -1).contiguous(), 2, 4).movedim(-1, dim)
+    expected = reference_mask(w.movedim(dim, -1).contiguous(), 2, 4).movedim(-1, dim)
     assert torch.equal(mask, expected)
 
 
@@ -104,7 +115,11 @@ def test_column_mask_prunes_along_out_and_keeps_sparse_groups():
     w_rc = double_prune(w_r, 2, 4)
     assert w_rc[0:4, 0].tolist() == [0.0, 3.0, 0.0, 4.0]
     assert torch.equal(w_rc[4:8, 1:3], w_r[4:8, 1:3])
-    assert torch.equal(column_mask(w_r), nm_mask(w_r, 2, 4, dim=0))
+    # M_C groups along `out`: the per-group reference on the transpose, here and on a random W_R
+    assert torch.equal(column_mask(w_r), reference_mask(w_r.t().contiguous(), 2, 4).t())
+    w = torch.randn(16, 32, dtype=torch.float64)
+    w_r = w * reference_mask(w, 2, 4)
+    assert torch.equal(column_mask(w_r), reference_mask(w_r.t().contiguous(), 2, 4).t())
 
 
 @pytest.mark.parametrize(("n", "m", "expected"), [(2, 4, 0.40625), (1, 2, 0.375), (2, 8, 0.25 - 0.0584)])
@@ -121,24 +136,27 @@ def test_double_pruned_density_of_random_matrix(n, m, expected):
 @pytest.mark.parametrize("m", [2, 4, 8, 16, 32, 64])
 def test_pack_unpack_roundtrip(m):
     mask = torch.rand(6, 3 * m) < 0.5
+    mask[0, m - 1] = True  # the top bit: negative where the storage is signed (m >= 16)
     bits = pack_group_bits(mask, m, dim=1)
-    assert bits.shape == (6, 3)
+    assert unsigned(bits, m) == reference_bits(mask, m)
     assert torch.equal(unpack_group_bits(bits, m, dim=1), mask)
     col = pack_group_bits(mask.t().contiguous(), m, dim=0)
+    assert unsigned(col.t(), m) == reference_bits(mask, m)
     assert torch.equal(unpack_group_bits(col, m, dim=0), mask.t())
 
 
 def test_pack_is_one_byte_per_group_for_2_4():
     mask = nm_mask(torch.randn(16, 64), 2, 4)
     bits = pack_group_bits(mask, 4)
-    assert bits.dtype == torch.uint8 and bits.numel() == mask.numel() // 4
+    assert bits.dtype == torch.uint8 and bits.tolist() == reference_bits(mask, 4)
 
 
 def test_scatter_gather_roundtrip():
     w = torch.randn(8, 16, dtype=torch.float64)
     mask = nm_mask(w, 2, 4)
     values = gather_values(w, mask)
-    assert values.shape == (8, 8)
+    # row r: the kept entries of row r in increasing column order
+    assert values.tolist() == [[w[r, c].item() for c in range(16) if mask[r, c]] for r in range(8)]
     assert torch.equal(scatter_values(values, mask), w * mask)
 
 
@@ -149,7 +167,8 @@ def test_kept_positions_scatter_gather_match_the_mask_versions(n, m):
     bits = nm_bits(w, n, m)
     assert torch.equal(bits, pack_group_bits(mask, m))
     positions = kept_positions(bits, n, m)
-    assert positions.shape == (6, 4, n)
+    assert positions.tolist() == [[[i for i in range(m) if mask[r, g * m + i]] for g in range(4)]
+                                  for r in range(6)]
     values = gather_kept(w, positions)
     assert torch.equal(values, gather_values(w, mask))
     assert torch.equal(scatter_kept(values, positions, m), w * mask)

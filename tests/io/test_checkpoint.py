@@ -150,10 +150,12 @@ def test_read_info_refuses_damaged_info(tmp_path, content, message):
 # ---- the one loader ----------------------------------------------------------------------------------
 
 
-def test_adapters_come_back_with_each_layers_rank_and_scale(tmp_path, tokenizer, ids):
+@pytest.mark.parametrize("scale", [None, 0.37], ids=["1/r", "configured"])
+def test_adapters_come_back_with_each_layers_rank_and_scale(tmp_path, tokenizer, ids, scale):
     """Ranks differ per layer (the rank rule gives each shape its own); each comes from its mask_state,
-    and the scale is re-derived as SlopeLinear.add_adapter derives it in training (1/r here)."""
-    model = tiny_model("llama")
+    and the scale is re-derived as SlopeLinear.add_adapter derives it in training: 1/r, or the
+    config's adapter_scale when set."""
+    model = tiny_model("llama", cfg=slope.SlopeConfig(backend="reference", adapter_scale=scale))
     for i, (_, layer) in enumerate(slope.slope_layers(model)):
         for p in layer.add_adapter(1 + i % 3):
             with torch.no_grad():
@@ -163,6 +165,7 @@ def test_adapters_come_back_with_each_layers_rank_and_scale(tmp_path, tokenizer,
     want = [(layer.rank, layer.adapter_scale) for _, layer in slope.slope_layers(model)]
     assert [(layer.rank, layer.adapter_scale) for _, layer in slope.slope_layers(loaded)] == want
     assert len({rank for rank, _ in want}) == 3
+    assert {s for _, s in want} == ({1.0, 0.5, 1 / 3} if scale is None else {0.37})
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert not loaded.training and info["adapters"] is True
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()

@@ -89,7 +89,10 @@ def test_sampler_windows_and_state(tmp_path, tokenizer):
     sampler = WindowSampler(tokens, seq_len=16, batch_size=3, seed=7)
     x, y = sampler.next()
     assert x.shape == y.shape == (3, 16)
-    assert (x[:, 1:] == y[:, :-1]).all()
+    # each row is a window of 17 consecutive tokens of the file: inputs its first 16, targets its last 16
+    windows = {tuple(int(t) for t in tokens.tokens[s : s + 17]) for s in range(len(tokens) - 16)}
+    for xb, yb in zip(x.tolist(), y.tolist(), strict=True):
+        assert (*xb, yb[-1]) in windows and xb[1:] == yb[:-1]
     state = sampler.state_dict()
     expected = [sampler.next() for _ in range(3)]
     again = WindowSampler(tokens, seq_len=16, batch_size=3, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from _export_fixtures import make_tokenizer, tiny_model
 
+import slope
 from slope.io.export import save_compressed
-from slope.io.load import load, load_tokenizer
 from slope.train.lmeval import (
     LOCAL_TASK,
     LmEvalError,
@@ -46,13 +47,15 @@ def test_local_perplexity_task(tmp_path):
     texts = ["From fairest creatures we desire increase,", "That thereby beauty's rose might never die,"]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    exported = save_compressed(tiny_model("gpt2", adapters=True), tmp_path / "e", make_tokenizer())
+    model, tokenizer = tiny_model("gpt2", adapters=True), make_tokenizer()
+    exported = save_compressed(model, tmp_path / "e", tokenizer)
 
     results = run_lm_eval(exported, [LOCAL_TASK], jsonl=data, device="cpu")
     metrics = results["results"][LOCAL_TASK]
     assert metrics["sample_len"] == 2
-    model, tokenizer = load(exported, device="cpu"), load_tokenizer(exported)
-    assert metrics["bits_per_byte,none"] == pytest.approx(_bits_per_byte(model, tokenizer, texts), rel=1e-4)
+    # computed without the export, the loader or lm-eval: the original model, densified
+    dense = slope.densify(copy.deepcopy(model)).eval()
+    assert metrics["bits_per_byte,none"] == pytest.approx(_bits_per_byte(dense, tokenizer, texts), rel=1e-4)
     assert LOCAL_TASK in format_results(results)
 
 

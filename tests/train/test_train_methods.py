@@ -1,19 +1,23 @@
-"""Methods and loop pieces: the adapter switch, the learning-rate schedule, model presets."""
+"""Methods and loop pieces: the adapter switch, the learning-rate schedule, model presets, RNG states."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import slope
+from slope.io import checkpoint
+from slope.io.format import TRAINER_STATE_FILE
 from slope.train import models, runconfig
 from slope.train.evaluation import causal_lm_loss
 from slope.train.methods import METHODS, SlopeMethod, get_method
-from slope.train.trainer import build_optimizer, lr_at
+from slope.train.trainer import build_optimizer, lr_at, rng_state, set_rng_state
 
 
 def tiny_model(preset: str = "llama"):
@@ -82,3 +86,26 @@ def test_user_config_file_and_folder(tmp_path):
 
 def test_every_method_is_registered():
     assert set(METHODS) == {"dense", "slope"}
+
+
+def _draws() -> dict:
+    """The next values of every generator a training step or user code may draw from."""
+    draws = {"torch": torch.rand(3).tolist(), "python": [random.random() for _ in range(3)],
+             "numpy": np.random.rand(3).tolist()}
+    if torch.cuda.is_available():
+        draws["cuda"] = [torch.rand(3, device=f"cuda:{i}").tolist() for i in range(torch.cuda.device_count())]
+    return draws
+
+
+def test_rng_states_round_trip_through_the_trainer_state_file(tmp_path):
+    """What --resume restores: after set_rng_state, every generator continues exactly where it was when
+    rng_state was taken, also after torch.save / load_trainer_state (how trainer_state.pt holds it)."""
+    torch.manual_seed(11)
+    random.seed(12)
+    np.random.seed(13)
+    _draws()  # not at a fresh seed: the state must be the generators' position, not only their seed
+    torch.save({"rng": rng_state()}, tmp_path / TRAINER_STATE_FILE)
+    expected = _draws()
+    assert _draws() != expected  # moved on
+    set_rng_state(checkpoint.load_trainer_state(tmp_path)["rng"])
+    assert _draws() == expected

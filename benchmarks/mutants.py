@@ -1,0 +1,256 @@
+"""Does the test suite catch the bugs that would hurt users? Plant them one at a time and see.
+
+Each mutant is one exact text replacement in one source file: a bug a user would feel (wrong masks
+after loading an old export, a resume that is no longer exact, a gradient through the wrong
+operand, ...). The runner copies `src/` to a temporary folder, applies one mutant there, runs the
+tests that guard that code against the mutated copy (the repository's own files are never
+touched), and records whether they failed. A mutant whose text no longer appears in its file is
+reported as stale, never silently skipped: edit its definition when the code it targets changes.
+
+    python benchmarks/mutants.py                 # every mutant; ~15-25 min on 2 CPU cores
+    python benchmarks/mutants.py --only pack     # mutants whose id contains "pack"
+    python benchmarks/mutants.py --list
+
+Writes benchmarks/results/mutants.{json,md}: caught / planted, and per mutant the tests run, the
+first failing test and the seconds taken. Not part of CI: it runs the suite once per mutant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402  (benchmarks/ is run as scripts: found through the path entry above)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str  # under src/slope/
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest paths (relative to the repository) that must catch it
+    hurts: str  # what a user would see
+
+
+MUTANTS: list[Mutant] = [
+    # ---- masks and the method's maths -----------------------------------------------------------
+    Mutant("mask-keeps-smallest", "masks.py",
+           "            j_beats_i = cols[j] > cols[i]",
+           "            j_beats_i = cols[j] < cols[i]",
+           ("tests/core/test_masks.py",),
+           "non-2:4 patterns keep the smallest weights"),
+    Mutant("mask-2of4-drops-largest", "masks.py",
+           "        ~_majority(g[0, 1], g[0, 2], g[0, 3]),",
+           "        _majority(g[0, 1], g[0, 2], g[0, 3]),",
+           ("tests/core/test_masks.py", "tests/core/test_linear.py"),
+           "2:4 masks keep the wrong entries of a group"),
+    Mutant("mask-ties-to-higher-index", "masks.py",
+           "    g = {(i, j): cols[j] > cols[i] for i in range(4) for j in range(i + 1, 4)}",
+           "    g = {(i, j): cols[j] >= cols[i] for i in range(4) for j in range(i + 1, 4)}",
+           ("tests/core/test_masks.py",),
+           "masks differ from the documented tie rule, so exports of equal weights differ"),
+    Mutant("column-mask-along-rows", "masks.py",
+           "    return nm_mask(w_r, n, m, dim=0)",
+           "    return nm_mask(w_r, n, m, dim=1)",
+           ("tests/core/test_masks.py", "tests/core/test_linear.py"),
+           "grad_input is not N:M along `out`: the double-pruned product is wrong"),
+    Mutant("adapter-step-off-by-one", "config.py",
+           "        return min(total_steps - 1, math.floor(self.adapter_start * total_steps))",
+           "        return min(total_steps, math.floor(self.adapter_start * total_steps) + 1)",
+           ("tests/core/test_config.py", "tests/train/test_train_methods.py"),
+           "adapters join a step late (or never, for short runs)"),
+    Mutant("first-linear-not-kept-dense", "convert.py",
+           '            report.skipped[name] = "first linear after the input"',
+           '            pass',
+           ("tests/core/test_convert.py",),
+           "the first layer after the input is pruned, against the method"),
+    Mutant("densify-drops-adapters", "linear.py",
+           "            w = w + (self.adapter_a.detach() @ self.adapter_b.detach()).t() * self.adapter_scale",
+           "            w = w + 0 * self.adapter_scale",
+           ("tests/core/test_convert.py", "tests/io/test_export.py"),
+           "a dense export loses what the adapters learned"),
+    Mutant("adapter-scale-ignored", "linear.py",
+           "            y = y + (x @ self.adapter_a) @ self.adapter_b * self.adapter_scale",
+           "            y = y + (x @ self.adapter_a) @ self.adapter_b",
+           ("tests/core/test_linear.py", "tests/core/test_convert.py"),
+           "adapters train and infer at the wrong scale"),
+    Mutant("optimizer-steps-not-counted", "linear.py",
+           "            self.mask_steps += 1",
+           "            pass",
+           ("tests/core/test_linear.py",),
+           "the column mask is never refreshed after the first step"),
+    Mutant("column-mask-interval-off-by-one", "linear.py",
+           "            or self.mask_steps - self.column_mask_step >= self.config.backward_mask_interval",
+           "            or self.mask_steps - self.column_mask_step > self.config.backward_mask_interval",
+           ("tests/core/test_linear.py",),
+           "M_C is refreshed a step later than backward_mask_interval says"),
+    Mutant("resume-loses-mask-steps", "linear.py",
+           "            self.mask_steps, self.column_mask_step = steps, col_step",
+           "            pass",
+           ("tests/core/test_linear.py", "tests/cli/test_train_command.py"),
+           "a resumed run refreshes M_C on a different schedule"),
+    Mutant("grad-input-not-double-pruned", "backends/weights.py",
+           "        return apply_group_bits(w_r, self.bits, self.m, dim=0)",
+           "        return w_r",
+           ("tests/core/test_linear.py", "tests/backends"),
+           "grad_input uses W_R: not N:M along `out`, so no sparse product for it"),
+    Mutant("bias-grad-averaged", "autograd.py",
+           "            grad_bias = dy2d.sum(0).to(ctx.bias_dtype)",
+           "            grad_bias = dy2d.mean(0).to(ctx.bias_dtype)",
+           ("tests/core/test_linear.py",),
+           "biases train with a gradient scaled by 1/tokens"),
+    Mutant("operand-cache-ignores-column-step", "backends/weights.py",
+           "        return (self.step, self.bits.data_ptr())",
+           "        return (self.bits.data_ptr(),)",
+           ("tests/backends",),
+           "after a column-mask refresh into the same buffer, grad_input keeps the old M_C"),
+    Mutant("emulated-metadata-from-values", "backends/sparselib.py",
+           "        meta = pack_group_bits(keep, 4, dim=1).to(dense.dtype)  # (rows, cols/4)",
+           "        meta = pack_group_bits(dense != 0, 4, dim=1).to(dense.dtype)  # (rows, cols/4)",
+           ("tests/backends",),
+           "a kept weight that is exactly zero corrupts the compressed operand"),
+    # ---- files users keep -------------------------------------------------------------------------
+    Mutant("pack-codes-0-1-swapped", "io/packing.py",
+           "    masks = torch.tensor([sum(1 << i for i in combo) for combo in itertools.combinations(range(m), n)])",
+           "    masks = torch.tensor([sum(1 << i for i in combo) for combo in itertools.combinations(range(m), n)])\n"
+           "    if len(masks) > 1:\n        masks[[0, 1]] = masks[[1, 0]]",
+           ("tests/io/test_packing.py", "tests/io/test_format1_fixtures.py"),
+           "every existing export loads with wrong masks, and its checksums still pass"),
+    Mutant("pack-msb-first", "io/packing.py",
+           "    stream = ((codes.unsqueeze(1) >> torch.arange(width)) & 1).reshape(-1)  # (groups·b,), LSB first",
+           "    stream = ((codes.unsqueeze(1) >> torch.arange(width - 1, -1, -1)) & 1).reshape(-1)",
+           ("tests/io/test_packing.py", "tests/io/test_format1_fixtures.py"),
+           "exports are written in a bit order other readers do not expect"),
+    Mutant("export-zero-bias", "io/export.py",
+           '            tensors[f"{name}.bias"] = _cast(layer.bias, dtype)',
+           '            tensors[f"{name}.bias"] = _cast(layer.bias, dtype).zero_()',
+           ("tests/io/test_export.py",),
+           "wrong outputs after loading an export of a model with biases"),
+    Mutant("load-ignores-adapter-scale", "io/load.py",
+           '            layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))',
+           '            layer.add_adapter(int(spec["adapter_rank"]))',
+           ("tests/io/test_export.py", "tests/io/test_load.py", "tests/io/test_format1_fixtures.py"),
+           "adapters are wrongly scaled after loading"),
+    Mutant("checkpoint-ignores-latest", "io/checkpoint.py",
+           "    if pointer.is_file():\n        candidate = root / pointer.read_text().strip()",
+           "    if False:\n        candidate = root / pointer.read_text().strip()",
+           ("tests/io/test_checkpoint.py",),
+           "a run resolves to a checkpoint other than the one `latest` names"),
+    Mutant("checkpoint-accepts-newer-format", "io/checkpoint.py",
+           "    if version > CHECKPOINT_FORMAT:",
+           "    if version > CHECKPOINT_FORMAT + 1:",
+           ("tests/io/test_checkpoint.py",),
+           "a file from a newer slope is read as if it were this version's"),
+    Mutant("export-skips-sha256", "io/load.py",
+           '        if sha256_file(file) != expected["sha256"]:',
+           '        if False:',
+           ("tests/io/test_load.py", "tests/io/test_export.py"),
+           "a corrupted export loads without an error"),
+    # ---- training ---------------------------------------------------------------------------------
+    Mutant("resume-forgets-rng", "train/trainer.py",
+           '        set_rng_state(state["rng"])',
+           '        pass',
+           ("tests/cli/test_train_command.py",),
+           "resume is no longer exact once dropout is on"),
+    Mutant("warmup-off-by-one", "train/trainer.py",
+           "        return o.lr * (step + 1) / o.warmup_steps",
+           "        return o.lr * step / o.warmup_steps",
+           ("tests/cli/test_train_command.py", "tests/train/test_runconfig.py"),
+           "the first step runs at learning rate 0"),
+    Mutant("grad-clip-ignored", "train/trainer.py",
+           "            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)",
+           "            pass",
+           ("tests/cli/test_train_command.py",),
+           "optim.grad_clip has no effect"),
+    Mutant("bits-per-byte-in-nats", "train/evaluation.py",
+           "math.log(2)",
+           "1.0",
+           ("tests/cli/test_train_command.py", "tests/train/test_data.py"),
+           "reported bits per byte are nats per byte"),
+]
+
+
+def first_failure(output: str) -> str:
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    return found.group(1) if found else ""
+
+
+def run_mutant(mutant: Mutant, copy: Path, timeout: int) -> dict:
+    target = copy / "slope" / mutant.file
+    original = target.read_text()
+    count = original.count(mutant.old)
+    if count != 1:
+        return {"id": mutant.id, "status": "stale", "detail": f"text found {count} times in src/slope/{mutant.file}"}
+    target.write_text(original.replace(mutant.old, mutant.new))
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        status = "caught" if done.returncode != 0 else "missed"
+        detail = first_failure(done.stdout) if done.returncode else "all tests passed"
+    except subprocess.TimeoutExpired:
+        status, detail = "caught", f"timed out after {timeout} s (a hang counts as caught)"
+    finally:
+        target.write_text(original)
+    return {"id": mutant.id, "status": status, "detail": detail, "file": f"src/slope/{mutant.file}",
+            "tests": list(mutant.tests), "hurts": mutant.hurts, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def check_copy_is_used(copy: Path) -> None:
+    """The mutated copy must shadow the installed package, or every mutant would look 'missed'."""
+    where = subprocess.run([sys.executable, "-c", "import slope; print(slope.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True, check=True)
+    if not where.stdout.strip().startswith(str(copy)):
+        sys.exit(f"mutants: the copy at {copy} does not shadow the installed slope ({where.stdout.strip()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutants whose id contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant before it counts as a hang")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.only in m.id]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.id:34} src/slope/{m.file:22} {m.hurts}")
+        sys.exit(0 if chosen else f"mutants: none matches --only {args.only!r}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slope-mutants-") as tmp:
+        copy = Path(tmp) / "src"
+        shutil.copytree(REPO / "src", copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        check_copy_is_used(copy)
+        for i, mutant in enumerate(chosen, 1):
+            row = run_mutant(mutant, copy, args.timeout)
+            rows.append(row)
+            print(f"[{i}/{len(chosen)}] {row['status']:6} {mutant.id:34} {row.get('seconds', 0):6.1f} s  {row['detail']}",
+                  flush=True)
+    caught = sum(r["status"] == "caught" for r in rows)
+    table = "\n".join(
+        ["| mutant | file | what users would see | result | first failing test |", "|---|---|---|---|---|"]
+        + [f"| {r['id']} | `{r.get('file', '')}` | {r.get('hurts', '')} | {r['status']} | `{r['detail']}` |"
+           for r in rows]
+    )
+    metrics = {"planted": len(rows), "caught": caught, "missed": sum(r["status"] == "missed" for r in rows),
+               "stale": sum(r["status"] == "stale" for r in rows)}
+    path = _report.write("mutants", metrics, rows, table,
+                         notes="Each mutant runs only the tests listed for it (`-x`), against a mutated copy of src/.")
+    print(f"caught {caught} of {len(rows)}; report: {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
