@@ -124,6 +124,8 @@ def test_cli_help_imports_no_torch():
 
 
 def test_import_slope_loads_no_cuda_only_code():
-    loaded = _modules_after("import slope\nslope.SlopeLinear, slope.load, slope.sparsify")
+    loaded = _modules_after(
+        "import slope, slope.backends\nfrom slope.cli.commands import info\nslope.SlopeLinear, slope.load, slope.sparsify"
+    )
     assert "slope.backends.cusparselt_plans" not in loaded
     assert not any(m.startswith("triton") for m in loaded)
