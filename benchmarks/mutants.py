@@ -41,6 +41,10 @@ class Mutant:
     new: str
     tests: tuple[str, ...]  # pytest paths (relative to the repository) that must catch it
     hurts: str  # what a user would see
+    also: tuple[tuple[str, str], ...] = ()  # further (old, new) replacements in the same file
+
+    def edits(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.also]
 
 
 MUTANTS: list[Mutant] = [
@@ -128,10 +132,12 @@ MUTANTS: list[Mutant] = [
            ("tests/io/test_packing.py", "tests/io/test_format1_fixtures.py"),
            "every existing export loads with wrong masks, and its checksums still pass"),
     Mutant("pack-msb-first", "io/packing.py",
-           "    stream = ((codes.unsqueeze(1) >> torch.arange(width)) & 1).reshape(-1)  # (groups·b,), LSB first",
-           "    stream = ((codes.unsqueeze(1) >> torch.arange(width - 1, -1, -1)) & 1).reshape(-1)",
+           "    return (stream << torch.arange(8)).sum(1).to(torch.uint8)",
+           "    return (stream << torch.arange(7, -1, -1)).sum(1).to(torch.uint8)",
            ("tests/io/test_packing.py", "tests/io/test_format1_fixtures.py"),
-           "exports are written in a bit order other readers do not expect"),
+           "old exports load with wrong masks: the bit stream is read most-significant-bit first",
+           also=(("    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)",
+                  "    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).reshape(-1)"),)),
     Mutant("export-zero-bias", "io/export.py",
            '            tensors[f"{name}.bias"] = _cast(layer.bias, dtype)',
            '            tensors[f"{name}.bias"] = _cast(layer.bias, dtype).zero_()',
@@ -166,17 +172,17 @@ MUTANTS: list[Mutant] = [
     Mutant("warmup-off-by-one", "train/trainer.py",
            "        return o.lr * (step + 1) / o.warmup_steps",
            "        return o.lr * step / o.warmup_steps",
-           ("tests/cli/test_train_command.py", "tests/train/test_runconfig.py"),
+           ("tests/train/test_loop_math.py",),
            "the first step runs at learning rate 0"),
     Mutant("grad-clip-ignored", "train/trainer.py",
            "            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)",
            "            pass",
-           ("tests/cli/test_train_command.py",),
+           ("tests/train/test_loop_math.py",),
            "optim.grad_clip has no effect"),
     Mutant("bits-per-byte-in-nats", "train/evaluation.py",
            "math.log(2)",
            "1.0",
-           ("tests/cli/test_train_command.py", "tests/train/test_data.py"),
+           ("tests/train/test_loop_math.py",),
            "reported bits per byte are nats per byte"),
 ]
 
@@ -188,11 +194,14 @@ def first_failure(output: str) -> str:
 
 def run_mutant(mutant: Mutant, copy: Path, timeout: int) -> dict:
     target = copy / "slope" / mutant.file
-    original = target.read_text()
-    count = original.count(mutant.old)
-    if count != 1:
-        return {"id": mutant.id, "status": "stale", "detail": f"text found {count} times in src/slope/{mutant.file}"}
-    target.write_text(original.replace(mutant.old, mutant.new))
+    original = mutated = target.read_text()
+    for old, new in mutant.edits():
+        count = original.count(old)
+        if count != 1:
+            return {"id": mutant.id, "status": "stale",
+                    "detail": f"text found {count} times in src/slope/{mutant.file}: {old.strip()[:60]!r}"}
+        mutated = mutated.replace(old, new)
+    target.write_text(mutated)
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
     try:
