@@ -24,7 +24,7 @@ from torch import nn
 
 from slope.autograd import SlopeLinearFunction
 from slope.backends import ColumnMask, LayerRuntime
-from slope.config import SlopeConfig
+from slope.config import ADAPTER_INITS, SlopeConfig
 from slope.masks import (
     apply_group_bits,
     bits_dtype,
@@ -245,7 +245,7 @@ class SlopeLinear(nn.Module):
         elif init == "kaiming":
             nn.init.kaiming_uniform_(a.t(), a=math.sqrt(5))  # as nn.Linear / LoRA initialise a down-projection
         else:
-            raise ValueError(f"adapter init {init!r} is invalid: expected one of ('normal', 'kaiming')")
+            raise ValueError(f"adapter init {init!r} is invalid: expected one of {ADAPTER_INITS}")
         self.adapter_a = nn.Parameter(a)
         self.adapter_b = nn.Parameter(torch.zeros(rank, self.out_features, **kw))  # output unchanged at insertion
         self.adapter_scale = float(scale if scale is not None else (self.config.adapter_scale or 1.0 / rank))

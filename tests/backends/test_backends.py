@@ -126,3 +126,8 @@ def test_info_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["backends"]["reference"] is None and isinstance(data["backends"]["cusparselt"], str)
     assert data["backends"]["emulated"] is None
+
+
+def test_info_names_a_bad_device(capsys):
+    assert main(["info", "--device", "gpu"]) == 2
+    assert "--device: 'gpu' is not a device (expected auto, cpu, cuda, cuda:N or mps)" in capsys.readouterr().err

@@ -19,16 +19,13 @@ def collect(device: str | None = None) -> dict:
 
     import slope
     from slope.backends import availability, cusparselt_plans_status
-    from slope.cli import UserError
+    from slope.cli.errors import UserError
+    from slope.devices import resolve_device
 
     try:
-        dev = torch.device(device) if device else None
-    except RuntimeError as err:
-        raise UserError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1): {err}") from None
-    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
-    if dev is not None and dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise UserError(f"--device: {err}") from None
     cusparselt = getattr(torch.backends, "cusparselt", None)
     info: dict = {
         "slope": slope.__version__,
@@ -45,8 +42,8 @@ def collect(device: str | None = None) -> dict:
                 "index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
                 "memory_gib": round(props.total_memory / 2**30, 1),
             })
-    info["device"] = str(dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    info["backends"] = availability(torch.device(info["device"]))
+    info["device"] = str(dev)
+    info["backends"] = availability(dev)
     info["cusparselt_plans"] = cusparselt_plans_status()  # decided by the availability check above
     return info
 
