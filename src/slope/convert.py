@@ -92,6 +92,12 @@ def _first_input_linears(model: nn.Module, candidates: list[str]) -> tuple[list[
     return candidates[:1], "first in registration order"
 
 
+def _check_type(function: str, name: str, value, expected: type | tuple[type, ...], what: str) -> None:
+    """TypeError naming the argument, what it got and what it expects (instead of an AttributeError later)."""
+    if not isinstance(value, expected):
+        raise TypeError(f"{function}: {name} must be {what}, got {type(value).__name__}")
+
+
 def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
     """Swap every eligible nn.Linear / Conv1D of `model` for a SlopeLinear, in place; returns `model`.
 
@@ -99,6 +105,8 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
     `config.skip`, the first linear layer(s) after the input when `config.keep_first_linear_dense`,
     and layers whose shape is not a multiple of `m` (or an error, per `config.on_indivisible`).
     """
+    _check_type("sparsify", "model", model, nn.Module, "a torch.nn.Module")
+    _check_type("sparsify", "config", config, (SlopeConfig, type(None)), "a slope.SlopeConfig or None")
     config = config or SlopeConfig()
     if any(isinstance(mod, SlopeLinear) for mod in model.modules()):
         raise ValueError("this model already has SlopeLinear layers; sparsify it only once")
@@ -189,6 +197,11 @@ def add_adapters(
         options, e.g. {"lr": 1e-3}); otherwise add them yourself.
     The model output is unchanged at insertion (B = 0) and the sparse weights keep training.
     """
+    _check_type("add_adapters", "model", model, nn.Module, "a torch.nn.Module")
+    _check_type("add_adapters", "rank", rank, (int, type(None)), "an int or None")
+    _check_type("add_adapters", "optimizer", optimizer, (torch.optim.Optimizer, type(None)),
+                "a torch.optim.Optimizer or None")
+    _check_type("add_adapters", "param_group", param_group, (dict, type(None)), "a dict or None")
     layers = slope_layers(model)
     if not layers:
         raise ValueError("add_adapters: the model has no SlopeLinear layers; call slope.sparsify(model) first")
@@ -212,7 +225,12 @@ def add_adapters(
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every SlopeLinear by a plain nn.Linear / Conv1D holding W_R (+ merged adapters)."""
+    """Replace every SlopeLinear by a plain nn.Linear / Conv1D holding W_R (+ merged adapters).
+
+    The new layers have new parameters: an optimizer built before no longer updates them, so build a new
+    one to train on. A model in training mode gets this as a warning (export and inference use eval mode).
+    """
+    _check_type("densify", "model", model, nn.Module, "a torch.nn.Module")
     layers = slope_layers(model)
     if not layers:
         raise ValueError("densify: the model has no SlopeLinear layers")
@@ -234,4 +252,7 @@ def densify(model: nn.Module) -> nn.Module:
         replace_module(model, name, dense)
     if hasattr(model, "slope_report"):
         del model.slope_report
+    if model.training:
+        log.warning("slope: densify replaced %d layers with new parameters; an optimizer built before densify "
+                    "no longer updates them: build a new optimizer to keep training", len(layers))
     return model

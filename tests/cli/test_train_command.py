@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 
 from slope import cli
 from slope.io import checkpoint
+from slope.io import format as fmt
 from slope.train import corpus, data
 from slope.train.trainer import read_metrics
 
-STEP_FILES = {"model.safetensors", "config.json", "slope.json", "tokenizer", "trainer_state.pt", "config.toml"}
+STEP_FILES = {fmt.WEIGHTS_FILE, fmt.HF_CONFIG_FILE, fmt.INFO_FILE, fmt.TOKENIZER_DIR, fmt.TRAINER_STATE_FILE,
+              fmt.TRAINER_TENSORS_FILE, fmt.MANIFEST_FILE, fmt.RUN_CONFIG_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_smoke_run_writes_the_checkpoint_layout(slope_run):
     assert (slope_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert {p.name for p in ckpts[-1].iterdir()} == STEP_FILES
     info = json.loads((ckpts[-1] / "slope.json").read_text())
-    assert info == {"format": 1, "method": "slope", "slope_config": info["slope_config"], "adapters": True,
+    assert info == {"format": fmt.CHECKPOINT_FORMAT, "method": "slope", "slope_config": info["slope_config"], "adapters": True,
                     "adapter_rank": None, "step": 8}
     assert info["slope_config"]["n"] == 2 and info["slope_config"]["adapter_start"] == 0.75
     assert not any(p.name.startswith(".") for p in (slope_run / "checkpoints").iterdir())
@@ -181,7 +183,7 @@ def test_existing_run_dir_is_never_overwritten(slope_run, corpus_dir, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--data.train=/nonexistent/corpus"], "corpus '/nonexistent/corpus' not found"),
     (["--model.max_seq_len=32"], "train.seq_len=64 is longer than the model's maximum of 32 positions"),
-    (["--model.num_heads=3"], "not a multiple of model.num_heads=3"),
+    (["--model.num_heads=3"], "must be a multiple of model.num_heads (3)"),
     (["--model.preset=no-such-model"], "not a model name in the local Hugging Face cache"),
 ])
 def test_bad_input_is_one_clear_line(corpus_dir, tmp_path, capsys, extra, message):

@@ -196,3 +196,29 @@ def test_densify_gives_plain_layers_with_same_output(family):
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no SlopeLinear layers"):
         slope.densify(model)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: slope.sparsify(None), "sparsify: model must be a torch.nn.Module, got NoneType"),
+    (lambda: slope.sparsify(tiny("llama"), {"m": 4}), "sparsify: config must be a slope.SlopeConfig or None, got dict"),
+    (lambda: slope.add_adapters(slope.sparsify(tiny("llama")), optimizer="adamw"),
+     "add_adapters: optimizer must be a torch.optim.Optimizer or None, got str"),
+    (lambda: slope.add_adapters(slope.sparsify(tiny("llama")), rank="4"), "add_adapters: rank must be an int or None, got str"),
+    (lambda: slope.densify("model"), "densify: model must be a torch.nn.Module, got str"),
+])
+def test_api_misuse_is_a_type_error_naming_the_argument(call, message):
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_densify_in_training_warns_that_old_optimizers_stop_updating(caplog):
+    model = slope.sparsify(tiny("llama"))
+    with caplog.at_level(logging.WARNING, logger="slope"):
+        slope.densify(model)  # a fresh model is in training mode
+    assert "an optimizer built before densify no longer updates them" in caplog.text
+    caplog.clear()
+    model = slope.sparsify(tiny("llama")).eval()
+    with caplog.at_level(logging.WARNING, logger="slope"):
+        slope.densify(model)
+    assert "optimizer" not in caplog.text

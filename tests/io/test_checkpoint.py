@@ -19,7 +19,8 @@ from slope.io import checkpoint
 from slope.io.format import CHECKPOINT_FORMAT, FormatError
 from slope.io.load import load, load_tokenizer
 
-STEP_FILES = {"model.safetensors", "config.json", "slope.json", "tokenizer", "trainer_state.pt", "config.toml"}
+STEP_FILES = {"model.safetensors", "config.json", "slope.json", "tokenizer", "trainer_state.json",
+              "trainer_state.safetensors", "config.toml", "manifest.json"}
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,10 @@ def _truncate(file):
 LAYER = "model.layers.1.self_attn.q_proj"
 
 DAMAGE = {
-    "newer format": (lambda c: _edit_info(c, lambda i: i.update(format=2)), r"slope\.json has format 2.*upgrade slope"),
+    "newer format": (
+        lambda c: _edit_info(c, lambda i: i.update(format=CHECKPOINT_FORMAT + 1)),
+        rf"slope\.json has format {CHECKPOINT_FORMAT + 1}.*upgrade slope",
+    ),
     "not json": (lambda c: (c / "slope.json").write_text("{"), r"slope\.json: cannot read"),
     "adapters flag disagrees": (lambda c: _edit_info(c, lambda i: i.update(adapters=False)), "does not fit"),
     "unknown slope_config key": (

@@ -35,7 +35,8 @@ def _string_constants(tree: ast.Module) -> set[str]:
 
 def test_file_names_and_versions_are_declared_only_in_format():
     rules = {fmt.WEIGHTS_FILE, fmt.TOKENIZER_DIR, fmt.INFO_FILE, fmt.TRAINER_STATE_FILE, fmt.RUN_CONFIG_FILE,
-             fmt.HF_CONFIG_FILE, fmt.CHECKPOINTS_DIR, fmt.LATEST_FILE, fmt.META_FILE, fmt.EXPORT_FORMAT_NAME}
+             fmt.HF_CONFIG_FILE, fmt.CHECKPOINTS_DIR, fmt.LATEST_FILE, fmt.META_FILE, fmt.EXPORT_FORMAT_NAME,
+             fmt.TRAINER_TENSORS_FILE, fmt.LEGACY_TRAINER_STATE_FILE, fmt.MANIFEST_FILE}
     for module in sorted(IO_DIR.glob("*.py")):
         if module.name == "format.py":
             continue

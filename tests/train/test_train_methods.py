@@ -13,7 +13,6 @@ import torch
 
 import slope
 from slope.io import checkpoint
-from slope.io.format import TRAINER_STATE_FILE
 from slope.train import models, runconfig
 from slope.train.evaluation import causal_lm_loss
 from slope.train.methods import METHODS, SlopeMethod, get_method
@@ -99,12 +98,12 @@ def _draws() -> dict:
 
 def test_rng_states_round_trip_through_the_trainer_state_file(tmp_path):
     """What --resume restores: after set_rng_state, every generator continues exactly where it was when
-    rng_state was taken, also after torch.save / load_trainer_state (how trainer_state.pt holds it)."""
+    rng_state was taken, also after write_trainer_state / load_trainer_state (how a checkpoint holds it)."""
     torch.manual_seed(11)
     random.seed(12)
     np.random.seed(13)
     _draws()  # not at a fresh seed: the state must be the generators' position, not only their seed
-    torch.save({"rng": rng_state()}, tmp_path / TRAINER_STATE_FILE)
+    checkpoint.write_trainer_state(tmp_path, {"rng": rng_state()})
     expected = _draws()
     assert _draws() != expected  # moved on
     set_rng_state(checkpoint.load_trainer_state(tmp_path)["rng"])

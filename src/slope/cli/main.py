@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from slope import __version__
 from slope.cli.errors import UserError
@@ -24,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "versions, GPU and which sparse backends work here"),
     ("export", "export", "write a compressed SLoPe checkpoint or a dense Hugging Face model"),
     ("generate", "generate", "sample text from an exported model"),
+    ("check", "check", "verify a run, checkpoint or export: checksums and mask invariants"),
 ]
 
 
@@ -60,3 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slope {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # Every mistake in the input is a UserError; anything else is slope's fault, so show where.
+        traceback.print_exc()
+        print(f"slope {args.command}: this is a bug in slope ({type(err).__name__}); please report it with the "
+              "command line above", file=sys.stderr)
+        return 1

@@ -1,14 +1,24 @@
-"""Training checkpoints: the one writer (`save_checkpoint`) and the one reader (`load_checkpoint`).
+"""Training checkpoints: the one writer (`save_checkpoint`), the one resolver and the one reader.
 
-RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format)
-    model.safetensors   the full model state_dict (SlopeLinear kept values, masks and step counters)
-    config.json         the Hugging Face model config
-    slope.json          {"format", "method", "slope_config", "adapters", "adapter_rank", "step"}
-    tokenizer/          the tokenizer (save_pretrained)
-    trainer_state.pt    optimizer, sampler, RNG states and counters (resume only)
-    config.toml         the resolved run config
-Each is written as checkpoints/.tmp-step_XXXXXXXX and renamed into place, then `checkpoints/latest`
-(a one-line text file naming the newest complete checkpoint) is replaced atomically.
+RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in format 2:
+    model.safetensors          the full model state_dict (SlopeLinear kept values, masks and step counters)
+    config.json                the Hugging Face model config
+    slope.json                 {"format", "method", "slope_config", "adapters", "adapter_rank", "step"}
+    tokenizer/                 the tokenizer (save_pretrained)
+    trainer_state.json         the trainer state's plain data; each tensor is a {"__tensor__": key} there
+    trainer_state.safetensors  the trainer state's tensors (optimizer moments, RNG states)
+    config.toml                the resolved run config
+    manifest.json              size and SHA-256 of every file above, written last
+Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 had
+trainer_state.pt (a pickle) and no manifest; its model still loads, and it resumes only when its
+trainer state loads with torch.load(weights_only=True) (numpy's RNG array allowed, no other global).
+
+Each checkpoint is written as checkpoints/.tmp-step_XXXXXXXX (complete once its manifest is there)
+and renamed into place; the same step written again moves the old copy to .old-step_XXXXXXXX first.
+A kill at any point leaves one intact copy of every step under one of those three names, and
+`list_checkpoints` finds it; `checkpoints/latest` (a one-line file naming the newest complete
+checkpoint) is replaced atomically and is only a hint: a name that is not a step directory of this
+run is ignored.
 
 The model is rebuilt from these files alone, without the training code: `slope_config` null means
 a dense model; otherwise the model is sparsified with that SlopeConfig, and each layer gets
@@ -19,12 +29,16 @@ weights refuses any that do not.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,19 +52,70 @@ from slope.io.format import (
     HF_CONFIG_FILE,
     INFO_FILE,
     LATEST_FILE,
+    LEGACY_TRAINER_STATE_FILE,
+    MANIFEST_FILE,
     RUN_CONFIG_FILE,
     TOKENIZER_DIR,
     TRAINER_STATE_FILE,
+    TRAINER_TENSORS_FILE,
     WEIGHTS_FILE,
     FormatError,
+    check_digests,
+    file_digests,
     one_line,
 )
 
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_LEFTOVER = re.compile(r"^\.(tmp|old)-(step_\d{8})$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); nothing half-written is left behind."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+# ---- the trainer state as JSON + safetensors ----------------------------------------------------
+# JSON has no tensors, tuples or non-string keys; these markers carry them, so that a state dict
+# (optimizer.state_dict() has int keys and tuple betas) comes back exactly as it was saved.
+
+
+def _encode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"the trainer state holds a {type(value).__name__}, which a checkpoint cannot store")
+
+
+def _decode(value, tensors: dict[str, torch.Tensor], file: Path):
+    if isinstance(value, list):
+        return [_decode(v, tensors, file) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        if value["__tensor__"] not in tensors:
+            raise FormatError(f"{file}: tensor {value['__tensor__']!r} is not in {TRAINER_TENSORS_FILE}")
+        return tensors[value["__tensor__"]]
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors, file) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k, tensors, file): _decode(v, tensors, file) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors, file) for k, v in value.items()}
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -60,43 +125,185 @@ def save_checkpoint(
     run_dir: Path, step: int, model, tokenizer, method_info: dict, run_config_toml: str,
     trainer_state: dict, keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, point `latest` at it, delete all but the newest `keep_last`.
+
+    CheckpointWriteError (one line) when the disk is full or not writable; the temporary directory
+    is removed and the checkpoints already there are untouched.
+    """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE))
-    model.config.save_pretrained(str(tmp))
-    info = {"format": CHECKPOINT_FORMAT, **method_info, "step": step}
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-    torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    (tmp / RUN_CONFIG_FILE).write_text(run_config_toml)
-    if final.exists():  # the same step written again (e.g. after a resume): swap, then drop the old one
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _write_latest(root, final.name)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _recover(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_files(tmp, step, model, tokenizer, method_info, run_config_toml, trainer_state)
+        _swap_in(root, tmp, final)
+        _write_latest(root, final.name)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else one_line(err)
+        raise CheckpointWriteError(f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact") from err
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale)
     return final
 
 
+def _write_files(
+    folder: Path, step: int, model, tokenizer, method_info: dict, run_config_toml: str, trainer_state: dict,
+) -> None:
+    safetensors.torch.save_model(model, str(folder / WEIGHTS_FILE))
+    model.config.save_pretrained(str(folder))
+    info = {"format": CHECKPOINT_FORMAT, **method_info, "step": step}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    write_trainer_state(folder, trainer_state)
+    (folder / RUN_CONFIG_FILE).write_text(run_config_toml)
+    # Last: a .tmp- directory with a manifest is complete, which is what lets a reader recover it.
+    manifest = {"format": CHECKPOINT_FORMAT, "files": file_digests(folder)}
+    _write_durably(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+def write_trainer_state(folder: Path, state: dict) -> None:
+    """`state` (tensors, plain data, tuples, int keys) as trainer_state.json + trainer_state.safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _encode(state, tensors)
+    safetensors.torch.save_file(tensors, str(Path(folder) / TRAINER_TENSORS_FILE))
+    (Path(folder) / TRAINER_STATE_FILE).write_text(json.dumps(plain) + "\n")
+
+
+def _write_durably(file: Path, text: str) -> None:
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_in(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists():  # the same step written again (e.g. after a resume): swap, then drop the old one
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+
+
+def _recover(root: Path) -> None:
+    """Finish a swap a kill interrupted: put each step's intact leftover in place, drop the rest."""
+    # ".tmp-" before ".old-": of two complete copies of one step, the newer is put in place
+    for leftover in sorted(root.iterdir(), reverse=True):
+        match = _LEFTOVER.match(leftover.name)
+        if match is None or not leftover.is_dir() or leftover.is_symlink():
+            continue
+        final = root / match.group(2)
+        if not final.exists() and _leftover_complete(leftover):
+            os.rename(leftover, final)
+        else:
+            shutil.rmtree(leftover)
+
+
+def _leftover_complete(path: Path) -> bool:
+    # a .tmp- copy is complete once its manifest is written; an .old- copy was complete when moved aside
+    return (path / (MANIFEST_FILE if path.name.startswith(".tmp-") else INFO_FILE)).is_file()
+
+
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST_FILE}.tmp"
-    tmp.write_text(name + "\n")
+    _write_durably(tmp, name + "\n")
     os.replace(tmp, root / LATEST_FILE)
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict:
-    # Our own file: it holds RNG states and the optimizer state dict, so it is not weights-only.
-    return torch.load(Path(checkpoint_dir) / TRAINER_STATE_FILE, weights_only=False)
+    """The trainer state of a checkpoint (resume only), read without unpickling anything.
+
+    Format 2: trainer_state.json and trainer_state.safetensors. Format 1: trainer_state.pt, only if
+    torch.load(weights_only=True) accepts it. FormatError (one line) otherwise.
+    """
+    folder = Path(checkpoint_dir)
+    plain_file = folder / TRAINER_STATE_FILE
+    if plain_file.is_file():
+        try:
+            plain = json.loads(plain_file.read_text())
+            tensors = safetensors.torch.load_file(folder / TRAINER_TENSORS_FILE)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as err:
+            raise FormatError(f"{folder}: cannot read the trainer state ({one_line(err)})") from err
+        try:
+            return _decode(plain, tensors, plain_file)
+        except FormatError:
+            raise
+        except (TypeError, ValueError) as err:  # a marker with the wrong shape: not what the writer wrote
+            raise FormatError(f"{plain_file}: malformed trainer state ({one_line(err)})") from err
+    legacy = folder / LEGACY_TRAINER_STATE_FILE
+    if not legacy.is_file():
+        raise FormatError(f"{folder} has no trainer state ({TRAINER_STATE_FILE}): it cannot be resumed")
+    # format 1 pickled numpy's RNG state, an ndarray: its reconstructor and dtype are the only globals allowed
+    numpy_array = [np.ndarray.__reduce__(np.zeros(1))[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(legacy, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError) as err:
+        raise FormatError(
+            f"{folder} was written by an older slope (checkpoint format 1) and its {LEGACY_TRAINER_STATE_FILE} "
+            "cannot be read without running pickled code, so it cannot be resumed safely; eval, export and "
+            "slope.load still work on it"
+        ) from err
+
+
+# ---- checking a checkpoint ------------------------------------------------------------------------
+
+
+def verify_checkpoint(checkpoint_dir: str | Path) -> dict:
+    """slope.json of a checkpoint, after checking every file against its manifest (format 2).
+
+    FormatError, in one line, for a missing, truncated or corrupted file; format-1 checkpoints
+    predate the manifest and are accepted as they are.
+    """
+    ckpt = Path(checkpoint_dir)
+    info = read_info(ckpt)
+    if info["format"] < 2:
+        return info
+    file = ckpt / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{file}: cannot read the checkpoint manifest ({one_line(err)})") from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not {WEIGHTS_FILE, INFO_FILE, TRAINER_STATE_FILE} <= set(files):
+        raise FormatError(f"{file}: the manifest does not list {WEIGHTS_FILE}, {INFO_FILE} and {TRAINER_STATE_FILE}")
+    check_digests(ckpt, files, file)
+    return info
+
+
+def load_for_resume(run_dir: Path) -> tuple[Path, dict]:
+    """(checkpoint, trainer state) of the newest checkpoint of a run that passes its checks.
+
+    The one `latest` names comes first; a damaged one is skipped with a warning naming the one used
+    instead. FileNotFoundError when the run has no checkpoint; FormatError when none is intact, or
+    when the newest is a format-1 checkpoint whose trainer state cannot be read safely (older ones
+    would be no better: the run is refused, not silently rewound).
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from")
+    candidates = [newest] + [p for p in reversed(list_checkpoints(run_dir)) if p != newest]
+    damaged: list[str] = []
+    for ckpt in candidates:
+        try:
+            info = verify_checkpoint(ckpt)
+        except FormatError as err:
+            log.warning("checkpoint %s is damaged, not resuming from it: %s", ckpt.name, err)
+            damaged.append(ckpt.name)
+            continue
+        state = load_trainer_state(ckpt)  # format 1 that cannot be read safely: refused here, see above
+        if damaged:
+            log.warning("resuming from %s (step %d) instead: %s failed the manifest check",
+                        ckpt.name, info.get("step", -1), ", ".join(damaged))
+        return ckpt, state
+    raise FormatError(f"{run_dir}: no intact checkpoint to resume from ({', '.join(damaged)} failed the manifest check)")
 
 
 # ---- finding a checkpoint -----------------------------------------------------------------------
@@ -109,23 +316,44 @@ def is_checkpoint_or_run(path: str | Path) -> bool:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
+    """Complete checkpoint directories of a run, oldest first.
+
+    A step whose swap a kill interrupted counts by its intact leftover (.tmp- with a manifest, or
+    .old-); directories that resolve outside the run (symlinks) are not followed.
+    """
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / INFO_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    inside = root.resolve()
+    found: dict[str, Path] = {}
+    for p in root.iterdir():
+        if not p.resolve().is_relative_to(inside):
+            continue
+        if _STEP_DIR.match(p.name) and (p / INFO_FILE).is_file():
+            found[p.name] = p
+    leftovers: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):  # ".old-" sorts before ".tmp-": a complete .tmp- copy is newer and wins
+        match = _LEFTOVER.match(p.name)
+        if match and p.resolve().is_relative_to(inside) and _leftover_complete(p):
+            leftovers[match.group(2)] = p
+    found = {**leftovers, **found}
+    return [found[name] for name in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names; if that file is missing or stale, the newest complete one."""
+    """The checkpoint `latest` names; if that file is missing, stale or names anything but a step
+    directory of this run, the newest complete one."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     pointer = root / LATEST_FILE
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / INFO_FILE).is_file():
-            return candidate
     found = list_checkpoints(run_dir)
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        if _STEP_DIR.match(name):
+            named = [p for p in found if _LEFTOVER.sub(r"\2", p.name) == name]
+            if named:
+                return named[0]
+        else:
+            log.warning("%s names %r, which is not a checkpoint of this run: ignored", pointer, name[:200])
     return found[-1] if found else None
 
 
@@ -177,20 +405,20 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, slope.json contents) of a checkpoint or of a run's latest one; CPU, eval mode.
 
     FileNotFoundError when there is no checkpoint at `path`; FormatError when one of its files is
-    missing, damaged, of a newer format, or does not fit the others.
+    missing, fails its manifest check, is of a newer format, or does not fit the others.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = resolve_checkpoint(path)
-    info = read_info(ckpt)
+    info = verify_checkpoint(ckpt)
     for part in (HF_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
         if not (ckpt / part).exists():
             raise FormatError(
                 f"{ckpt / part} is missing: a checkpoint holds {HF_CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_DIR}/"
             )
     try:
-        config = AutoConfig.from_pretrained(ckpt)
-        tokenizer = AutoTokenizer.from_pretrained(ckpt / TOKENIZER_DIR)
+        config = AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt / TOKENIZER_DIR, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise FormatError(f"{ckpt}: cannot read {HF_CONFIG_FILE} or {TOKENIZER_DIR}/ ({one_line(err)})") from err
     model = AutoModelForCausalLM.from_config(config)

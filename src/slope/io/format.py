@@ -3,8 +3,9 @@
 Two formats share these names (full description in docs/export.md):
 
 - a training checkpoint (`slope.io.checkpoint`): RUN_DIR/checkpoints/step_XXXXXXXX/ with
-  model.safetensors, config.json, slope.json, tokenizer/, trainer_state.pt and config.toml, and
-  RUN_DIR/checkpoints/latest naming the newest complete one;
+  model.safetensors, config.json, slope.json, tokenizer/, trainer_state.json,
+  trainer_state.safetensors, config.toml and manifest.json (format 2; format 1 had trainer_state.pt
+  and no manifest), and RUN_DIR/checkpoints/latest naming the newest complete one;
 - a compressed export (`slope.io.export` writes it, `slope.io.load` reads it): model.safetensors,
   tokenizer/ and slope_model.json.
 """
@@ -21,8 +22,10 @@ class FormatError(ValueError):
     """A checkpoint or export that cannot be loaded: newer version, corrupted, or inconsistent."""
 
 
-# The newest slope.json "format" a checkpoint reader understands; the writer stamps it.
-CHECKPOINT_FORMAT = 1
+# The newest slope.json "format" a checkpoint reader understands; the writer stamps it. Format 2 (no
+# pickle: the trainer state is JSON plus safetensors; a manifest of checksums) replaced format 1, whose
+# models still load but whose trainer_state.pt resumes only if it loads with torch.load(weights_only=True).
+CHECKPOINT_FORMAT = 2
 # slope_model.json "format" and the newest "format_version" of the compressed export.
 EXPORT_FORMAT_NAME = "slope-compressed"
 EXPORT_FORMAT_VERSION = 1
@@ -30,7 +33,10 @@ EXPORT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"  # checkpoint and export
 TOKENIZER_DIR = "tokenizer"  # checkpoint and export: PreTrainedTokenizer.save_pretrained output
 INFO_FILE = "slope.json"  # checkpoint: format, method, slope_config, adapters, step
-TRAINER_STATE_FILE = "trainer_state.pt"  # checkpoint: optimizer, sampler and RNG states (resume only)
+TRAINER_STATE_FILE = "trainer_state.json"  # checkpoint: counters and plain data of the trainer state (resume only)
+TRAINER_TENSORS_FILE = "trainer_state.safetensors"  # checkpoint: the trainer state's tensors (optimizer, RNG)
+LEGACY_TRAINER_STATE_FILE = "trainer_state.pt"  # format-1 checkpoint: the trainer state, pickled
+MANIFEST_FILE = "manifest.json"  # checkpoint (format 2): size and SHA-256 of every other file, written last
 RUN_CONFIG_FILE = "config.toml"  # checkpoint: the resolved run config
 HF_CONFIG_FILE = "config.json"  # checkpoint and Hugging Face directories: the model config (save_pretrained)
 CHECKPOINTS_DIR = "checkpoints"  # run directory: holds the step_XXXXXXXX checkpoints
@@ -57,6 +63,48 @@ def dtype_name(dtype: torch.dtype) -> str:
 def one_line(err: Exception) -> str:
     """`err` for a FormatError message: transformers and torch explain over several lines, the CLI prints one."""
     return f"{type(err).__name__}: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def confined(base: Path, relative: str, what: str) -> Path:
+    """`base / relative`, resolved; FormatError when it lands outside `base` (`..`, an absolute path, a symlink).
+
+    Names read from metadata are data, not trusted paths: nothing outside the folder is read or hashed.
+    """
+    if not isinstance(relative, str):
+        raise FormatError(f"{what}: expected a file name, got {relative!r}")
+    root = Path(base).resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise FormatError(f"{what}: {relative!r} points outside {base}; refusing to follow it")
+    return target
+
+
+def file_digests(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` except the names in `skip`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+
+
+def check_digests(folder: Path, files: dict, listing: Path) -> None:
+    """Every file `files` lists (as `file_digests` returns) is inside `folder`, with its size and SHA-256.
+
+    `listing` is the file that holds the list, named in the messages. FormatError, in one line, at the
+    first file that is missing, outside the folder, truncated or corrupted.
+    """
+    if not isinstance(files, dict):
+        raise FormatError(f"{listing}: 'files' must be an object, got {type(files).__name__}")
+    for name, expected in files.items():
+        file = confined(folder, name, str(listing))
+        if not file.is_file():
+            raise FormatError(f"{file} is missing")
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
+            raise FormatError(f"{listing}: the entry of {name!r} needs 'bytes' and 'sha256'")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise FormatError(f"{file} has {size} bytes, expected {expected['bytes']}: the file is truncated or altered")
+        if sha256_file(file) != expected["sha256"]:
+            raise FormatError(f"{file} fails its SHA-256 check: the file is corrupted")
 
 
 def sha256_file(path: Path) -> str:

@@ -31,8 +31,8 @@ from slope.io.format import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     FormatError,
+    check_digests,
     one_line,
-    sha256_file,
 )
 from slope.io.packing import code_bits, unpack_positions
 from slope.linear import SlopeLinear, dense_weight_of
@@ -104,7 +104,7 @@ def _load_huggingface(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise FormatError(f"{path}: cannot load this Hugging Face model directory ({one_line(err)})") from err
 
@@ -128,7 +128,7 @@ def load_tokenizer(path: str | Path):
     source = resolve_model_dir(path)
     folder = source.path if source.kind == "huggingface" else source.path / TOKENIZER_DIR
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     raise FileNotFoundError(f"{path} has no saved tokenizer (looked in {folder})")
 
 
@@ -159,19 +159,11 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def verify_files(path: str | Path, meta: dict) -> None:
-    """Every file listed in the metadata exists with its size and SHA-256 (truncation, corruption)."""
+    """Every file listed in the metadata is inside `path` and has its size and SHA-256 (truncation, corruption)."""
     path = Path(path)
-    if WEIGHTS_FILE not in meta["files"]:
+    if not isinstance(meta["files"], dict) or WEIGHTS_FILE not in meta["files"]:
         raise FormatError(f"{path / META_FILE}: {WEIGHTS_FILE} is not listed under files")
-    for name, expected in meta["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise FormatError(f"{file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise FormatError(f"{file} has {size} bytes, expected {expected['bytes']}: the file is truncated or altered")
-        if sha256_file(file) != expected["sha256"]:
-            raise FormatError(f"{file} fails its SHA-256 check: the file is corrupted")
+    check_digests(path, meta["files"], path / META_FILE)
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:

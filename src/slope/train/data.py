@@ -209,7 +209,7 @@ def pretrained_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise DataError(f"tokenizer {name!r} could not be loaded from a local path or the local cache: {err}") from None
 
@@ -233,12 +233,19 @@ class TokenFile:
         meta_path = self.stem.with_suffix(".json")
         if not meta_path.is_file():
             raise DataError(f"token file metadata {meta_path} is missing")
-        self.meta = json.loads(meta_path.read_text())
-        n = self.meta["n_tokens"]
-        self.tokens = (
-            np.memmap(self.stem.with_suffix(".bin"), dtype=self.meta["dtype"], mode="r", shape=(n,))
-            if n else np.zeros(0, dtype=self.meta["dtype"])
-        )
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            n, dtype = self.meta["n_tokens"], np.dtype(self.meta["dtype"])
+        except (ValueError, KeyError, TypeError) as err:  # a cut-short write, or not a token file's metadata
+            raise DataError(f"token file metadata {meta_path} is damaged ({type(err).__name__}: {err})") from None
+        bin_path = self.stem.with_suffix(".bin")
+        if not bin_path.is_file():
+            raise DataError(f"token file {bin_path} is missing (its metadata {meta_path} is there)")
+        size = bin_path.stat().st_size
+        if size != n * dtype.itemsize:
+            raise DataError(f"token file {bin_path} has {size} bytes but {meta_path} says {n} tokens "
+                            f"({n * dtype.itemsize} bytes): the file is truncated or altered")
+        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from slope.train.runconfig import ModelSection
-
-PRESETS = ("llama", "gpt2", "opt")
+from slope.train.runconfig import PRESETS, ModelSection
 
 
 class ModelError(ValueError):
@@ -27,16 +25,26 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int, eos_token
     head on GPUs), user configs must already be at least this large.
     eos_token_id: the tokenizer's end-of-text id, which presets use as bos/eos (generation stops on it).
     """
-    from transformers import AutoConfig, GPT2Config, LlamaConfig, OPTConfig
+    from transformers import AutoConfig
 
     max_pos = section.max_seq_len or seq_len
     vocab = _round_up(vocab_size, 64)
-    hidden, layers, heads = section.hidden_size, section.num_layers, section.num_heads
-    if section.preset in PRESETS and hidden % heads:
-        raise ModelError(f"model.hidden_size={hidden} is not a multiple of model.num_heads={heads}")
-    inter = section.intermediate_size or 4 * hidden
     # Each family's default special ids belong to its own tokenizer, not to ours.
     special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
+    if section.preset not in PRESETS:
+        return _user_config(section.preset, AutoConfig)
+    try:
+        return _preset_config(section, vocab, max_pos, special)
+    except Exception as err:  # transformers validates with its own types (ValueError, huggingface_hub's)
+        detail = " ".join(str(err).split())
+        raise ModelError(f"model.preset {section.preset!r} cannot be built with these [model] sizes: {detail}") from None
+
+
+def _preset_config(section: ModelSection, vocab: int, max_pos: int, special: dict):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    hidden, layers, heads = section.hidden_size, section.num_layers, section.num_heads
+    inter = section.intermediate_size or 4 * hidden
     if section.preset == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -49,15 +57,13 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int, eos_token
             vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, n_positions=max_pos,
             resid_pdrop=section.dropout, embd_pdrop=section.dropout, attn_pdrop=section.dropout, **special,
         )
-    elif section.preset == "opt":
+    else:
         config = OPTConfig(
             vocab_size=vocab, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers,
             num_attention_heads=heads, max_position_embeddings=max_pos, word_embed_proj_dim=hidden,
             dropout=section.dropout, attention_dropout=section.dropout,
             tie_word_embeddings=section.tie_embeddings, **special,  # (OPT's pad id 1 would freeze a token)
         )
-    else:
-        config = _user_config(section.preset, AutoConfig)
     return config
 
 
@@ -75,9 +81,15 @@ def _user_config(name: str, auto_config):
         except ValueError as err:
             raise ModelError(f"model config {path}: {err}") from None
     if path.is_dir():
-        return auto_config.from_pretrained(str(path))
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.preset {name!r} is a folder without a config.json; give a preset "
+                             f"({', '.join(PRESETS)}), a config file, or a model folder that holds config.json")
+        try:
+            return auto_config.from_pretrained(str(path), trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model config folder {path}: {err}") from None
     try:
-        return auto_config.from_pretrained(name, local_files_only=True)
+        return auto_config.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except OSError:
         raise ModelError(
             f"model.preset {name!r} is not a preset ({', '.join(PRESETS)}), not a config file or folder, "

@@ -77,8 +77,12 @@ def prepare_data(
 
 
 def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
-    if stem.with_suffix(".json").is_file():
-        return TokenFile(stem)  # already prepared (a resumed run)
+    if stem.with_suffix(".json").is_file():  # already prepared (a resumed run)
+        try:
+            return TokenFile(stem)
+        except DataError as err:
+            raise DataError(f"{err}; delete {stem.with_suffix('.bin')} and {stem.with_suffix('.json')} to "
+                            f"tokenize {description['source']} again") from None
     log.info("tokenizing %s -> %s", description["source"], stem.with_suffix(".bin"))
     return data.write_tokens(stem, documents(), tokenizer, description=description)
 

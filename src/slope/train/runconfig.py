@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -22,6 +23,13 @@ else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 from slope.config import SlopeConfig
+
+# The families `model.preset` builds from the [model] sizes; anything else names a config file, folder or
+# cached hub model (slope.train.models builds them; the names live here so validation sees them).
+PRESETS = ("llama", "gpt2", "opt")
+
+# The byte-level BPE starts from 256 byte tokens and the end-of-text token; it needs room for one merge.
+BPE_MIN_VOCAB = 258
 
 
 class ConfigError(ValueError):
@@ -314,6 +322,15 @@ def validate(cfg: RunConfig) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
+    def finite(key: str, value: float) -> None:
+        # NaN passes every comparison below, and an infinite lr or eps turns the first step into NaN.
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+
+    for key in ("optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
+                "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
+        section, _, name = key.partition(".")
+        finite(key, getattr(getattr(cfg, section), name))
     positive("train.max_steps", cfg.train.max_steps)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.grad_accum", cfg.train.grad_accum)
@@ -331,6 +348,24 @@ def validate(cfg: RunConfig) -> None:
     positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
     positive("model.max_seq_len", cfg.model.max_seq_len, allow_zero=True)
+    positive("optim.eps", cfg.optim.eps)
+    for key in ("optim.beta1", "optim.beta2"):
+        value = getattr(cfg.optim, key.partition(".")[2])
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {value}")
+    if cfg.model.preset in PRESETS:  # a user's config file or folder brings its own sizes
+        positive("model.hidden_size", cfg.model.hidden_size)
+        positive("model.num_layers", cfg.model.num_layers)
+        positive("model.num_heads", cfg.model.num_heads)
+        positive("model.intermediate_size", cfg.model.intermediate_size, allow_zero=True)
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            raise ConfigError(f"config key 'model.hidden_size' ({cfg.model.hidden_size}) must be a multiple of "
+                              f"model.num_heads ({cfg.model.num_heads})")
+    if not cfg.tokenizer.name and cfg.tokenizer.vocab_size < BPE_MIN_VOCAB:
+        raise ConfigError(
+            f"config key 'tokenizer.vocab_size' is too small for the byte-level BPE: it must be at least "
+            f"{BPE_MIN_VOCAB} (256 bytes, the end-of-text token and one merge), got {cfg.tokenizer.vocab_size}"
+        )
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not 0.0 < cfg.data.val_fraction < 1.0:

@@ -64,6 +64,39 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def preflight(cfg: RunConfig) -> torch.device:
+    """Every check that needs no data, tokenizer or weights, so a bad run fails in seconds, not at the end.
+
+    The device and precision, a backend that runs on that device, the data and evaluation sources, the
+    model config, and the method's conversion of the model's shapes (on the meta device: no memory).
+    Returns the device.
+    """
+    from slope.config import CUDA_BACKENDS
+    from slope.train.data import resolve_source
+
+    device = pick_device(cfg.run.device)
+    pick_dtype(cfg.run.precision, device)
+    if cfg.method.name == "slope" and cfg.slope.backend in CUDA_BACKENDS and device.type != "cuda":
+        raise ConfigError(f"config key 'slope.backend': {cfg.slope.backend!r} needs a CUDA GPU and the run is on "
+                          f"{device.type}; use 'auto', 'reference' or 'emulated'")
+    resolve_source(cfg.data.train)
+    if cfg.data.val not in ("", "auto"):
+        resolve_source(cfg.data.val)
+    for spec in cfg.eval.sets:
+        resolve_source(spec)
+    # The trained BPE's final size is not known yet; presets round it up to a multiple of 64 anyway.
+    model_config = models.model_config(cfg.model, cfg.tokenizer.vocab_size, cfg.train.seq_len)
+    with torch.device("meta"):
+        model = models.build_model(model_config)
+        try:
+            get_method(cfg.method.name, cfg.slope).apply(model)
+        except ValueError as err:  # nothing left to sparsify, or an indivisible shape with on_indivisible=error
+            raise ConfigError(f"[slope]: {err}") from None
+        except NotImplementedError:
+            pass  # the shape checks passed; building the sparse storage needs real values, which meta has not
+    return device
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warm-up to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
     o, total = cfg.optim, cfg.train.max_steps
@@ -89,7 +122,12 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's position as tensors and plain data (a checkpoint stores it without pickle)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached_gaussian],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,8 +135,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -141,14 +181,13 @@ class _StopFlag:
 class MetricsLog:
     """metrics.jsonl (the record) and TensorBoard (for browsing) side by side."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None, finished: bool = False) -> None:
+        """finished: the resumed checkpoint is the final one, so its final evaluations are written again."""
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             # Drop what the interrupted run logged after its checkpoint: it is logged again.
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and _keep_on_resume(json.loads(line), resume_step)
-            ]
+            kept = [json.dumps(record) for record in read_metrics(run_dir)
+                    if _keep_on_resume(record, resume_step, finished)]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the whole run
         from torch.utils.tensorboard import SummaryWriter
@@ -169,15 +208,29 @@ class MetricsLog:
         self.tb.close()
 
 
-def _keep_on_resume(record: dict, step: int) -> bool:
-    if record.get("kind") == "event":
+def _keep_on_resume(record: dict, step: int, finished: bool) -> bool:
+    if record.get("kind") == "event" or (finished and record.get("kind") == "eval"):
+        # Periodic evals come before their step's checkpoint, the final ones after the final checkpoint.
         return record.get("step", 0) < step
     return record.get("step", 0) <= step
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line a kill cut short (or any unreadable line) is left out, with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record, bad = None, bad + 1
+        if isinstance(record, dict):
+            records.append(record)
+    if bad:
+        log.warning("%s: left out %d unreadable line(s) (a write cut short by a kill)", path, bad)
+    return records
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -198,7 +251,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.device = pick_device(cfg.run.device)
+        self.device = preflight(cfg)
         self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
         self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(
             self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
@@ -215,7 +268,10 @@ class Trainer:
         dense_params = sum(p.numel() for p in self.model.parameters())
         self.method = get_method(cfg.method.name, cfg.slope)
         log.info("model: %s, %s parameters", type(self.model).__name__, f"{dense_params:,}")
-        self.method.apply(self.model)
+        try:
+            self.method.apply(self.model)
+        except ValueError as err:  # the real vocabulary can give the output layer another shape than preflight's
+            raise ConfigError(f"[slope]: {err}") from None
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         from slope.train.data import WindowSampler
@@ -234,10 +290,8 @@ class Trainer:
         return {"weight_decay": self.cfg.optim.weight_decay, "lr": lr_at(self.step, self.cfg)}
 
     def _restore(self) -> None:
-        ckpt = checkpoint.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{self.run_dir} has no complete checkpoint to resume from")
-        state = checkpoint.load_trainer_state(ckpt)
+        # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
+        ckpt, state = checkpoint.load_for_resume(self.run_dir)
         step = state["step"]
         if self.adapter_step is not None and step > self.adapter_step:
             # Adapters joined before this checkpoint: same layers, same optimizer group order.
@@ -270,11 +324,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = checkpoint.save_checkpoint(
-            self.run_dir, self.step, self.model, self.tokenizer, self.method.checkpoint_info(self.model),
-            self.config_toml,
-            self._trainer_state(), self.cfg.checkpoint.keep_last,
-        )
+        try:
+            path = checkpoint.save_checkpoint(
+                self.run_dir, self.step, self.model, self.tokenizer, self.method.checkpoint_info(self.model),
+                self.config_toml,
+                self._trainer_state(), self.cfg.checkpoint.keep_last,
+            )
+        except checkpoint.CheckpointWriteError as err:  # disk full: stop with one line, the older ones kept
+            raise TrainingFailed(f"{err}; {self._kept_message()}") from None
         log.info("checkpoint: %s", path)
         return path
 
@@ -315,12 +372,13 @@ class Trainer:
         start_wall = time.perf_counter()
         self._setup()
         cfg = self.cfg
-        metrics = MetricsLog(self.run_dir, self.step if self.resume else None)
+        finished = self.step >= cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
+        metrics = MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished)
         params = count_params(self.model)
         if self.adapter_step is not None:
             log.info("adapters will be added before step %d of %d", self.adapter_step + 1, cfg.train.max_steps)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
-        last_loss = float("nan")
+        last_loss = self._logged_loss() if self.resume and finished else None
         backends_reported = False
         try:
             with _StopFlag() as stop, logging_redirect_tqdm(), tqdm(
@@ -387,13 +445,19 @@ class Trainer:
             metrics.close()
         return RunResult(summary, self.run_dir)
 
+    def _logged_loss(self) -> float | None:
+        """The training loss metrics.jsonl holds for the resumed step (None if it was not logged)."""
+        losses = [r["loss"] for r in read_metrics(self.run_dir) if r.get("kind") == "train" and r.get("step") == self.step]
+        return losses[-1] if losses else None
+
     def _kept_message(self) -> str:
         latest = checkpoint.latest_checkpoint(self.run_dir)
         return f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
 
     # -- the end --
 
-    def _finish(self, metrics: MetricsLog, params: dict, final_ckpt: Path, last_loss: float, start_wall: float) -> dict:
+    def _finish(self, metrics: MetricsLog, params: dict, final_ckpt: Path, last_loss: float | None,
+                start_wall: float) -> dict:
         cfg = self.cfg
         results = {"val": self._eval_val()}
         metrics.write({"kind": "eval", "set": "val", "step": self.step, **results["val"]})

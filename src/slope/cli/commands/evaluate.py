@@ -73,7 +73,7 @@ def run(args) -> int:
     from slope.devices import half_dtype, resolve_device
     from slope.io.load import load, load_tokenizer, resolve_model_dir
     from slope.train.evaluation import evaluate
-    from slope.train.models import check_fits
+    from slope.train.models import check_fits, max_positions
     from slope.train.prepare import tokenize_source
 
     try:
@@ -86,6 +86,10 @@ def run(args) -> int:
         model = load(model_dir, device=device, dtype=None)
         tokenizer = load_tokenizer(model_dir)
         seq_len = args.seq_len or _default_seq_len(model_dir, model.config)
+        limit = max_positions(model.config)
+        if args.seq_len and limit is not None and seq_len > limit:
+            raise UserError(f"--seq-len {seq_len} is longer than the model's maximum of {limit} positions; "
+                            f"give --seq-len {limit} or less")
         check_fits(model.config, len(tokenizer), seq_len)
         autocast = None
         if device.type == "cuda":

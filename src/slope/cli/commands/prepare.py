@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from slope.cli.errors import UserError
+from slope.train.runconfig import BPE_MIN_VOCAB
 
 EPILOG = """A source is an embedded corpus (shakespeare, shakespeare-heldout, milton), a text file, a folder
 of text files, a .jsonl file with a `text` field, or a saved Hugging Face dataset folder.
@@ -36,13 +38,20 @@ def run(args) -> int:
         raise UserError(f"output folder {args.out} already exists; choose another --out")
     if not 0.0 < args.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.vocab_size < 300:
-        raise UserError(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
-    args.out.mkdir(parents=True)
+    if not args.tokenizer and args.vocab_size < BPE_MIN_VOCAB:
+        raise UserError(f"--vocab-size is too small for the byte-level BPE: it must be at least {BPE_MIN_VOCAB} "
+                        f"(256 bytes, the end-of-text token and one merge), got {args.vocab_size}")
+    try:
+        args.out.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {args.out}: {err.strerror}") from None
     try:
         tokenizer, train, val = prepare_data(args.out, args.source, args.val, args.val_fraction, args.tokenizer, args.vocab_size)
-    except DataError as err:
-        raise UserError(str(err)) from None
+    except BaseException as err:
+        shutil.rmtree(args.out, ignore_errors=True)  # half a token folder is worse than none: it blocks --out
+        if isinstance(err, DataError):
+            raise UserError(str(err)) from None
+        raise
     for split, tokens in (("train", train), ("val", val)):
         meta = tokens.meta
         print(f"{split}: {meta['n_tokens']:,} tokens from {meta['n_bytes']:,} bytes "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -40,6 +41,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
+# Overrides --resume accepts: they change what is logged, kept or evaluated at the end, never the steps
+# themselves, so the continued run is still the run its config.toml describes.
+RESUME_OVERRIDES = ("eval.sets", "checkpoint.keep_last", "train.log_every")
+LOCK_FILE = ".lock"
+
+
 def _new_run_dir(cfg: runconfig.RunConfig, explicit: Path | None) -> Path:
     if explicit is not None:
         if explicit.exists():
@@ -56,18 +63,56 @@ def _new_run_dir(cfg: runconfig.RunConfig, explicit: Path | None) -> Path:
 
 def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
     if args.resume is not None:
-        if args.config or args.method or args.run_dir or args.extra:
-            raise UserError("--resume continues a run with its saved config; give no --config, --method, "
-                            "--run-dir or overrides with it")
+        if args.config or args.method or args.run_dir:
+            raise UserError("--resume continues a run with its saved config; give no --config, --method or "
+                            "--run-dir with it")
+        for key in runconfig.parse_overrides(args.extra):
+            if key not in RESUME_OVERRIDES:
+                raise UserError(f"--resume cannot change '{key}': it would change the run's training; the keys "
+                                f"a resume may change are {', '.join(RESUME_OVERRIDES)}")
         config_file = args.resume / "config.toml"
         if not config_file.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml)")
-        return runconfig.resolve(str(config_file)), args.resume, True
+        return runconfig.resolve(str(config_file), args.extra), args.resume, True
     extra = list(args.extra)
     if args.method:
         extra.append(f"--method.name={args.method}")
     cfg = runconfig.resolve(args.config, extra)
     return cfg, _new_run_dir(cfg, args.run_dir), False
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` while one process trains in it.
+
+    flock, not the lock file's existence, is the lock: the OS releases it when its process ends, however it
+    ends, so a lock file a killed run left behind is simply taken over. The file names the holder.
+    """
+    import fcntl
+    import os
+    import socket
+
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"run directory {run_dir} is in use by {holder} (lock file {path}); wait for that "
+                            "run to end or stop it, then try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {run_dir}: {err.strerror}") from None
 
 
 def run(args) -> int:
@@ -76,27 +121,33 @@ def run(args) -> int:
     from slope.train.models import ModelError
     from slope.train.trainer import Interrupted, Trainer, TrainingFailed
 
-    run_dir, created = None, False
     try:
         cfg, run_dir, resume = _resolve(args)
-        toml_text = runconfig.to_toml(cfg)
-        print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=resume)
-        created = not resume
-        if created:
-            runconfig.save(cfg, run_dir / "config.toml")
-        result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
-    except (ConfigError, DataError, ModelError, FormatError, FileNotFoundError) as err:
-        # Set-up errors come before any training: a run directory made just now holds nothing of value.
-        if created and not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir)
+    except ConfigError as err:
         raise UserError(str(err)) from None
-    except TrainingFailed as err:
-        print(f"slope train: error: {err}", flush=True)
-        return 3
-    except Interrupted as err:
-        print(f"slope train: {err}", flush=True)
-        return 130
+    toml_text = runconfig.to_toml(cfg)
+    print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
+    if not resume:
+        _make_run_dir(run_dir)
+    try:
+        with run_lock(run_dir):
+            # Written under the lock: on resume it records the allowed overrides for the next resume.
+            runconfig.save(cfg, run_dir / "config.toml")
+            result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
+    except BaseException as err:
+        # A new run that ends before its first checkpoint holds nothing of value, and its directory left
+        # behind would make the same --run-dir be refused.
+        if not resume and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(err, (ConfigError, DataError, ModelError, FormatError, FileNotFoundError)):
+            raise UserError(str(err)) from None
+        if isinstance(err, TrainingFailed):
+            print(f"slope train: error: {err}", flush=True)
+            return 3
+        if isinstance(err, Interrupted):
+            print(f"slope train: {err}", flush=True)
+            return 130
+        raise
     print(format_summary(result.summary))
     return 0
 

@@ -1,0 +1,235 @@
+"""What `slope` answers to bad inputs and bad luck (docs/reliability.md): one line and exit 2 for the user's
+mistakes, validation before any data work, a lock on a run directory, clean failed starts, resume rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from slope import cli
+from slope.train import corpus, trainer
+from slope.train.trainer import read_metrics
+
+BUG_LINE = "this is a bug in slope"
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    works = dict(corpus.embedded_documents("shakespeare"))
+    (root / "train.txt").write_text(works["shakespeare:macbeth_gut.txt"][:30_000])
+    (root / "ood.txt").write_text(next(t for _, t in corpus.embedded_documents("milton"))[:5_000])
+    return root
+
+
+def train_args(text_dir, run_dir, *extra):
+    return ["train", "--config", "tiny", "--no-progress", "--run-dir", str(run_dir),
+            f"--data.train={text_dir / 'train.txt'}", "--data.val=", "--data.val_fraction=0.1",
+            "--eval.sets=", "--tokenizer.vocab_size=300", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(text_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "done"
+    assert cli.main(train_args(text_dir, run_dir, f"--eval.sets={text_dir / 'ood.txt'}")) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def no_data_work(monkeypatch):
+    """Validation must come before any tokenizing: reaching prepare_data fails the test."""
+    def reached(*args, **kwargs):
+        raise AssertionError("prepare_data reached before the config was validated")
+
+    monkeypatch.setattr(trainer, "prepare_data", reached)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--slope.m=3", "--slope.n=1", "--slope.on_indivisible=error"], "that 1:3 groups cannot divide"),
+    (["--slope.m=3", "--slope.n=1"], "nothing to sparsify in LlamaForCausalLM"),
+    (['--slope.skip=["*"]'], "nothing to sparsify in LlamaForCausalLM"),
+    (["--model.num_layers=0"], "config key 'model.num_layers' must be > 0, got 0"),
+    (["--model.num_heads=0"], "config key 'model.num_heads' must be > 0, got 0"),
+    (["--model.hidden_size=-8"], "config key 'model.hidden_size' must be > 0, got -8"),
+    (["--model.intermediate_size=-8"], "config key 'model.intermediate_size' must be >= 0, got -8"),
+    (["--model.hidden_size=36"], "model.preset 'llama' cannot be built with these [model] sizes"),
+    (["--optim.lr=nan"], "config key 'optim.lr' must be a finite number, got nan"),
+    (["--optim.beta1=2"], "config key 'optim.beta1' must be in [0, 1), got 2.0"),
+    (["--optim.eps=-1"], "config key 'optim.eps' must be > 0, got -1.0"),
+    (["--tokenizer.vocab_size=10"], "'tokenizer.vocab_size' is too small for the byte-level BPE: it must be at least 258"),
+    (["--eval.sets=/missing.txt"], "corpus '/missing.txt' not found"),
+    (["--model.preset={empty}"], "is a folder without a config.json"),
+    pytest.param(["--slope.backend=cutlass"], "'cutlass' needs a CUDA GPU and the run is on cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_bad_config_is_one_line_before_any_data_work(text_dir, tmp_path, capsys, no_data_work, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(empty=tmp_path / "empty") for e in extra]
+    assert cli.main(train_args(text_dir, tmp_path / "r", *extra)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("slope train: error: ") and message in line, line
+    assert not (tmp_path / "r").exists()  # a failed start leaves no directory behind
+
+
+def test_run_dir_that_cannot_be_created(text_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(train_args(text_dir, tmp_path / "file" / "r")) == 2
+    assert f"cannot create run directory {tmp_path / 'file' / 'r'}: Not a directory" in one_error_line(capsys)
+
+
+def test_unexpected_exception_is_reported_as_a_bug(text_dir, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(trainer, "prepare_data", broken)
+    assert cli.main(train_args(text_dir, tmp_path / "r")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: planted" in err
+    assert err.strip().splitlines()[-1] == (
+        f"slope train: {BUG_LINE} (RuntimeError); please report it with the command line above")
+    assert not (tmp_path / "r").exists()
+
+
+# ---- the lock ---------------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from slope.cli.commands.train import run_lock
+    with run_lock(Path(sys.argv[1])):
+        print("locked", flush=True)
+        sys.stdin.read()  # held until the test closes stdin
+""")
+
+
+def test_a_busy_run_is_refused_and_a_stale_lock_is_taken_over(run_copy, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_copy)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (run_copy / "metrics.jsonl").read_text()
+        assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 2
+        line = one_error_line(capsys)
+        assert f"run directory {run_copy} is in use by process {holder.pid} on " in line, line
+        assert (run_copy / "metrics.jsonl").read_text() == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # The holder is gone; its lock file, naming it, stays behind and is taken over.
+    assert f"process {holder.pid} on" in (run_copy / ".lock").read_text()
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+
+
+def test_resume_while_the_original_still_trains_is_refused(text_dir, tmp_path):
+    """A real `slope train` in a subprocess holds its run directory: a second process gets exit 2."""
+    run_dir = tmp_path / "busy"
+    child = subprocess.Popen([sys.executable, "-m", "slope", *train_args(text_dir, run_dir, "--train.max_steps=100000")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stderr:  # the first logged step comes after the lock is taken
+            if "adapters will be added" in line:
+                break
+        second = subprocess.run([sys.executable, "-m", "slope", "train", "--resume", str(run_dir)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by process {child.pid} on " in second.stderr and "Traceback" not in second.stderr
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_overrides_that_change_the_training(run_copy, capsys):
+    assert cli.main(["train", "--resume", str(run_copy), "--optim.lr=1"]) == 2
+    assert one_error_line(capsys) == (
+        "slope train: error: --resume cannot change 'optim.lr': it would change the run's training; the keys a "
+        "resume may change are eval.sets, checkpoint.keep_last, train.log_every")
+
+
+def test_resume_takes_allowed_overrides_and_keeps_them(run_copy, text_dir):
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress", "--eval.sets=milton",
+                     "--checkpoint.keep_last=1"]) == 0
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert set(summary["eval"]) == {"val", "milton"}
+    assert 'sets = ["milton"]' in (run_copy / "config.toml").read_text()
+
+
+def test_resume_after_a_kill_past_the_final_checkpoint_writes_a_clean_summary(run_copy):
+    """Killed after the final checkpoint and its evals, before summary.json, mid-way through a metrics line."""
+    (run_copy / "summary.json").unlink()
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "set": "va')
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    summary = json.loads((run_copy / "summary.json").read_text())
+    train = [r for r in read_metrics(run_copy) if r["kind"] == "train"]
+    assert summary["final_train_loss"] == train[-1]["loss"] and math.isfinite(summary["final_train_loss"])
+    evals = [(r["set"], r["step"]) for r in read_metrics(run_copy) if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals)), evals  # no final evaluation logged twice
+    assert len([e for e in evals if e[1] == 8]) == 2  # the validation split and ood.txt, once each
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / "train.bin").write_bytes(b""), "has 0 bytes but"),
+    (lambda d: (d / "train.json").write_text('{"n_tok'), "train.json is damaged (JSONDecodeError"),
+    (lambda d: (d / "train.bin").unlink(), "train.bin is missing"),
+])
+def test_resume_with_a_damaged_token_cache(run_copy, capsys, damage, message):
+    damage(run_copy / "data")
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert message in line and "to tokenize" in line and "again" in line, line
+
+
+# ---- the other commands -----------------------------------------------------------------------------
+
+
+def test_eval_seq_len_names_the_option(finished_run, capsys):
+    assert cli.main(["eval", str(finished_run), "milton", "--seq-len", "100000"]) == 2
+    assert one_error_line(capsys) == ("slope eval: error: --seq-len 100000 is longer than the model's maximum "
+                                      "of 64 positions; give --seq-len 64 or less")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_cuda_without_cuda(finished_run, capsys):
+    assert cli.main(["generate", str(finished_run), "--device", "cuda", "--prompt", "x"]) == 2
+    assert "no CUDA device is available here" in one_error_line(capsys)
+
+
+def test_prepare_on_garbage_leaves_no_output_folder(tmp_path, capsys):
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli.main(["prepare", str(garbage), "--out", str(out), "--vocab-size", "300"]) == 2
+    assert "empty or too small" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_prepare_vocabulary_too_small(tmp_path, capsys):
+    assert cli.main(["prepare", "milton", "--out", str(tmp_path / "out"), "--vocab-size", "10"]) == 2
+    assert "--vocab-size is too small for the byte-level BPE: it must be at least 258" in one_error_line(capsys)
+    assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,142 @@
+"""`slope train --resume` on checkpoints that cannot be trusted: a damaged newest checkpoint (fall back to the
+previous good one, same result as never failing), a format-1 trainer_state.pt holding a pickle payload
+(refused in one line, never unpickled), `latest` naming a folder outside the run, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slope import cli
+from slope.io import checkpoint
+from slope.train import corpus
+from slope.train.trainer import read_metrics
+
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    file = tmp_path_factory.mktemp("corpus") / "train.txt"
+    file.write_text(dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:40_000])
+    return file
+
+
+def _train_args(corpus_file, run_dir):
+    return ["train", "--config", "tiny", "--no-progress", "--run-dir", str(run_dir),
+            f"--data.train={corpus_file}", "--data.val=", "--data.val_fraction=0.1", "--tokenizer.vocab_size=320",
+            "--eval.every=0", "--eval.sets=[]", "--checkpoint.every=2", "--checkpoint.keep_last=4"]
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus_file, tmp_path_factory):
+    """8 steps, checkpoints at 2, 4, 6 and 8."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    assert cli.main(_train_args(corpus_file, run_dir)) == 0
+    return run_dir
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def _flip_last_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 1
+    file.write_bytes(bytes(data))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_still_reproduces_the_run(full_run, tmp_path, caplog):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full_run, resumed)
+    ckpts = resumed / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000008")
+    (ckpts / "latest").write_text("step_00000006\n")
+    _flip_last_bit(ckpts / "step_00000006" / "model.safetensors")
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    assert "step_00000006 is damaged" in caplog.text and "fails its SHA-256 check" in caplog.text
+    assert "resuming from step_00000004 (step 4) instead" in caplog.text
+    assert _losses(resumed) == _losses(full_run)
+    final, expected = (load_file(checkpoint.latest_checkpoint(run) / "model.safetensors") for run in (resumed, full_run))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    checkpoint.verify_checkpoint(ckpts / "step_00000006")  # written again, intact this time
+
+
+def test_resume_follows_no_latest_outside_the_run(full_run, tmp_path, caplog):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    decoy = tmp_path / "decoy" / "checkpoints" / "step_00000008"
+    shutil.copytree(full_run / "checkpoints" / "step_00000008", decoy)
+    (resumed / "checkpoints" / "latest").write_text("../../decoy/checkpoints/step_00000008\n")
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    assert "not a checkpoint of this run: ignored" in caplog.text
+    assert "resumed from" in caplog.text and "step_00000006 (step 6)" in caplog.text
+
+
+def _format1_run(tmp_path, corpus_file) -> Path:
+    """The committed format-1 run, made resumable: its config at the top, on a small corpus (fast to tokenize)."""
+    run = tmp_path / "old-run"
+    shutil.copytree(FIXTURE_RUN, run)
+    config = (run / "checkpoints" / "step_00000004" / "config.toml").read_text()
+    for old, new in (('train = "shakespeare"', f'train = "{corpus_file}"'), ('val = "auto"', 'val = ""'),
+                     ('sets = ["milton"]', "sets = []")):
+        assert old in config
+        config = config.replace(old, new)
+    (run / "config.toml").write_text(config)
+    return run
+
+
+def test_a_format1_run_resumes_through_weights_only_loading(tmp_path, corpus_file):
+    """slope 0.1's trainer_state.pt holds tensors, containers and numpy's RNG array: weights_only reads it."""
+    run = _format1_run(tmp_path, corpus_file)
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 0
+    ckpt = checkpoint.latest_checkpoint(run)
+    assert checkpoint.verify_checkpoint(ckpt)["format"] == 2  # the step written again, in the new format
+    assert checkpoint.load_trainer_state(ckpt)["step"] == 4
+
+
+class _Payload:
+    """Unpickling this creates the marker file: any code could run the same way."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_resume_never_unpickles_a_format1_trainer_state(tmp_path, corpus_file, capsys):
+    run = _format1_run(tmp_path, corpus_file)
+    ckpt = run / "checkpoints" / "step_00000004"
+    marker = tmp_path / "pwned"
+    (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Payload(marker)}))
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by an older slope (checkpoint format 1)" in err[0]
+    assert "cannot be resumed safely" in err[0]
+    assert not marker.exists()
+
+
+def test_a_full_disk_while_training_stops_in_one_line(corpus_file, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    assert cli.main(_train_args(corpus_file, run_dir)) == 3
+    lines = [line for line in capsys.readouterr().out.splitlines() if "error" in line]
+    assert lines == [f"slope train: error: cannot write checkpoint {run_dir / 'checkpoints' / 'step_00000002'} "
+                     "(the disk is full); the previous checkpoints are intact; no checkpoint had been written yet"]
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
