@@ -125,7 +125,7 @@ def test_column_mask_prunes_along_out_and_keeps_sparse_groups():
 @pytest.mark.parametrize(("n", "m", "expected"), [(2, 4, 0.40625), (1, 2, 0.375), (2, 8, 0.25 - 0.0584)])
 def test_double_pruned_density_of_random_matrix(n, m, expected):
     # Random row mask: each column-group of m rows holds Binomial(m, n/m) non-zeros, of which at most n
-    # survive; DESIGN §2.2 gives the expectations (0.40625 for 2:4). 1024² entries put the sampling
+    # survive, which gives an expected density of 0.40625 for 2:4. 1024² entries put the sampling
     # error near 1e-4, so ± 0.005 is a wide margin that still catches a wrong prune.
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     w_r = w * nm_mask(w, n, m)
