@@ -276,7 +276,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
     """Merge string overrides into raw config data, converting each to its annotated type."""
-    data = {k: dict(v) for k, v in data.items()}
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}  # from_dict reports non-tables
     for dotted, text in overrides.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:

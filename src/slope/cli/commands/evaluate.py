@@ -66,6 +66,8 @@ def run(args) -> int:
         return _run_tasks(args)
     if not args.text:
         raise UserError("give TEXT to evaluate (a file, folder, .jsonl or embedded corpus name), or --tasks")
+    if args.limit is not None or args.tasks_data is not None:
+        raise UserError("--limit and --tasks-data apply to --tasks only; with TEXT use --max-tokens")
     if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
         raise UserError("--seq-len, --batch-size and --max-tokens must be positive")
     import torch

@@ -24,8 +24,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 def _check(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):  # NaN and inf too: they sample garbage
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 < args.top_p <= 1:
