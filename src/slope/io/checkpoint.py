@@ -251,6 +251,11 @@ def load_trainer_state(checkpoint_dir: Path) -> dict:
             "cannot be read without running pickled code, so it cannot be resumed safely; eval, export and "
             "slope.load still work on it"
         ) from err
+    except Exception as err:  # the unpickler of a damaged file raises what it meets (IndexError, KeyError, ...)
+        raise FormatError(
+            f"{legacy}: cannot read this format-1 trainer state ({one_line(err)}): the file is damaged, so the "
+            "checkpoint cannot be resumed"
+        ) from err
 
 
 # ---- checking a checkpoint ------------------------------------------------------------------------
@@ -419,9 +424,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
     try:
         config = AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(ckpt / TOKENIZER_DIR, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # transformers and tokenizers raise what a damaged file makes them meet (TypeError, ...)
         raise FormatError(f"{ckpt}: cannot read {HF_CONFIG_FILE} or {TOKENIZER_DIR}/ ({one_line(err)})") from err
-    model = AutoModelForCausalLM.from_config(config)
     if info.get("slope_config") is not None:
         try:
             sparsify(model, SlopeConfig(**info["slope_config"]))

@@ -175,7 +175,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
         return _build(path, meta, dtype, backend)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, SafetensorError) as err:
         # malformed metadata fields, an invalid slope_config, or a state_dict the model rejects
         raise FormatError(f"{path}: inconsistent export ({one_line(err)})") from err
 
@@ -190,9 +190,9 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
         raise FormatError(f"{path / META_FILE}: unknown dtype {meta['dtype']!r} (expected one of {', '.join(DTYPES)})")
     try:
         config = AutoConfig.for_model(**meta["model_config"])
-    except (ValueError, KeyError, TypeError) as err:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored_dtype)
+    except Exception as err:  # transformers raises what a bad config makes it meet (its own validation errors, ...)
         raise FormatError(f"{path / META_FILE}: invalid model_config ({one_line(err)})") from err
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored_dtype)
 
     slope_cfg = SlopeConfig(**meta["slope_config"]).replace(backend=backend) if meta["layers"] else None
     state = _swap_in_layers(model, meta, slope_cfg, path)

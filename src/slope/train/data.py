@@ -211,7 +211,8 @@ def pretrained_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise DataError(f"tokenizer {name!r} could not be loaded from a local path or the local cache: {err}") from None
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # transformers: many lines
+        raise DataError(f"tokenizer {name!r} could not be loaded from a local path or the local cache: {reason}") from None
 
 
 def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -27,7 +27,9 @@ from slope.backends import backend_summary
 from slope.convert import slope_layers
 from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
+from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
 from slope.train import models, runconfig
+from slope.train.data import DataError
 from slope.train.evaluation import causal_lm_loss, evaluate
 from slope.train.methods import count_params, get_method
 from slope.train.prepare import prepare_data, tokenize_source
@@ -253,10 +255,13 @@ class Trainer:
         cfg = self.cfg
         self.device = preflight(cfg)
         self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
-        self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(
-            self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-            cfg.tokenizer.name, cfg.tokenizer.vocab_size,
-        )
+        if self.resume:
+            self.tokenizer, self.train_tokens, self.val_tokens = self._resume_data()
+        else:
+            self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(
+                self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
+                cfg.tokenizer.name, cfg.tokenizer.vocab_size,
+            )
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
 
@@ -288,6 +293,25 @@ class Trainer:
 
     def _adapter_group(self) -> dict:
         return {"weight_decay": self.cfg.optim.weight_decay, "lr": lr_at(self.step, self.cfg)}
+
+    def _resume_data(self):
+        """prepare_data of a resumed run, whose tokenizer must be the one its tokens were made with.
+
+        A missing RUN/data/tokenizer/ is refused rather than trained again, and a damaged one is one line
+        (transformers explains over several): the CLI prints it, exit 2.
+        """
+        cfg, data_dir = self.cfg, self.run_dir / "data"
+        tok_dir = data_dir / "tokenizer"
+        if (data_dir / "train.json").is_file() and not tok_dir.is_dir():
+            raise DataError(
+                f"tokenizer {tok_dir} is missing, but {data_dir / 'train.json'} was tokenized with it; "
+                f"copy it back from a checkpoint ({CHECKPOINTS_DIR}/step_XXXXXXXX/{TOKENIZER_DIR}/) to resume"
+            )
+        try:
+            return prepare_data(data_dir, cfg.data.train, cfg.data.val, cfg.data.val_fraction,
+                                cfg.tokenizer.name, cfg.tokenizer.vocab_size)
+        except DataError as err:
+            raise DataError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
     def _restore(self) -> None:
         # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
