@@ -233,7 +233,7 @@ DAMAGE = {
     "not json": (lambda c: (c / "slope.json").write_text("{"), r"slope\.json: cannot read"),
     "adapters flag disagrees": (lambda c: _edit_info(c, lambda i: i.update(adapters=False)), "does not fit"),
     "unknown slope_config key": (
-        lambda c: _edit_info(c, lambda i: i["slope_config"].update(bogus=1)), "slope_config does not apply",
+        lambda c: _edit_info(c, lambda i: i["slope_config"].update(bogus=1)), "invalid slope_config",
     ),
     "dense config, sparse weights": (lambda c: _edit_info(c, lambda i: i.update(slope_config=None)), "does not fit"),
     "truncated weights": (lambda c: _truncate(c / "model.safetensors"), r"model\.safetensors does not fit"),
@@ -266,3 +266,17 @@ def test_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, tokenizer, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["slope export", "slope eval"]
     assert all("does not fit" in line for line in lines)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("n", 5, r"invalid slope_config \(ValueError: SlopeConfig.n=5 is invalid"),
+    ("typo", 1, r"invalid slope_config \(TypeError: .*typo"),
+])
+def test_read_info_refuses_an_invalid_slope_config(tmp_path, field, value, message):
+    # load and resume both read slope.json through read_info, so both refuse what SlopeConfig refuses
+    from slope.io.checkpoint import read_info
+
+    info = {"format": 1, "method": "slope", "slope_config": {field: value}, "adapters": False, "step": 1}
+    (tmp_path / "slope.json").write_text(json.dumps(info))
+    with pytest.raises(FormatError, match=message):
+        read_info(tmp_path)

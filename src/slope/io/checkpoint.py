@@ -403,6 +403,11 @@ def read_info(checkpoint_dir: str | Path) -> dict:
         )
     if not isinstance(info.get("slope_config"), dict | None):
         raise FormatError(f"{file}: slope_config must be an object or null, got {info['slope_config']!r}")
+    if info["slope_config"] is not None:
+        try:  # the same check for load and resume: a config this slope would refuse is a damaged file
+            SlopeConfig(**info["slope_config"])
+        except (TypeError, ValueError) as err:
+            raise FormatError(f"{file}: invalid slope_config ({one_line(err)})") from err
     return info
 
 
