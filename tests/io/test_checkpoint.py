@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _export_fixtures import logits, make_tokenizer, tiny_model, write_training_checkpoint
+from _export_fixtures import logits, tiny_model, write_training_checkpoint
 from safetensors.torch import load_file, save_file
 
 import slope
@@ -21,16 +21,6 @@ from slope.io.load import load, load_tokenizer
 
 STEP_FILES = {"model.safetensors", "config.json", "slope.json", "tokenizer", "trainer_state.json",
               "trainer_state.safetensors", "config.toml", "manifest.json"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _method_info(model) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _export_fixtures import make_tokenizer, tiny_model
+from _export_fixtures import tiny_model
 
 import slope
 from slope.io import checkpoint
@@ -25,11 +25,6 @@ from slope.io.load import load, read_metadata, verify_files
 from slope.train.trainer import rng_state, set_rng_state
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _export_fixtures import logits, make_tokenizer, tiny_config, tiny_model, write_training_checkpoint
+from _export_fixtures import logits, tiny_config, tiny_model, write_training_checkpoint
 from safetensors.torch import load_file, save_file
 
 import slope
@@ -17,17 +17,6 @@ from slope.cli import main
 from slope.io.export import export, save_compressed
 from slope.io.format import META_FILE, WEIGHTS_FILE, FormatError, sha256_file
 from slope.io.load import load, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-
 
 # ---- exact round trips ----------------------------------------------------------------------------
 

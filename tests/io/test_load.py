@@ -16,11 +16,6 @@ from slope.io.load import ModelDir, load, load_tokenizer, resolve_model_dir
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def source_model():
     return tiny_model("llama", adapters=True)
 
