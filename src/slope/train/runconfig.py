@@ -44,6 +44,10 @@ class RunSection:
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto (bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU), fp32, bf16, fp16
     compile: bool = False  # torch.compile the model (no gain on CPU, measured)
+    # Under torchrun: "auto" (ddp when the world has more than one process, else none), none, ddp, fsdp.
+    parallel: str = "auto"
+    dist_timeout: float = 600.0  # seconds a collective may wait on another rank before the job stops
+    logger: str = "tensorboard"  # where scalars go besides metrics.jsonl: tensorboard, wandb, none
 
 
 @dataclass
@@ -69,6 +73,7 @@ class DataSection:
     # "auto" = the held-out works for the embedded Shakespeare, else "".
     val: str = "auto"
     val_fraction: float = 0.05
+    text_column: str = "text"  # the column (or JSON field) holding the text in datasets, parquet and JSONL
 
 
 @dataclass
@@ -102,6 +107,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
     log_every: int = 10
+    gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
 
 
 @dataclass
@@ -327,7 +333,9 @@ def validate(cfg: RunConfig) -> None:
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
 
-    for key in ("optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
+    if not cfg.data.text_column:
+        raise ConfigError("config key 'data.text_column' must name a column, got ''")
+    for key in ("run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
                 "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
         section, _, name = key.partition(".")
         finite(key, getattr(getattr(cfg, section), name))
@@ -341,6 +349,7 @@ def validate(cfg: RunConfig) -> None:
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     positive("eval.every", cfg.eval.every, allow_zero=True)
+    positive("run.dist_timeout", cfg.run.dist_timeout)
     positive("eval.max_tokens", cfg.eval.max_tokens)
     positive("eval.final_max_tokens", cfg.eval.final_max_tokens)
     positive("eval.batch_size", cfg.eval.batch_size)
@@ -375,6 +384,8 @@ def validate(cfg: RunConfig) -> None:
     choices = {
         "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
         "optim.impl": (cfg.optim.impl, ("auto", "fused", "foreach", "loop")),
+        "run.parallel": (cfg.run.parallel, ("auto", "none", "ddp", "fsdp")),
+        "run.logger": (cfg.run.logger, ("tensorboard", "wandb", "none")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
