@@ -47,6 +47,10 @@ class FakeCusparseLt:
         self.counts: dict[str, int] = {}
         self.destroyed: list[tuple[str, int]] = []
         self.streams: list[int] = []
+        self.handles: list[int] = []  # the handle of every cusparseLtInit
+        self.failing_algs: set[int] = set()  # algorithm ids whose plan cannot be built
+        self.device = None  # the "current device" (set by the fixture's _on_device)
+        self.launch_devices: list = []  # the current device at every cusparseLtMatmul
 
     def _count(self, name: str) -> int:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -56,6 +60,7 @@ class FakeCusparseLt:
         return b"CUSPARSE_STATUS_INVALID_VALUE"
 
     def cusparseLtInit(self, handle):
+        self.handles.append(_addr(handle))
         return self._count("init")
 
     def cusparseLtGetVersion(self, handle, out):
@@ -112,9 +117,19 @@ class FakeCusparseLt:
 
     def cusparseLtMatmulPlanInit(self, handle, plan, matmul, alg):
         status = self._count("plan_init")
+        if self.algs[_addr(alg)]["config_id"] in self.failing_algs:
+            status = self.INVALID_VALUE
         if not status:
-            self.plans[_addr(plan)] = dict(matmul=self.matmuls[_addr(matmul)], alg=dict(self.algs[_addr(alg)]))
+            self.plans[_addr(plan)] = dict(matmul=self.matmuls[_addr(matmul)], alg=dict(self.algs[_addr(alg)]),
+                                           handle=_addr(handle))
         return status
+
+    def cusparseLtSpMMACompressedSize(self, handle, plan, compressed, scratch):
+        # the fake's "compressed" A is A itself: rows * cols elements of the plan's dtype
+        a = self.plans[_addr(plan)]["matmul"]["a"]
+        compressed._obj.value = a["rows"] * a["cols"] * a["dtype"].itemsize
+        scratch._obj.value = 0
+        return self._count("compressed_size")
 
     def cusparseLtMatmulGetWorkspace(self, handle, plan, out):
         out._obj.value = self.workspace
@@ -142,6 +157,7 @@ class FakeCusparseLt:
         if self.workspace and not workspace:
             return self.INVALID_VALUE
         self.streams.append(_deref(streams))
+        self.launch_devices.append(self.device)
         op = lambda t, o: t if o == cp._OP_N else t.t()  # noqa: E731
         prod = op(self._view(_addr(a), mm["a"]).double(), mm["op_a"]) @ op(self._view(_addr(b), mm["b"]).double(), mm["op_b"])
         self._view(_addr(d), mm["d"]).copy_(prod * _deref(alpha))  # beta = 0: C is not read
@@ -150,9 +166,20 @@ class FakeCusparseLt:
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(cp, "_on_device", lambda index: contextlib.nullcontext())
+    lib = FakeCusparseLt()
+
+    @contextlib.contextmanager
+    def on_device(index):  # torch.cuda.device(index) for the fake: makes `index` current, then restores
+        previous, lib.device = lib.device, index
+        try:
+            yield
+        finally:
+            lib.device = previous
+
+    monkeypatch.setattr(cp, "_on_device", on_device)
     monkeypatch.setattr(cp, "_stream_handle", lambda device: 1234)
-    return FakeCusparseLt()
+    monkeypatch.setattr(cp, "_capturing", lambda: False)
+    return lib
 
 
 def two_four(rows, cols, dtype=torch.bfloat16, seed=0):
@@ -298,9 +325,10 @@ def test_plans_are_used_when_everything_checks_out(gpu_like):
     "change,reason",
     [
         (lambda mp, fake: mp.setenv(cp.ENV_SWITCH, "0"), "SLOPE_CUSPARSELT_PLANS=0"),
-        (lambda mp, fake: setattr(fake, "version", 700), r"opened \(700\) is not the one torch uses \(800\)"),
+        (lambda mp, fake: setattr(fake, "version", 700),
+         r"opened \(0.7.0\) is not the release torch was built with \(0.8.0\)"),
         (lambda mp, fake: (setattr(fake, "version", 900), mp.setattr(torch.backends.cusparselt, "version", lambda: 900)),
-         r"cuSPARSELt 900 is outside the versions this module is written for \(0.6-0.8\)"),
+         r"cuSPARSELt 0.9.0 is outside the versions this module is written for \(0.6-0.8\)"),
         (lambda mp, fake: mp.setattr(cp, "load_library", lambda: (_ for _ in ()).throw(OSError("no libcusparseLt"))),
          "no libcusparseLt"),
         (lambda mp, fake: mp.setattr(cp, "_self_test", lambda c, i: (_ for _ in ()).throw(cp.CusparseLtError("off by 1"))),
@@ -334,3 +362,87 @@ def test_backend_products_go_through_the_plans(gpu_like, layout, monkeypatch):
     assert gpu_like.counts["plan_init"] == 1 and next(iter(gpu_like.mats.values()))["rows"] == 32
     assert any(m["rows"] == 16 and not m["structured"] for m in gpu_like.mats.values())  # 13 tokens padded to 16
     assert cp.plan_cache().built == 1
+
+
+def test_a_patch_release_loaded_at_run_time_keeps_plans_on(gpu_like):
+    # torch reports the release it was compiled with (0.8.0); 0.8.1 loaded at run time is the same API
+    gpu_like.version = 801
+    assert isinstance(cp.plan_cache(), cp.PlanCache) and cp.status() == "on"
+
+
+# ---- safety: threads, devices, algorithms, graph capture, operands ---------------------------------
+
+
+def test_each_thread_gets_its_own_handle_and_plans(fake):
+    import threading
+
+    cache = cp.PlanCache(cp.Library(fake))
+    a, b = two_four(32, 64), torch.randn(8, 64).bfloat16()
+    want = (b.double() @ a.double().t()).bfloat16()
+    results = {}
+
+    def work(name):  # autograd's backward thread does exactly this: the same shapes, another thread
+        results[name] = [cache.mm_t(a, 32, 64, b) for _ in range(2)]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("backward", "other")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    work("main")
+    assert all(torch.equal(y, want) for ys in results.values() for y in ys)
+    assert fake.counts["init"] == 3 and len(set(fake.handles)) == 3  # one handle per thread
+    assert cache.built == 3 and len(cache) == 1  # one plan per thread, len() counts this thread's
+    assert len({p["handle"] for p in fake.plans.values()}) == 3  # each plan bound to its thread's handle
+
+
+def test_every_launch_runs_with_the_plans_device_current(fake):
+    cache = cp.PlanCache(cp.Library(fake))
+    plan = cache.plan(1, torch.bfloat16, 32, 64, 8, "tr", 0)
+    a, b = two_four(32, 64), torch.randn(8, 64).bfloat16()
+    fake.device = 0  # the caller has another device current
+    plan(a, b)
+    assert fake.launch_devices == [1] and fake.device == 0  # device 1 during the launch, restored after
+
+
+def test_an_algorithm_without_a_plan_falls_back_to_algorithm_0(fake, caplog):
+    fake.failing_algs = {5}
+    cache = cp.PlanCache(cp.Library(fake))
+    a, b = two_four(32, 64), torch.randn(24, 64).bfloat16()
+    with caplog.at_level("WARNING", logger="slope"):
+        y = cache.mm_t(a, 32, 64, b, "tr", alg_id=5)
+        cache.mm_t(a, 32, 64, b, "tr", alg_id=5)
+    assert torch.equal(y, (b.double() @ a.double().t()).bfloat16())
+    assert [p["alg"]["config_id"] for p in fake.plans.values()] == [0]  # built once, with algorithm 0
+    assert cache.fallbacks == [(0, torch.bfloat16, 32, 64, 24, "tr", 5)]
+    assert "algorithm 5 has no plan for (32, 64) x 24 tokens" in caplog.text
+    fake.failing_algs = {0, 5}  # algorithm 0 failing too is a real error: raised, not hidden
+    with pytest.raises(cp.CusparseLtError, match="plan failed"):
+        cache.mm_t(a, 32, 64, torch.randn(40, 64).bfloat16(), "tr", alg_id=5)
+
+
+def test_no_synchronize_while_a_graph_is_captured(fake, monkeypatch):
+    synced, capturing = [], [True]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(cp, "_capturing", lambda: capturing[0])
+    cache = cp.PlanCache(cp.Library(fake), max_plans=1)
+    cache.plan(0, torch.bfloat16, 32, 64, 8, "tr", 0)
+    cache.plan(0, torch.bfloat16, 32, 64, 16, "tr", 0)  # evicts the first during capture
+    assert synced == [] and fake.destroyed == [] and len(cache) == 1
+    capturing[0] = False
+    cache.plan(0, torch.bfloat16, 32, 64, 24, "tr", 0)  # outside capture: both retired plans go
+    assert synced == [0]
+    assert sorted(kind for kind, _ in fake.destroyed) == ["alg"] * 2 + ["mat"] * 6 + ["plan"] * 2
+
+
+def test_operands_that_do_not_fit_the_plan_are_refused_before_the_launch(fake):
+    plan = cp.PlanCache(cp.Library(fake)).plan(0, torch.bfloat16, 32, 64, 8, "tr", 0)
+    a, b = two_four(32, 64), torch.randn(8, 64).bfloat16()
+    assert plan.compressed_bytes == 32 * 64 * 2
+    with pytest.raises(ValueError, match=r"the plan multiplies torch.bfloat16; got a compressed operand of torch.float16"):
+        plan(a.half(), b)
+    with pytest.raises(ValueError, match=r"has 2048 bytes; the plan's \(32, 64\) sparse matrix needs 4096"):
+        plan(two_four(16, 64), b)  # compressed for another shape
+    with pytest.raises(ValueError, match=r"expects an input of shape \(8, 64\), got \(16, 64\)"):
+        plan(a, torch.randn(16, 64).bfloat16())
+    assert "matmul" not in fake.counts

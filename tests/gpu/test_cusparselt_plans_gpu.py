@@ -83,3 +83,52 @@ def test_products_on_a_side_stream_follow_that_stream(cache):
         y = cache.mm_t(packed, 1024, 1024, b)
     torch.cuda.current_stream().wait_stream(side)
     assert rel_error(y, b.double() @ a.double().t()) <= tolerance(torch.bfloat16)
+
+
+def test_two_threads_share_no_handle_and_both_match_torch(cache):
+    import threading
+
+    _, packed, b = operands(1024, 2048, 512, torch.bfloat16, seed=3)
+    want = torch._cslt_sparse_mm(packed, b.t(), transpose_result=True)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):  # interleaved launches from both threads on their own handles
+                results.append(cache.mm_t(packed, 1024, 2048, b))
+            torch.cuda.synchronize()
+        except Exception as err:  # surfaced below: an exception in a thread would otherwise be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 40 and all(torch.equal(y, want) for y in results)
+
+
+def test_autograd_backward_thread_uses_plans_and_matches_the_reference(cache):
+    # autograd runs the CUDA backward on its own device thread: its products need their own handle
+    from slope import SlopeConfig, SlopeLinear
+
+    torch.manual_seed(4)
+    dense = torch.nn.Linear(1024, 512, bias=True).cuda()
+    layers = {kind: SlopeLinear.from_dense(dense, SlopeConfig(backend=kind)).cuda()
+              for kind in ("reference", "cusparselt")}
+    x = torch.randn(256, 1024, device="cuda")
+    grads, built_by_backward = {}, 0
+    for kind, layer in layers.items():
+        xi = x.clone().bfloat16().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xi)
+        before = cache.built
+        y.float().square().mean().backward()  # on autograd's device thread
+        torch.cuda.synchronize()
+        if kind == "cusparselt":
+            built_by_backward = cache.built - before
+        grads[kind] = (y.detach(), xi.grad.detach(), layer.weight.grad.detach())
+    assert built_by_backward > 0  # the grad_input product went through a plan of the backward's thread
+    for ref, got in zip(grads["reference"], grads["cusparselt"], strict=True):
+        assert rel_error(got, ref.double()) <= 4 * tolerance(torch.bfloat16)

@@ -22,6 +22,20 @@ b (T, cols) row-major:
        "nt": (rows, T) row-major, ld T
 Only cuSPARSELt 0.6-0.8 is used (the enum values and signatures below are 0.8's, unchanged since
 0.6); anything else, a failed self-test, or SLOPE_CUSPARSELT_PLANS=0 keeps torch's per-call path.
+
+Safety rules, each one a failure seen or documented for the library:
+  - a handle is not shared between threads: autograd runs the CUDA backward on a thread of its own
+    (one per device), so every (thread, device) pair gets its own handle and its own plans;
+  - every library call that binds to a device runs with that device current (a plan built or launched
+    with another device current fails or, worse, runs on the wrong one);
+  - versions are compared by major.minor: torch reports the version it was compiled against, and a
+    patch release loaded at run time (0.8.1 fixes an H100/H200 regression of 0.8.0) is the same API;
+  - a plan that cannot be built for a searched algorithm falls back to algorithm 0 (the library's
+    default, which supports every shape) instead of raising inside training;
+  - evicting a plan synchronizes the device first, except while a CUDA graph is being captured, where
+    a synchronize is illegal: the plan is then retired and destroyed at the next eviction outside capture;
+  - the compressed operand's dtype, device and byte size are checked against the plan before a launch:
+    the library would otherwise read past the end of a too-small buffer.
 """
 
 from __future__ import annotations
@@ -69,6 +83,11 @@ def _on_device(index: int):
     return torch.cuda.device(index)
 
 
+def _capturing() -> bool:
+    """True while the current stream is capturing a CUDA graph (a synchronize would be illegal)."""
+    return torch.cuda.is_current_stream_capturing()
+
+
 def _stream_handle(device: torch.device) -> int:
     """The raw cudaStream_t of the current stream on `device`: products run in stream order."""
     return torch.cuda.current_stream(device).cuda_stream
@@ -106,6 +125,9 @@ _SIGNATURES = {
     "cusparseLtMatmulPlanInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "cusparseLtMatmulGetWorkspace": [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)],
     "cusparseLtMatmulPlanDestroy": [ctypes.c_void_p],
+    "cusparseLtSpMMACompressedSize": [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t),
+    ],
     "cusparseLtMatmul": [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
@@ -150,12 +172,16 @@ def load_library():
 
 
 class Library:
-    """The C API of one cuSPARSELt library with one handle per CUDA device."""
+    """The C API of one cuSPARSELt library with one handle per (thread, CUDA device).
+
+    Handles live in thread-local storage: a thread only ever sees its own. The few bytes of a handle
+    whose thread has ended are not given back to the library (autograd's device threads live as long
+    as the process, so in practice nothing accumulates).
+    """
 
     def __init__(self, lib):
         self.lib = lib
-        self._handles: dict[int, _Opaque] = {}
-        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def check(self, status: int, what: str) -> None:
         if status != _SUCCESS:
@@ -164,13 +190,13 @@ class Library:
             raise CusparseLtError(f"cuSPARSELt {what} failed with status {status} ({text})")
 
     def handle(self, device_index: int) -> _Opaque:
-        with self._lock:
-            if device_index not in self._handles:
-                handle = _Opaque()
-                with _on_device(device_index):
-                    self.check(self.lib.cusparseLtInit(handle.ptr), "cusparseLtInit")
-                self._handles[device_index] = handle
-            return self._handles[device_index]
+        handles = self._local.__dict__.setdefault("handles", {})
+        if device_index not in handles:
+            handle = _Opaque()
+            with _on_device(device_index):
+                self.check(self.lib.cusparseLtInit(handle.ptr), "cusparseLtInit")
+            handles[device_index] = handle
+        return handles[device_index]
 
     def version(self, device_index: int) -> int:
         value = ctypes.c_int(0)
@@ -191,6 +217,7 @@ class MatmulPlan:
         if layout not in ("tr", "nt"):
             raise ValueError(f"layout {layout!r} is invalid: expected 'tr' or 'nt'")
         self.library, self.device_index, self.dtype = library, device_index, dtype
+        self.thread = threading.get_ident()  # the thread whose handle the plan is bound to
         self.rows, self.cols, self.tokens, self.layout, self.alg_id = rows, cols, tokens, layout, alg_id
         lib, check = library.lib, library.check
         handle = library.handle(device_index).ptr
@@ -225,23 +252,44 @@ class MatmulPlan:
             size = ctypes.c_size_t(0)
             check(lib.cusparseLtMatmulGetWorkspace(handle, self._plan.ptr, ctypes.byref(size)), "workspace size")
             self.workspace_bytes = size.value
+            # what torch._cslt_compress writes for this sparse matrix (values + metadata, padded)
+            compressed, scratch = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            check(lib.cusparseLtSpMMACompressedSize(handle, self._plan.ptr, ctypes.byref(compressed),
+                                                    ctypes.byref(scratch)), "compressed size")
+            self.compressed_bytes = compressed.value
         except Exception:
             self.destroy()
             raise
         self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
+    def check_operands(self, packed: torch.Tensor, b: torch.Tensor) -> None:
+        """Refuse operands the plan does not describe, before the library reads them."""
+        if packed.dtype != self.dtype or b.dtype != self.dtype:
+            raise ValueError(f"the plan multiplies {self.dtype}; got a compressed operand of {packed.dtype} "
+                             f"and an input of {b.dtype}")
+        if packed.device != b.device:
+            raise ValueError(f"the compressed operand is on {packed.device} and the input on {b.device}")
+        if tuple(b.shape) != (self.tokens, self.cols):
+            raise ValueError(f"the plan expects an input of shape ({self.tokens}, {self.cols}), got {tuple(b.shape)}")
+        size = packed.numel() * packed.element_size()
+        if size < self.compressed_bytes:
+            raise ValueError(f"the compressed operand has {size} bytes; the plan's ({self.rows}, {self.cols}) "
+                             f"sparse matrix needs {self.compressed_bytes}: it was compressed for another shape")
+
     def __call__(self, packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """packed: torch._cslt_compress of A; b (tokens, cols) row-major, 16-byte aligned."""
+        self.check_operands(packed, b)
         shape = (self.tokens, self.rows) if self.layout == "tr" else (self.rows, self.tokens)
         out = torch.empty(shape, dtype=self.dtype, device=b.device)
         workspace = (torch.empty(self.workspace_bytes, dtype=torch.uint8, device=b.device)
                      if self.workspace_bytes else None)
         stream = ctypes.c_void_p(_stream_handle(b.device))
-        self.library.check(self.library.lib.cusparseLtMatmul(
-            self._handle, self._plan.ptr, ctypes.byref(self._alpha), packed.data_ptr(), b.data_ptr(),
-            ctypes.byref(self._beta), out.data_ptr(), out.data_ptr(),
-            None if workspace is None else workspace.data_ptr(), ctypes.byref(stream), 1,
-        ), "matmul")
+        with _on_device(self.device_index):  # the launch binds to the current device: make it the plan's
+            self.library.check(self.library.lib.cusparseLtMatmul(
+                self._handle, self._plan.ptr, ctypes.byref(self._alpha), packed.data_ptr(), b.data_ptr(),
+                ctypes.byref(self._beta), out.data_ptr(), out.data_ptr(),
+                None if workspace is None else workspace.data_ptr(), ctypes.byref(stream), 1,
+            ), "matmul")
         return out
 
     def destroy(self) -> None:
@@ -254,35 +302,69 @@ class MatmulPlan:
 
 
 class PlanCache:
-    """Plans by (device, dtype, rows, cols, tokens, layout, algorithm), least recently used evicted."""
+    """Plans by (device, dtype, rows, cols, tokens, layout, algorithm), least recently used evicted.
+
+    Each thread has its own plans (a plan is bound to its thread's handle); `max_plans` applies per
+    thread and `len()` counts the calling thread's.
+    """
 
     def __init__(self, library: Library, max_plans: int = MAX_PLANS):
         self.library = library
         self.max_plans = max_plans
-        self._plans: OrderedDict[tuple, MatmulPlan] = OrderedDict()
-        self._lock = threading.Lock()
-        self.built = 0  # plans built so far (tests and benchmarks read it)
+        self._local = threading.local()
+        self._count_lock = threading.Lock()
+        self.built = 0  # plans built so far, every thread (tests and benchmarks read it)
+        self.fallbacks: list[tuple] = []  # keys whose searched algorithm failed and got algorithm 0
+
+    def _mine(self) -> OrderedDict[tuple, MatmulPlan]:
+        return self._local.__dict__.setdefault("plans", OrderedDict())
+
+    def _retired(self) -> list[MatmulPlan]:
+        return self._local.__dict__.setdefault("retired", [])
 
     def __len__(self) -> int:
-        return len(self._plans)
+        return len(self._mine())
 
     def plan(self, device_index: int, dtype: torch.dtype, rows: int, cols: int, tokens: int, layout: str,
              alg_id: int) -> MatmulPlan:
         key = (device_index, dtype, rows, cols, tokens, layout, alg_id)
-        with self._lock:
-            found = self._plans.get(key)
-            if found is not None:
-                self._plans.move_to_end(key)
-                return found
-            plan = MatmulPlan(self.library, device_index, dtype, rows, cols, tokens, layout, alg_id)
-            self._plans[key] = plan
+        plans = self._mine()
+        found = plans.get(key)
+        if found is not None:
+            plans.move_to_end(key)
+            return found
+        plan = self._build(key)
+        plans[key] = plan  # a fallback plan is kept under the searched key: it is not retried every call
+        with self._count_lock:
             self.built += 1
-            while len(self._plans) > self.max_plans:
-                _, old = self._plans.popitem(last=False)
-                # a launch on the GPU may still use the plan's kernel arguments: let it finish first
-                torch.cuda.synchronize(old.device_index)
-                old.destroy()
-            return plan
+        self._evict(plans)
+        return plan
+
+    def _build(self, key: tuple) -> MatmulPlan:
+        alg_id = key[-1]
+        try:
+            return MatmulPlan(self.library, *key)
+        except CusparseLtError as err:
+            if alg_id == 0:
+                raise
+            # Tuning picked the algorithm at other token counts; this one may not support it.
+            log.warning("slope: cuSPARSELt algorithm %d has no plan for %s; using algorithm 0 (%s)",
+                        alg_id, _describe(key), str(err).splitlines()[0])
+            with self._count_lock:
+                self.fallbacks.append(key)
+            return MatmulPlan(self.library, *key[:-1], 0)
+
+    def _evict(self, plans: OrderedDict[tuple, MatmulPlan]) -> None:
+        retired = self._retired()
+        while len(plans) > self.max_plans:
+            retired.append(plans.popitem(last=False)[1])
+        if not retired or _capturing():
+            return  # synchronizing now would break the capture: destroy them after it
+        for device_index in sorted({old.device_index for old in retired}):
+            # a launch on the GPU may still use the plan's kernel arguments: let it finish first
+            torch.cuda.synchronize(device_index)
+        while retired:
+            retired.pop().destroy()
 
     def mm_t(self, packed: torch.Tensor, rows: int, cols: int, b: torch.Tensor, layout: str = "tr",
              alg_id: int = 0) -> torch.Tensor:
@@ -293,6 +375,11 @@ class PlanCache:
             b = b.clone(memory_format=torch.contiguous_format)  # cuSPARSELt needs aligned, dense rows
         plan = self.plan(b.device.index or 0, b.dtype, rows, cols, b.shape[0], layout, alg_id)
         return plan(packed, b)
+
+
+def _describe(key: tuple) -> str:
+    device_index, dtype, rows, cols, tokens, layout, _ = key
+    return f"({rows}, {cols}) x {tokens} tokens, {str(dtype).replace('torch.', '')}, layout {layout}, cuda:{device_index}"
 
 
 _STATE: dict[str, object] = {}  # "cache": PlanCache or None, "reason": why plans are off
@@ -365,16 +452,22 @@ def _open(device) -> tuple[PlanCache | None, str | None]:
     except (OSError, AttributeError, CusparseLtError) as err:  # no library, a missing symbol, a failed init
         return None, str(err).splitlines()[0]
     torch_version = backend.version()
-    if version != torch_version:
-        return None, f"the cuSPARSELt opened ({version}) is not the one torch uses ({torch_version})"
+    if version // 100 != torch_version // 100:  # major.minor: a patch release is the same API and format
+        return None, (f"the cuSPARSELt opened ({_dotted(version)}) is not the release torch was built with "
+                      f"({_dotted(torch_version)})")
     if version not in SUPPORTED_VERSIONS:
-        return None, f"cuSPARSELt {version} is outside the versions this module is written for (0.6-0.8)"
+        return None, f"cuSPARSELt {_dotted(version)} is outside the versions this module is written for (0.6-0.8)"
     cache = PlanCache(library)
     try:
         _self_test(cache, torch.device("cuda", device_index))
     except Exception as err:  # whatever went wrong, torch's own call still works: never fail training here
         return None, f"self-test failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return cache, None
+
+
+def _dotted(version: int) -> str:
+    """cusparseLtGetVersion's major * 1000 + minor * 100 + patch as 'major.minor.patch'."""
+    return f"{version // 1000}.{version % 1000 // 100}.{version % 100}"
 
 
 def reset() -> None:
