@@ -6,7 +6,7 @@ For each linear shape (out, in) of LLaMA-3-8B, OPT-13B/30B/66B and a square hidd
 and each token count T, times (median of CUDA-event timings):
     output       y  = x W_Rᵀ        dense: x @ Wᵀ            SLoPe: compressed W_R
     grad_input   dx = dy W_RC       dense: dy @ W            SLoPe: compressed W_RCᵀ
-    grad_weight  dW = dyᵀ x         dense in both; SLoPe also gathers the kept entries
+    grad_weight  dW = dyᵀ x         dense in both; SLoPe also gathers the kept entries (the path its backward runs)
     fwd+bwd      the three together (what one layer costs per training step)
 and separately the per-step refresh cost of the compressed operands (in-place value write,
 re-compression, column-mask refresh). With cuSPARSELt the sparse products run as the library runs
@@ -28,12 +28,20 @@ from gpu_common import md_table, time_ms, write
 
 from slope.backends import cusparselt_plans
 from slope.backends.numerics import layout_check
-from slope.backends.select import measure_products
 from slope.backends.semistructured import OperandCache, ProductPlan, SemiStructuredBackend, pad_to_rows
-from slope.backends.sparselib import LIBRARIES, TOKEN_ALIGN, Compressed
+from slope.backends.sparselib import LIBRARIES, TOKEN_ALIGN, Compressed, Kernel
+from slope.backends.tuning import measure_products
 from slope.backends.weights import ColumnMask, StepWeights
 from slope.config import CUDA_BACKENDS
-from slope.masks import column_mask, gather_values, nm_mask, pack_group_bits, scatter_values
+from slope.masks import (
+    column_mask,
+    gather_kept,
+    gather_values,
+    kept_positions,
+    nm_mask,
+    pack_group_bits,
+    scatter_values,
+)
 
 
 def model_shapes() -> list[tuple[str, int, int]]:
@@ -72,13 +80,18 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
 
     row = {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "tokens": tokens, "inplace_layout": be.inplace,
            "kernel_output": str(plan.kernel["output"]), "kernel_grad_input": str(plan.kernel["grad_input"])}
+    def grad_weight_slope():
+        # what SlopeLinear's backward runs: dW, the kept positions from the packed M_R (released
+        # after forward, so built again here), the gather, and the cast to the fp32 values' dtype
+        return gather_kept(dy.t() @ x, kept_positions(row_bits, 2, 4)).float()
+
     t = {
         "output_dense": time_ms(lambda: x @ w_d.t()),
         "output_slope": time_ms(lambda: be.output(x, op_out)),
         "grad_input_dense": time_ms(lambda: dy @ w_d),
         "grad_input_slope": time_ms(lambda: be.grad_input(dy, op_gi)),
         "grad_weight_dense": time_ms(lambda: dy.t() @ x),
-        "grad_weight_slope": time_ms(lambda: gather_values((dy.t() @ x), row_mask)),
+        "grad_weight_slope": time_ms(grad_weight_slope),
     }
 
     def dense_step():
@@ -89,7 +102,7 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
     def slope_step():
         be.output(x, op_out)
         be.grad_input(dy, op_gi)
-        gather_values(dy.t() @ x, row_mask)
+        grad_weight_slope()
 
     for product, op, inp in (("output", op_out, x), ("grad_input", op_gi, dy)):
         per_call = torch_call_ms(be, op, inp, product)
@@ -138,9 +151,10 @@ def torch_call_ms(be, op, inp, product: str) -> float | None:
     """The product through torch._cslt_sparse_mm (a plan built per call), same operand and kernel."""
     if be.name != "cusparselt" or not isinstance(op, Compressed):
         return None
-    layout, alg_id = be.plan.kernel[product]
+    layout, alg_id, split_k = Kernel.of(be.plan.kernel[product])
     b = pad_to_rows(inp, TOKEN_ALIGN)
-    return time_ms(lambda: torch._cslt_sparse_mm(op.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id))
+    return time_ms(lambda: torch._cslt_sparse_mm(op.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id,
+                                                 split_k=split_k))
 
 
 def main(argv=None) -> int:

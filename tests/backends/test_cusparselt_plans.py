@@ -51,6 +51,7 @@ class FakeCusparseLt:
         self.failing_algs: set[int] = set()  # algorithm ids whose plan cannot be built
         self.device = None  # the "current device" (set by the fixture's _on_device)
         self.launch_devices: list = []  # the current device at every cusparseLtMatmul
+        self.max_alg_id = 3  # CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID of every product
 
     def _count(self, name: str) -> int:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -103,13 +104,23 @@ class FakeCusparseLt:
         return 0
 
     def cusparseLtMatmulAlgSelectionInit(self, handle, alg, matmul, which):
-        self.algs[_addr(alg)] = dict(matmul=_addr(matmul), config_id=0)
+        self.algs[_addr(alg)] = dict(matmul=_addr(matmul), config_id=0, split_k=1)
         return self._count("alg_init")
 
     def cusparseLtMatmulAlgSetAttribute(self, handle, alg, attribute, data, size):
         if attribute == cp._ALG_CONFIG_ID:
             self.algs[_addr(alg)]["config_id"] = _deref(data)
+        elif attribute == cp._ALG_SPLIT_K:
+            self.algs[_addr(alg)]["split_k"] = _deref(data)
+        else:
+            return self.INVALID_VALUE
         return self._count("alg_attr")
+
+    def cusparseLtMatmulAlgGetAttribute(self, handle, alg, attribute, data, size):
+        if attribute != cp._ALG_CONFIG_MAX_ID:
+            return self.INVALID_VALUE
+        data._obj.value = self.max_alg_id
+        return self._count("alg_get")
 
     def cusparseLtMatmulAlgSelectionDestroy(self, alg):
         self.destroyed.append(("alg", _addr(alg)))
@@ -414,8 +425,8 @@ def test_an_algorithm_without_a_plan_falls_back_to_algorithm_0(fake, caplog):
         cache.mm_t(a, 32, 64, b, "tr", alg_id=5)
     assert torch.equal(y, (b.double() @ a.double().t()).bfloat16())
     assert [p["alg"]["config_id"] for p in fake.plans.values()] == [0]  # built once, with algorithm 0
-    assert cache.fallbacks == [(0, torch.bfloat16, 32, 64, 24, "tr", 5)]
-    assert "algorithm 5 has no plan for (32, 64) x 24 tokens" in caplog.text
+    assert cache.fallbacks == [(0, torch.bfloat16, 32, 64, 24, "tr", 5, 1)]
+    assert "algorithm 5, split-K 1 has no plan for (32, 64) x 24 tokens" in caplog.text
     fake.failing_algs = {0, 5}  # algorithm 0 failing too is a real error: raised, not hidden
     with pytest.raises(cp.CusparseLtError, match="plan failed"):
         cache.mm_t(a, 32, 64, torch.randn(40, 64).bfloat16(), "tr", alg_id=5)
@@ -446,3 +457,15 @@ def test_operands_that_do_not_fit_the_plan_are_refused_before_the_launch(fake):
     with pytest.raises(ValueError, match=r"expects an input of shape \(8, 64\), got \(16, 64\)"):
         plan(a, torch.randn(16, 64).bfloat16())
     assert "matmul" not in fake.counts
+
+
+def test_split_k_is_set_on_the_plan_and_keys_it(fake):
+    cache = cp.PlanCache(cp.Library(fake))
+    a, b = two_four(32, 64), torch.randn(8, 64).bfloat16()
+    for split_k in (1, 2, 4, 2):
+        assert torch.equal(cache.mm_t(a, 32, 64, b, "tr", 1, split_k), (b.double() @ a.double().t()).bfloat16())
+    assert cache.built == 3
+    assert sorted(p["alg"]["split_k"] for p in fake.plans.values()) == [1, 2, 4]
+    assert cache.max_alg_id(0, torch.bfloat16, 32, 64, 8) == 3
+    with pytest.raises(ValueError, match="split_k=0 is invalid"):
+        cp.MatmulPlan(cp.Library(fake), 0, torch.bfloat16, 32, 64, 8, "tr", 0, 0)

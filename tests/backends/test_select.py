@@ -17,7 +17,7 @@ from slope.backends.select import (
     unavailable_reason,
 )
 from slope.backends.semistructured import SemiStructuredBackend
-from slope.backends.sparselib import CusparseLt, Cutlass, Emulated
+from slope.backends.sparselib import CusparseLt, Cutlass, Emulated, Kernel
 
 
 def select(selector=SELECTOR, requested="auto", dtype=torch.float64, shape=(32, 64), **kw):
@@ -100,10 +100,10 @@ def test_auto_keeps_unsupported_shapes_dense():
 
 def test_explicit_backend_never_falls_back():
     # an explicit backend still tunes its kernels, but runs them even where dense is faster
-    selector = Selector(measure=fixed_measure(0.5, 0.5, {"output": ("nt", 3)}))
+    selector = Selector(measure=fixed_measure(0.5, 0.5, {"output": Kernel("nt", 3)}))
     be = select(selector, "emulated")
     assert be.plan.sparse_output and be.plan.sparse_grad_input and be.inplace
-    assert be.plan.kernel == {"output": ("nt", 3), "grad_input": ("tr", 0)}
+    assert be.plan.kernel == {"output": Kernel("nt", 3), "grad_input": Kernel()}
     assert be.plan.speedup == {"output": 0.5, "grad_input": 0.5}
 
 
@@ -175,22 +175,22 @@ def pricing_timer(lib: Candidates, prices: dict, timed: list):
 
 
 def test_kernel_tuning_picks_the_fastest_candidate():
-    lib = Candidates([("nt", 0), ("nt", 7)])
+    lib = Candidates([Kernel("nt", 0), Kernel("nt", 7)])
     timed = []
-    prices = {("tr", 0): 2.0, ("nt", 0): 3.0, ("nt", 7): 1.0, "dense": 4.0}
+    prices = {Kernel("tr", 0): 2.0, Kernel("nt", 0): 3.0, Kernel("nt", 7): 1.0, "dense": 4.0}
     found = measure_products(emulated_backend(torch.bfloat16, lib=lib), "cpu", 16, timer=pricing_timer(lib, prices, timed))
-    assert found.kernel == {"output": ("nt", 7), "grad_input": ("nt", 7)}
+    assert found.kernel == {"output": Kernel("nt", 7), "grad_input": Kernel("nt", 7)}
     assert found.speedup == {"output": 4.0, "grad_input": 4.0}  # dense time / fastest sparse time
-    assert timed == [("tr", 0), ("nt", 0), ("nt", 7), "dense"] * 2
+    assert timed == [Kernel("tr", 0), Kernel("nt", 0), Kernel("nt", 7), "dense"] * 2
 
 
 def test_kernel_tuning_keeps_what_was_timed_when_a_candidate_fails():
-    lib = Candidates([("nt", 0), RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED"), ("nt", 7)])
+    lib = Candidates([Kernel("nt", 0), RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED"), Kernel("nt", 7)])
     timed = []
-    prices = {("tr", 0): 2.0, ("nt", 0): 1.0, ("nt", 7): 0.5, "dense": 1.0}
+    prices = {Kernel("tr", 0): 2.0, Kernel("nt", 0): 1.0, Kernel("nt", 7): 0.5, "dense": 1.0}
     found = measure_products(emulated_backend(torch.float64, lib=lib), "cpu", 16, timer=pricing_timer(lib, prices, timed))
-    assert found.kernel == {"output": ("nt", 0), "grad_input": ("nt", 0)}
-    assert ("nt", 7) not in timed
+    assert found.kernel == {"output": Kernel("nt", 0), "grad_input": Kernel("nt", 0)}
+    assert Kernel("nt", 7) not in timed
 
 
 def test_a_failing_default_kernel_keeps_the_layer_dense_under_auto():

@@ -134,7 +134,7 @@ def test_in_place_writes_need_a_verified_layout():
         be.write_values(op, gather_values(w_r, row_mask))
 
 
-@pytest.mark.parametrize("kernel", [("tr", 0), ("nt", 0)])
+@pytest.mark.parametrize("kernel", [("tr", 0), ("nt", 0), ("nt", 2, 4)])  # plain tuples as older plans held
 def test_products_pad_tokens_and_use_the_planned_kernel(kernel):
     layer = Layer()
     be = emulated_backend()

@@ -13,6 +13,7 @@ from slope.backends.sparselib import (
     TUNE_MIN_DIM,
     Compressed,
     CusparseLt,
+    Kernel,
 )
 from slope.config import BACKENDS, CUDA_BACKENDS
 from slope.masks import gather_values, pack_group_bits
@@ -62,7 +63,7 @@ def test_emulated_runs_any_float_dtype_on_any_device():
     assert EMULATED.unavailable_reason(torch.device("cpu"), torch.float64) is None
     assert EMULATED.unavailable_reason(torch.device("cpu"), torch.bfloat16) is None
     assert "torch.int32 is not supported" in EMULATED.unavailable_reason(torch.device("cpu"), torch.int32)
-    assert list(EMULATED.tuning_kernels(EMULATED.compress(two_four()[0]), torch.zeros(8, 64))) == [("nt", 0)]
+    assert list(EMULATED.tuning_kernels(EMULATED.compress(two_four()[0]), torch.zeros(8, 64))) == [Kernel("nt")]
 
 
 @pytest.mark.parametrize("lib", [CUSPARSELT, CUTLASS], ids=lambda lib: lib.name)
@@ -80,9 +81,9 @@ class SearchingCusparseLt(CusparseLt):
 @pytest.mark.parametrize(
     ("size", "tokens", "dtype", "expected"),
     [
-        (TUNE_MIN_DIM, TUNE_MIN_DIM, torch.bfloat16, [("nt", 0), ("tr", 7), ("nt", 7)]),
-        # fp16 never runs cuSPARSELt's search (see CusparseLt.tuning_kernels): only the other layout
-        (TUNE_MIN_DIM, TUNE_MIN_DIM, torch.float16, [("nt", 0)]),
+        (TUNE_MIN_DIM, TUNE_MIN_DIM, torch.bfloat16, [Kernel("nt"), Kernel("tr", 7), Kernel("nt", 7)]),
+        # fp16 searches too: the search runs in a child process, where a crash costs only the search
+        (TUNE_MIN_DIM, TUNE_MIN_DIM, torch.float16, [Kernel("nt"), Kernel("tr", 7), Kernel("nt", 7)]),
         # small products are dominated by the per-call overhead: the default call only
         (TUNE_MIN_DIM // 2, TUNE_MIN_DIM, torch.bfloat16, []),
         (TUNE_MIN_DIM, TUNE_MIN_DIM // 2, torch.bfloat16, []),
@@ -91,3 +92,18 @@ class SearchingCusparseLt(CusparseLt):
 def test_cusparselt_tuning_candidates(size, tokens, dtype, expected):
     a = Compressed(size, TUNE_MIN_DIM, torch.empty(0), None)
     assert list(SearchingCusparseLt().tuning_kernels(a, torch.empty(tokens, TUNE_MIN_DIM, dtype=dtype))) == expected
+
+
+def test_cusparselt_candidates_with_cached_plans_cover_algorithms_split_k_and_layouts(monkeypatch):
+    class Plans:  # the plan cache's answer for this product: algorithms 0..2
+        def plan_cache(self, device):
+            return self
+
+        def max_alg_id(self, device_index, dtype, rows, cols, tokens):
+            assert (rows, cols, tokens) == (TUNE_MIN_DIM, 2 * TUNE_MIN_DIM, TUNE_MIN_DIM)
+            return 2
+
+    monkeypatch.setattr(CusparseLt, "plans_module", staticmethod(lambda: Plans()))
+    a = Compressed(TUNE_MIN_DIM, 2 * TUNE_MIN_DIM, torch.empty(0), None)
+    found = list(CusparseLt().tuning_kernels(a, torch.empty(TUNE_MIN_DIM, 2 * TUNE_MIN_DIM, dtype=torch.bfloat16)))
+    assert found == [Kernel(layout, alg, split) for layout in ("tr", "nt") for alg in range(3) for split in (1, 2, 4)]

@@ -64,7 +64,7 @@ _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}  # cudaDataType: CUDA_R_16F,
 _COMPUTE_32F = 2  # cusparseComputeType since 0.5.2 (32I, 16F, 32F)
 _SPARSITY_50 = 0
 _ALG_DEFAULT = 0
-_ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _ALIGNMENT = 16  # bytes, as torch passes for every descriptor
 # Opaque structs are 512 bytes, 16-byte aligned, in 0.8's header; twice that is allocated so an
 # older or newer layout of the same API can never write past the buffer.
@@ -121,6 +121,7 @@ _SIGNATURES = {
     ],
     "cusparseLtMatmulAlgSelectionInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
     "cusparseLtMatmulAlgSetAttribute": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t],
+    "cusparseLtMatmulAlgGetAttribute": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t],
     "cusparseLtMatmulAlgSelectionDestroy": [ctypes.c_void_p],
     "cusparseLtMatmulPlanInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "cusparseLtMatmulGetWorkspace": [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)],
@@ -208,17 +209,22 @@ class MatmulPlan:
     """One cuSPARSELt plan for `b (tokens, cols) @ Aᵀ` with A (rows, cols) 2:4 along cols.
 
     layout "tr" returns (tokens, rows) row-major; "nt" returns A @ bᵀ as (rows, tokens) row-major.
+    split_k: the reduction over cols split into that many parts (1: not split).
+    `max_alg_id` is the largest algorithm id the library offers for this product.
     """
 
     def __init__(self, library: Library, device_index: int, dtype: torch.dtype, rows: int, cols: int,
-                 tokens: int, layout: str, alg_id: int):
+                 tokens: int, layout: str, alg_id: int, split_k: int = 1):
         if dtype not in _CUDA_TYPE:
             raise ValueError(f"cuSPARSELt plans support float16 and bfloat16, not {dtype}")
         if layout not in ("tr", "nt"):
             raise ValueError(f"layout {layout!r} is invalid: expected 'tr' or 'nt'")
         self.library, self.device_index, self.dtype = library, device_index, dtype
         self.thread = threading.get_ident()  # the thread whose handle the plan is bound to
+        if split_k < 1:
+            raise ValueError(f"split_k={split_k} is invalid: expected an integer >= 1")
         self.rows, self.cols, self.tokens, self.layout, self.alg_id = rows, cols, tokens, layout, alg_id
+        self.split_k = split_k
         lib, check = library.lib, library.check
         handle = library.handle(device_index).ptr
         self._handle = handle
@@ -243,9 +249,17 @@ class MatmulPlan:
             check(lib.cusparseLtMatmulAlgSelectionInit(handle, self._alg.ptr, self._matmul.ptr, _ALG_DEFAULT),
                   "algorithm selection")
             self._live.append(("alg", self._alg))
+            max_id = ctypes.c_int(0)
+            check(lib.cusparseLtMatmulAlgGetAttribute(
+                handle, self._alg.ptr, _ALG_CONFIG_MAX_ID, ctypes.byref(max_id), ctypes.sizeof(max_id)), "max algorithm id")
+            self.max_alg_id = max_id.value
             alg = ctypes.c_int(alg_id)
             check(lib.cusparseLtMatmulAlgSetAttribute(
                 handle, self._alg.ptr, _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)), f"algorithm id {alg_id}")
+            if split_k != 1:
+                parts = ctypes.c_int(split_k)
+                check(lib.cusparseLtMatmulAlgSetAttribute(
+                    handle, self._alg.ptr, _ALG_SPLIT_K, ctypes.byref(parts), ctypes.sizeof(parts)), f"split-K {split_k}")
             with _on_device(device_index):
                 check(lib.cusparseLtMatmulPlanInit(handle, self._plan.ptr, self._matmul.ptr, self._alg.ptr), "plan")
             self._live.append(("plan", self._plan))
@@ -326,8 +340,8 @@ class PlanCache:
         return len(self._mine())
 
     def plan(self, device_index: int, dtype: torch.dtype, rows: int, cols: int, tokens: int, layout: str,
-             alg_id: int) -> MatmulPlan:
-        key = (device_index, dtype, rows, cols, tokens, layout, alg_id)
+             alg_id: int, split_k: int = 1) -> MatmulPlan:
+        key = (device_index, dtype, rows, cols, tokens, layout, alg_id, split_k)
         plans = self._mine()
         found = plans.get(key)
         if found is not None:
@@ -341,18 +355,22 @@ class PlanCache:
         return plan
 
     def _build(self, key: tuple) -> MatmulPlan:
-        alg_id = key[-1]
+        alg_id, split_k = key[-2:]
         try:
             return MatmulPlan(self.library, *key)
         except CusparseLtError as err:
-            if alg_id == 0:
+            if (alg_id, split_k) == (0, 1):
                 raise
             # Tuning picked the algorithm at other token counts; this one may not support it.
-            log.warning("slope: cuSPARSELt algorithm %d has no plan for %s; using algorithm 0 (%s)",
-                        alg_id, _describe(key), str(err).splitlines()[0])
+            log.warning("slope: cuSPARSELt algorithm %d, split-K %d has no plan for %s; using algorithm 0 (%s)",
+                        alg_id, split_k, _describe(key), str(err).splitlines()[0])
             with self._count_lock:
                 self.fallbacks.append(key)
-            return MatmulPlan(self.library, *key[:-1], 0)
+            return MatmulPlan(self.library, *key[:-2], 0, 1)
+
+    def max_alg_id(self, device_index: int, dtype: torch.dtype, rows: int, cols: int, tokens: int) -> int:
+        """The largest algorithm id cuSPARSELt offers for this product (what tuning searches up to)."""
+        return self.plan(device_index, dtype, rows, cols, tokens, "tr", 0).max_alg_id
 
     def _evict(self, plans: OrderedDict[tuple, MatmulPlan]) -> None:
         retired = self._retired()
@@ -367,18 +385,18 @@ class PlanCache:
             retired.pop().destroy()
 
     def mm_t(self, packed: torch.Tensor, rows: int, cols: int, b: torch.Tensor, layout: str = "tr",
-             alg_id: int = 0) -> torch.Tensor:
+             alg_id: int = 0, split_k: int = 1) -> torch.Tensor:
         """b (T, cols) @ Aᵀ for the compressed A (rows, cols): (T, rows) for "tr", (rows, T) for "nt"."""
         if b.dim() != 2 or b.shape[1] != cols:
             raise ValueError(f"expected b of shape (tokens, {cols}), got {tuple(b.shape)}")
         if not b.is_contiguous() or b.data_ptr() % _ALIGNMENT:
             b = b.clone(memory_format=torch.contiguous_format)  # cuSPARSELt needs aligned, dense rows
-        plan = self.plan(b.device.index or 0, b.dtype, rows, cols, b.shape[0], layout, alg_id)
+        plan = self.plan(b.device.index or 0, b.dtype, rows, cols, b.shape[0], layout, alg_id, split_k)
         return plan(packed, b)
 
 
 def _describe(key: tuple) -> str:
-    device_index, dtype, rows, cols, tokens, layout, _ = key
+    device_index, dtype, rows, cols, tokens, layout, _, _ = key
     return f"({rows}, {cols}) x {tokens} tokens, {str(dtype).replace('torch.', '')}, layout {layout}, cuda:{device_index}"
 
 

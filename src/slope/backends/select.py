@@ -8,7 +8,8 @@
                          sparse product measured slower than dense at the layer's token count.
 
 Set-up of a layer shape on a library (`Selector.plan`): tune the kernels at the layer's token count
-(`measure_products`), check the tuned kernels against the reference (`numerics.numerics_check`) and,
+(`tuning.measure_products`; the process-wide selector goes through a `tuning.Tuner`, which
+keeps results across runs and searches in a child process on CUDA), check the tuned kernels against the reference (`numerics.numerics_check`) and,
 for "auto", keep dense what is still slower (`dense_products`, a pure decision). Results are kept in
 the selector's `SetupCache`, per (library, device, dtype, shape, token bucket): layers of one shape
 share one measurement, and each (library, device, dtype) has its layout checked once.
@@ -16,28 +17,18 @@ share one measurement, and each (library, device, dtype) has its layout checked 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from slope.backends.numerics import NumericsError, layout_check, numerics_check, random_layer
+from slope.backends.numerics import NumericsError, layout_check, numerics_check
 from slope.backends.reference import ReferenceBackend
-from slope.backends.semistructured import (
-    PRODUCTS,
-    OperandCache,
-    ProductPlan,
-    SemiStructuredBackend,
-    pad_to_rows,
-)
-from slope.backends.sparselib import DEFAULT_KERNEL, LIBRARIES, TOKEN_ALIGN, Kernel, SparseLib
-from slope.backends.timing import time_ms
-from slope.backends.weights import ColumnMask, StepWeights
+from slope.backends.semistructured import PRODUCTS, ProductPlan, SemiStructuredBackend
+from slope.backends.sparselib import LIBRARIES, Kernel, SparseLib
+from slope.backends.tuning import Measured, Tuner, measure_products
 from slope.config import BACKENDS, CUDA_BACKENDS
-from slope.masks import gather_values, pack_group_bits
 
 log = logging.getLogger("slope")
 
@@ -87,53 +78,6 @@ def dense_products(speedup: Mapping[str, float]) -> dict[str, str]:
     }
 
 
-@dataclass
-class Measured:
-    """What tuning found for one layer shape: the fastest kernel and its speedup over dense, per product."""
-
-    kernel: dict[str, Kernel] = field(default_factory=dict)
-    speedup: dict[str, float] = field(default_factory=dict)
-
-
-def measure_products(
-    backend: SemiStructuredBackend, device, tokens: int, timer: Callable[[Callable], float] | None = None
-) -> Measured:
-    """Tune and time both products of `backend`'s shape at `tokens`.
-
-    Candidates per product: DEFAULT_KERNEL, whose failure is the layer's, then what the library's
-    `tuning_kernels` offers; a failure there ends the search and what was timed so far stands.
-    timer: ms per call of a function (default: `timing.time_ms` on `device`).
-    """
-    timer = timer or functools.partial(time_ms, device=device)
-    shape, dtype = backend.shape, backend.dtype
-    gen = torch.Generator(device=device).manual_seed(2)
-    w_r, row_mask, col_mask = random_layer(shape, device, gen)
-    weights = StepWeights(gather_values(w_r, row_mask), pack_group_bits(row_mask, 4, dim=1), 2, 4)
-    cache = OperandCache(backend)
-    operands = {"output": cache.output(weights), "grad_input": cache.grad_input(weights, ColumnMask.from_mask(col_mask))}
-    w = w_r.to(dtype)
-    inputs = {"output": torch.randn(tokens, shape[1], device=device, dtype=dtype),  # x (T, in)
-              "grad_input": torch.randn(tokens, shape[0], device=device, dtype=dtype)}  # dy (T, out)
-    dense = {"output": lambda: inputs["output"] @ w.t(), "grad_input": lambda: inputs["grad_input"] @ w}
-    found = Measured()
-    for product, op in operands.items():
-
-        def sparse_ms(kernel: Kernel, op=op, product=product) -> float:
-            return timer(lambda: backend.mm_t(inputs[product], op, product, kernel=kernel))
-
-        times = {DEFAULT_KERNEL: sparse_ms(DEFAULT_KERNEL)}
-        try:
-            for kernel in backend.lib.tuning_kernels(op, pad_to_rows(inputs[product], TOKEN_ALIGN)):
-                if kernel not in times:
-                    times[kernel] = sparse_ms(kernel)
-        except (RuntimeError, AttributeError) as err:
-            log.debug("slope: %s tuning of %s %s stopped: %s", backend.name, product, shape, err)
-        best = min(times, key=times.get)
-        found.kernel[product] = best
-        found.speedup[product] = timer(dense[product]) / times[best]
-    return found
-
-
 class SetupCache:
     """Set-up results kept for the life of a process (or until `clear`).
 
@@ -155,7 +99,8 @@ class Selector:
 
     libraries: backend name -> SparseLib (default: the real ones and the emulated one).
     auto: names "auto" tries, in order (default config.CUDA_BACKENDS).
-    measure: `measure_products` or a stand-in with its signature (tests pass fixed measurements).
+    measure: `measure_products`, a `tuning.Tuner` (the process-wide SELECTOR's: cached across runs),
+        or a stand-in with its signature (tests pass fixed measurements).
     """
 
     def __init__(
@@ -224,7 +169,7 @@ class Selector:
             plan = backend.plan
             try:
                 measured = self.measure(backend, device, bucket)
-                plan.kernel.update(measured.kernel)
+                plan.kernel.update({product: Kernel.of(k) for product, k in measured.kernel.items()})
                 plan.speedup = measured.speedup
                 plan.max_rel_error = numerics_check(backend, device)
             except NumericsError as err:
@@ -267,6 +212,6 @@ class Selector:
         return "SELECTOR" if self is SELECTOR else super().__reduce__()
 
 
-SELECTOR = Selector()
+SELECTOR = Selector(measure=Tuner())
 select_backend = SELECTOR.select
 availability = SELECTOR.availability

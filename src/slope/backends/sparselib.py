@@ -13,9 +13,10 @@ along cols into a `Compressed`, and computes `b @ Aᵀ` for a dense b (T, cols),
                 [kept values, row-major | metadata from the mask] and exact products (decompress,
                 then multiply): the CUDA path's bookkeeping, runnable and testable on a CPU.
 
-A kernel is (layout, alg_id): "tr" has the library write (A @ bᵀ)ᵀ, i.e. (T, rows) row-major;
-"nt" has it write A @ bᵀ (rows, T) row-major and returns its transposed view. Libraries without
-such choices ignore it.
+A `Kernel` is (layout, alg_id, split_k): "tr" has the library write (A @ bᵀ)ᵀ, i.e. (T, rows)
+row-major; "nt" has it write A @ bᵀ (rows, T) row-major and returns its transposed view; alg_id and
+split_k pick cuSPARSELt's algorithm and how many parts the reduction is split into. Libraries without
+such choices ignore them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
@@ -30,13 +32,29 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 from slope.backends.numerics import HALF_DTYPES
 from slope.masks import gather_values, nm_mask, pack_group_bits, scatter_values, unpack_group_bits
 
-Kernel = tuple[str, int]
-DEFAULT_KERNEL: Kernel = ("tr", 0)
+
+class Kernel(NamedTuple):
+    """How a library runs one product (see the module docstring)."""
+
+    layout: str = "tr"
+    alg_id: int = 0
+    split_k: int = 1
+
+    @classmethod
+    def of(cls, value) -> Kernel:
+        """A Kernel from itself or a plain (layout, alg_id[, split_k]) sequence (JSON, older plans)."""
+        return value if isinstance(value, cls) else cls(*value)
+
+
+DEFAULT_KERNEL = Kernel()
 # The dense operand's token count must be a multiple of 8 (16-byte rows); shorter ones are padded.
 TOKEN_ALIGN = 8
 # Kernel tuning beyond the default call only for layers and token counts at least this large:
 # smaller products are dominated by the per-call overhead.
 TUNE_MIN_DIM = 1024
+# The cuSPARSELt search space timed per product: algorithm ids up to this one, these split-K factors.
+MAX_TUNED_ALG_ID = 15
+SPLIT_K = (1, 2, 4)
 
 
 @dataclass
@@ -91,6 +109,10 @@ class SparseLib(ABC):
         """Kernels worth timing against DEFAULT_KERNEL for `b @ Aᵀ`, in order. Producing one may
         raise a RuntimeError, which ends the search."""
         return iter(())
+
+    def version_tag(self) -> str:
+        """What a tuning result depends on besides the GPU, dtype and shape: the library's version."""
+        return f"torch {torch.__version__}"
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:
@@ -151,14 +173,19 @@ class CusparseLt(_TensorCoreLib):
         return Compressed(dense.shape[0], dense.shape[1], torch._cslt_compress(dense), None)
 
     def mm_t(self, b, a, kernel):
-        layout, alg_id = kernel
+        layout, alg_id, split_k = Kernel.of(kernel)
         plans = self.plans_module().plan_cache(b.device)
         if plans is not None:  # one launch with a plan built once per shape (see cusparselt_plans)
-            y = plans.mm_t(a.packed, a.rows, a.cols, b, layout, alg_id)
+            y = plans.mm_t(a.packed, a.rows, a.cols, b, layout, alg_id, split_k)
             return y if layout == "tr" else y.t()
         # torch's call builds its plan every time. bᵀ is a column-major view of b: no copy.
-        y = torch._cslt_sparse_mm(a.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id)
+        y = torch._cslt_sparse_mm(a.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id, split_k=split_k)
         return y if layout == "tr" else y.t()
+
+    def version_tag(self) -> str:
+        backend = getattr(torch.backends, "cusparselt", None)
+        version = backend.version() if backend is not None and backend.is_available() else None
+        return f"torch {torch.__version__}, cuSPARSELt {version}"
 
     def search_alg(self, b: torch.Tensor, a: Compressed, layout: str) -> int:
         """cuSPARSELt's own search for the fastest algorithm of this product."""
@@ -166,16 +193,26 @@ class CusparseLt(_TensorCoreLib):
         return int(found[0] if isinstance(found, (tuple, list)) else found)
 
     def tuning_kernels(self, a, b):
+        """With cached plans: every (layout, algorithm, split-K) the library offers for this product.
+        Without: the other layout and cuSPARSELt's own search per layout.
+
+        A searched algorithm once ended in "illegal instruction" (fp16, H200, cuSPARSELt 0.8.0),
+        which leaves the whole CUDA context unusable: the search runs in a child process
+        (`slope.backends.tuning`), so such a crash costs the search, not the run.
+        """
         if min(a.rows, a.cols) < TUNE_MIN_DIM or b.shape[0] < TUNE_MIN_DIM:
             return
-        yield ("nt", 0)
-        # The search runs for bf16 only: with fp16 on an H200 (cuSPARSELt 0.8.0, torch 2.11) a search
-        # or a searched algorithm once ended in "illegal instruction", which leaves the whole CUDA
-        # context unusable; the default algorithm never did. The default is far from the best on
-        # some GPUs, hence the search at all.
-        if b.dtype == torch.bfloat16:
+        plans = self.plans_module().plan_cache(b.device)
+        if plans is None:
+            yield Kernel("nt")
             for layout in ("tr", "nt"):
-                yield (layout, self.search_alg(b, a, layout))
+                yield Kernel(layout, self.search_alg(b, a, layout))
+            return
+        max_alg = plans.max_alg_id(b.device.index or 0, b.dtype, a.rows, a.cols, b.shape[0])
+        for layout in ("tr", "nt"):
+            for alg_id in range(min(max_alg, MAX_TUNED_ALG_ID) + 1):
+                for split_k in SPLIT_K:
+                    yield Kernel(layout, alg_id, split_k)
 
     def plans_status(self) -> str:
         """One line for `slope info`: whether cached plans are used and, if not, why."""
@@ -241,11 +278,10 @@ class Emulated(SparseLib):
 
     def mm_t(self, b, a, kernel):
         dense = self.decompress(a)  # (rows, cols)
-        layout, _ = kernel
-        return b @ dense.t() if layout == "tr" else (dense @ b.t()).t()
+        return b @ dense.t() if Kernel.of(kernel).layout == "tr" else (dense @ b.t()).t()
 
     def tuning_kernels(self, a, b):
-        yield ("nt", 0)
+        yield Kernel("nt")
 
 
 CUSPARSELT = CusparseLt()

@@ -1,0 +1,150 @@
+"""Kernel tuning across runs: the JSON cache, the child-process search and its failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from _backend_helpers import emulated_backend
+
+from slope.backends import tuning
+from slope.backends.select import Selector
+from slope.backends.sparselib import Emulated, Kernel
+from slope.backends.tuning import Measured, Tuner, TuningCache, measure_products, tuning_key
+
+
+class Counting:
+    """A stand-in for measure_products that counts its calls and answers a fixed result."""
+
+    def __init__(self):
+        self.calls = []
+        self.kernel = Kernel("nt", 3, 2)
+
+    def __call__(self, backend, device, tokens, search=True):
+        self.calls.append((backend.shape, str(device), tokens, search))
+        kernel = self.kernel if search else Kernel()
+        return Measured({"output": kernel, "grad_input": Kernel("tr", 1, 4)}, {"output": 1.25, "grad_input": 0.75})
+
+
+def test_cache_round_trip_is_one_atomic_json_file(tmp_path):
+    path = tmp_path / "sub" / "tuning.json"
+    measured = Measured({"output": Kernel("nt", 3, 2), "grad_input": Kernel()}, {"output": 1.5, "grad_input": 0.5})
+    TuningCache(path).put("k1", measured)
+    assert TuningCache(path).get("k1") == measured  # a new reader, from the file
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.CACHE_FORMAT
+    assert data["entries"]["k1"]["kernel"] == {"output": ["nt", 3, 2], "grad_input": ["tr", 0, 1]}
+    assert [p.name for p in path.parent.iterdir()] == ["tuning.json"]  # no temporary file left behind
+    assert TuningCache(path).get("k2") is None
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "entries": {}}', "[]"])
+def test_an_unreadable_cache_is_tuned_again_with_a_warning(tmp_path, caplog, content):
+    path = tmp_path / "tuning.json"
+    path.write_text(content)
+    cache = TuningCache(path)
+    with caplog.at_level("WARNING", logger="slope"):
+        assert cache.get("anything") is None
+    assert "is unreadable" in caplog.text
+    cache.put("k", Measured({"output": Kernel()}, {"output": 1.0}))  # and replaced by a good one
+    assert TuningCache(path).get("k") is not None
+
+
+def test_cache_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning.ENV_CACHE, str(tmp_path / "t.json"))
+    assert tuning.default_cache_path() == tmp_path / "t.json"
+    monkeypatch.setenv(tuning.ENV_CACHE, "off")
+    assert tuning.default_cache_path() is None
+    monkeypatch.delenv(tuning.ENV_CACHE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning.default_cache_path() == tmp_path / "slope" / "tuning.json"
+
+
+def test_a_second_run_reads_the_cache_instead_of_searching(tmp_path):
+    path, measure = tmp_path / "tuning.json", Counting()
+    be = emulated_backend(torch.bfloat16, shape=(32, 64))
+    first = Tuner(TuningCache(path), persist_on=("cpu",), child=False, measure=measure)(be, "cpu", 256)
+    second = Tuner(TuningCache(path), persist_on=("cpu",), child=False, measure=measure)(be, "cpu", 256)  # a new process
+    assert first == second and len(measure.calls) == 1
+    # every part of the key matters: another token bucket, dtype or shape is measured again
+    tuner = Tuner(TuningCache(path), persist_on=("cpu",), child=False, measure=measure)
+    tuner(be, "cpu", 512)
+    tuner(emulated_backend(torch.float16, shape=(32, 64)), "cpu", 256)
+    tuner(emulated_backend(torch.bfloat16, shape=(64, 32)), "cpu", 256)
+    assert len(measure.calls) == 4
+    assert len(json.loads(path.read_text())["entries"]) == 4
+
+
+def test_the_key_names_device_library_version_dtype_shape_and_tokens():
+    key = tuning_key(emulated_backend(torch.bfloat16, shape=(32, 64)), torch.device("cpu"), 256)
+    assert key == f"emulated | cpu | torch {torch.__version__} | bfloat16 | 32x64 | 256 tokens"
+
+
+def test_results_are_kept_only_for_the_devices_asked(tmp_path):
+    path, measure = tmp_path / "tuning.json", Counting()
+    tuner = Tuner(TuningCache(path), child=False, measure=measure)  # default: CUDA only
+    be = emulated_backend(torch.bfloat16)
+    tuner(be, "cpu", 256)
+    tuner(be, "cpu", 256)
+    assert len(measure.calls) == 2 and not path.exists()
+
+
+def test_the_search_runs_in_a_child_process_and_comes_back_whole():
+    # a real child: `python -m slope.backends.tuning` times the emulated library on this CPU
+    be = emulated_backend(torch.float32, shape=(32, 64))
+    found = Tuner(cache=None, child=True)(be, "cpu", 16)
+    assert found.search_failed is None
+    assert set(found.kernel) == {"output", "grad_input"}
+    assert all(isinstance(k, Kernel) and k.layout in ("tr", "nt") for k in found.kernel.values())
+    assert all(v > 0 for v in found.speedup.values())
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        ([sys.executable, "-c", "import os; os.abort()"], "the search process ended with signal 6"),
+        ([sys.executable, "-c", "raise SystemExit('no GPU left')"], "ended with exit code 1: no GPU left"),
+        ([sys.executable, "-c", "print('half a line')"], "the search process gave no result"),
+        ([sys.executable, "-c", "import time; time.sleep(30)"], "ran past 1 s"),
+    ],
+)
+def test_a_crashed_search_times_the_default_kernel_and_is_remembered(tmp_path, caplog, command, reason):
+    path, measure = tmp_path / "tuning.json", Counting()
+    tuner = Tuner(TuningCache(path), persist_on=("cpu",), child=True, measure=measure, command=command, timeout_s=1)
+    with caplog.at_level("WARNING", logger="slope"):
+        found = tuner(emulated_backend(torch.bfloat16), "cpu", 256)
+    assert reason in found.search_failed and reason in caplog.text
+    assert measure.calls == [((32, 64), "cpu", 256, False)]  # the default kernel only, in this process
+    assert found.kernel["output"] == Kernel()
+    # the next run neither searches nor measures: the failure is in the cache
+    again = Tuner(TuningCache(path), persist_on=("cpu",), child=True, measure=measure, command=command)
+    assert again(emulated_backend(torch.bfloat16), "cpu", 256) == found and len(measure.calls) == 1
+
+
+def test_a_failed_search_still_runs_the_layer_sparse_with_the_default_kernel():
+    def failed(backend, device, tokens):
+        return Measured({"output": Kernel(), "grad_input": Kernel()}, {"output": 1.5, "grad_input": 1.5},
+                        search_failed="the search process ended with signal 6")
+
+    be = Selector(measure=failed).select("emulated", device="cpu", dtype=torch.float64, n=2, m=4, shape=(32, 64))
+    assert be.plan.sparse_output and be.plan.sparse_grad_input and not be.plan.reasons
+    assert be.plan.kernel == {"output": Kernel(), "grad_input": Kernel()}
+
+
+def test_a_transposed_result_is_timed_with_the_copy_its_consumer_makes():
+    class Lib(Emulated):
+        def tuning_kernels(self, a, b):
+            yield Kernel("nt", 0)
+
+    contiguous = []
+
+    def timer(fn):
+        out = fn()
+        contiguous.append(out.is_contiguous())
+        return 1.0
+
+    measure_products(emulated_backend(torch.float32, lib=Lib()), "cpu", 16, timer=timer)
+    # per product: the default ("tr"), the "nt" candidate (copied), dense
+    assert contiguous == [True, True, True] * 2
