@@ -30,7 +30,7 @@ from slope.backends import cusparselt_plans
 from slope.backends.numerics import layout_check
 from slope.backends.semistructured import OperandCache, ProductPlan, SemiStructuredBackend, pad_to_rows
 from slope.backends.sparselib import LIBRARIES, TOKEN_ALIGN, Compressed, Kernel
-from slope.backends.tuning import measure_products
+from slope.backends.tuning import Tuner
 from slope.backends.weights import ColumnMask, StepWeights
 from slope.config import CUDA_BACKENDS
 from slope.masks import (
@@ -42,6 +42,8 @@ from slope.masks import (
     pack_group_bits,
     scatter_values,
 )
+
+TUNER = Tuner()  # as training tunes: in a child process, results kept across runs
 
 
 def model_shapes() -> list[tuple[str, int, int]]:
@@ -68,7 +70,7 @@ def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloa
     be = SemiStructuredBackend(lib, dtype, (out_f, in_f), ProductPlan(), inplace=layout_check(lib, dev, dtype))
     # the kernels the library would pick for this shape and token count (tuned as at set-up)
     plan = be.plan
-    plan.kernel.update(measure_products(be, dev, tokens).kernel)
+    plan.kernel.update(TUNER(be, dev, tokens).kernel)  # searched once per shape, cached ($SLOPE_TUNING_CACHE)
     cache = OperandCache(be, index_maps=True)
     row_bits = pack_group_bits(row_mask, 4, dim=1)  # (out, in/4) M_R as a layer stores it
     col = ColumnMask.from_mask(col_mask)

@@ -101,6 +101,16 @@ def test_the_search_runs_in_a_child_process_and_comes_back_whole():
     assert all(v > 0 for v in found.speedup.values())
 
 
+def test_no_child_process_where_the_library_has_nothing_to_search():
+    class Cutlassish(Emulated):  # a library without candidates (CUTLASS; cuSPARSELt below 1024)
+        def searches(self, shape, tokens):
+            return False
+
+    measure = Counting()
+    Tuner(cache=None, child=True, measure=measure, command=["false"])(emulated_backend(lib=Cutlassish()), "cpu", 256)
+    assert measure.calls == [((32, 64), "cpu", 256, True)]  # in process, no failed child
+
+
 @pytest.mark.parametrize(
     ("command", "reason"),
     [

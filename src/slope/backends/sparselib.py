@@ -110,6 +110,11 @@ class SparseLib(ABC):
         raise a RuntimeError, which ends the search."""
         return iter(())
 
+    def searches(self, shape: tuple[int, int], tokens: int) -> bool:
+        """Whether `tuning_kernels` may offer candidates for a layer of `shape` at `tokens` (when it
+        cannot, tuning times the default kernel in process: no child process is worth starting)."""
+        return False
+
     def version_tag(self) -> str:
         """What a tuning result depends on besides the GPU, dtype and shape: the library's version."""
         return f"torch {torch.__version__}"
@@ -182,6 +187,9 @@ class CusparseLt(_TensorCoreLib):
         y = torch._cslt_sparse_mm(a.packed, b.t(), transpose_result=layout == "tr", alg_id=alg_id, split_k=split_k)
         return y if layout == "tr" else y.t()
 
+    def searches(self, shape, tokens):
+        return min(shape) >= TUNE_MIN_DIM and tokens >= TUNE_MIN_DIM
+
     def version_tag(self) -> str:
         backend = getattr(torch.backends, "cusparselt", None)
         version = backend.version() if backend is not None and backend.is_available() else None
@@ -200,7 +208,7 @@ class CusparseLt(_TensorCoreLib):
         which leaves the whole CUDA context unusable: the search runs in a child process
         (`slope.backends.tuning`), so such a crash costs the search, not the run.
         """
-        if min(a.rows, a.cols) < TUNE_MIN_DIM or b.shape[0] < TUNE_MIN_DIM:
+        if not self.searches((a.rows, a.cols), b.shape[0]):
             return
         plans = self.plans_module().plan_cache(b.device)
         if plans is None:
@@ -282,6 +290,9 @@ class Emulated(SparseLib):
 
     def tuning_kernels(self, a, b):
         yield Kernel("nt")
+
+    def searches(self, shape, tokens):
+        return True
 
 
 CUSPARSELT = CusparseLt()

@@ -45,6 +45,7 @@ log = logging.getLogger("slope")
 
 CACHE_FORMAT = 1
 ENV_CACHE = "SLOPE_TUNING_CACHE"  # a file path, or "off"
+SEARCH_REPS = 5  # calls per timing round of a candidate (time_ms: 3 warm-up calls, median of 3 rounds)
 CHILD_TIMEOUT_S = 900.0  # a whole search of both products of one shape; a hung child is killed
 
 
@@ -77,9 +78,10 @@ def measure_products(
 
     Candidates per product: DEFAULT_KERNEL, whose failure is the layer's, then (with `search`) what
     the library's `tuning_kernels` offers; a failure there ends the search and what was timed so
-    far stands. timer: ms per call of a function (default: `timing.time_ms` on `device`).
+    far stands. timer: ms per call of a function (default: `timing.time_ms` on `device`, with
+    fewer calls per candidate when there are many: a search may time about a hundred).
     """
-    timer = timer or functools.partial(time_ms, device=device)
+    timer = timer or functools.partial(time_ms, device=device, reps=SEARCH_REPS)
     shape, dtype = backend.shape, backend.dtype
     gen = torch.Generator(device=device).manual_seed(2)
     w_r, row_mask, col_mask = random_layer(shape, device, gen)
@@ -224,6 +226,7 @@ class Tuner:
             log.debug("slope: tuning of %s from %s", key, cache.path)
             return found
         in_child = self.child if self.child is not None else device.type == "cuda"
+        in_child = in_child and backend.lib.searches(backend.shape, tokens)  # else only the default is timed
         found = self._in_child(backend, device, tokens) if in_child else self.measure(backend, device, tokens)
         if cache:
             cache.put(key, found)
