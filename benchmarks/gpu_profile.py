@@ -1,84 +1,109 @@
-"""Where SLoPe's time goes on the GPU: the kernels tuned per shape, one layer in isolation (SLoPe vs
-nn.Linear, prefill and a training fwd+bwd), and profiler tables of a small LLaMA-style model.
+"""Where every millisecond of a training step goes on the GPU, dense vs SLoPe, and the bound it is held to.
 
-    python benchmarks/gpu_profile.py [--skip-model]
+    python benchmarks/gpu_profile.py --out DIR [--width 8b] [--layers 2] [--tokens 8192]
+
+One LLaMA-style model at LLaMA-3-8B width (a few blocks, vocabulary 8192), trained one step at a
+time with bf16 autocast and fused AdamW, dense and SLoPe (2:4, no adapters) in the same run:
+
+1. a per-category table of device time per step, from the profiler's kernel events: sparse GEMM,
+   dense GEMM, SLoPe bookkeeping (gather/scatter/index/compression/fused step kernels), other
+   element-wise, attention, norms/activations, optimizer, and GPU idle (step time minus the kernels);
+2. next to it the Amdahl bound: the step time SLoPe would reach if only its sparse products changed,
+   from this run's own measurements: the dense step time, the dense time of every block layer's
+   output and grad_input products at this token count, and the raw speedups tuning measured for
+   them (grad_weight stays dense in SLoPe, so it is not in the sped-up share):
+
+       bound = step_dense / (step_dense - L_dense + L_sparse),
+       L_dense = sum over layers of t_output + t_grad_input (dense),
+       L_sparse = sum over layers of t_output / s_output + t_grad_input / s_grad_input;
+
+3. the achieved ratio (dense step time / SLoPe step time) and achieved / bound.
+
+Writes gpu_profile.json/.md into DIR (the common result schema, see gpu_common.write).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import time_ms
+from gpu_common import md_table, time_ms, write
 
-import slope
-from slope.backends import backend_summary
-from slope.backends.numerics import layout_check
-from slope.backends.select import measure_products
-from slope.backends.semistructured import ProductPlan, SemiStructuredBackend
-from slope.backends.sparselib import CUSPARSELT
-
-
-def tuned_kernels():
-    for shape in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
-        for tokens in (2048, 16384):
-            dev, dtype = torch.device("cuda"), torch.bfloat16
-            be = SemiStructuredBackend(CUSPARSELT, dtype, shape, ProductPlan(), inplace=layout_check(CUSPARSELT, dev, dtype))
-            r = measure_products(be, dev, tokens)
-            print(f"tuned {shape} T={tokens}: output {r.speedup['output']:.2f}x {r.kernel['output']}  "
-                  f"grad_input {r.speedup['grad_input']:.2f}x {r.kernel['grad_input']}", flush=True)
+CATEGORIES = ("sparse GEMM", "dense GEMM", "SLoPe bookkeeping", "attention", "norms/activations", "optimizer",
+              "other element-wise")
+# Lower-case substrings of kernel names, tried in this order (the first match wins): a sparse GEMM's
+# name also contains "gemm", an optimizer's "multi_tensor" kernel is element-wise too.
+_RULES = (
+    ("sparse GEMM", ("cusparselt", "sparse_gemm", "spmma", "xmma_sparse", "sm90_sparse", "sparse")),
+    ("optimizer", ("adam", "multi_tensor_apply", "fused_optim")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("dense GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("SLoPe bookkeeping", ("gather", "scatter", "index", "compress", "refresh_operands", "compact_grad",
+                           "column_refresh", "nonzero", "masked")),
+    ("norms/activations", ("norm", "rms", "silu", "swish", "gelu", "softmax", "act_and_mul")),
+)
 
 
-def one_layer(out_f, in_f, tokens=16384):
+def categorize(kernel_name: str) -> str:
+    """The category of one GPU kernel, by its name (see _RULES)."""
+    name = kernel_name.lower()
+    for category, needles in _RULES:
+        if any(needle in name for needle in needles):
+            return category
+    return "other element-wise"
+
+
+def amdahl_bound(step_dense_ms: float, products: list[dict]) -> float:
+    """The dense/SLoPe step-time ratio if only the sparse products changed (see module docstring).
+
+    products: per block layer, {"output_ms", "grad_input_ms"} (dense) and {"output_x", "grad_input_x"}
+    (sparse speedups over dense).
+    """
+    l_dense = sum(p["output_ms"] + p["grad_input_ms"] for p in products)
+    l_sparse = sum(p["output_ms"] / p["output_x"] + p["grad_input_ms"] / p["grad_input_x"] for p in products)
+    return step_dense_ms / (step_dense_ms - l_dense + l_sparse)
+
+
+def per_category(events, step_ms: float, steps: int) -> dict[str, float]:
+    """ms per step by category from the profiler's device-side kernel events, plus "GPU idle"."""
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for event in events:
+        if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        totals[categorize(event.name)] += event.time_range.elapsed_us() / 1e3 / steps  # µs -> ms, per step
+    totals["GPU idle"] = max(0.0, step_ms - sum(totals.values()))
+    return totals
+
+
+# ---- on the GPU -------------------------------------------------------------------------------------
+
+WIDTHS = {"1b": (2048, 8192, 32, 8), "8b": (4096, 14336, 32, 8)}  # hidden, intermediate, heads, kv heads
+
+
+def build(width: str, layers: int, sparse: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import slope
+
+    hidden, inter, heads, kv = WIDTHS[width]
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192)
     torch.manual_seed(0)
-    dense = nn.Linear(in_f, out_f, bias=False, device="cuda")
-    layer = slope.SlopeLinear.from_dense(dense, slope.SlopeConfig())
-    x = torch.randn(tokens, in_f, device="cuda")
-    res = {}
-    for name, mod in (("dense", dense), ("slope", layer)):
-        xr = x.clone().requires_grad_(True)
-
-        def train(m=mod, xr=xr):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                m(xr).sum().backward()
-            with torch.no_grad():
-                m.weight.add_(0.0)  # stands in for an optimizer step: the values' version moves
-
-        res[f"train_{name}"] = time_ms(train)
-    for name, mod in (("dense", dense), ("slope", layer)):
-        mod.to(torch.bfloat16)
-        xb = x.bfloat16()
-        with torch.no_grad():
-            res[f"prefill_{name}"] = time_ms(lambda m=mod, xb=xb: m(xb))
-    print(f"one layer {out_f}x{in_f} T={tokens}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items())
-          + f"  | train x{res['train_dense'] / res['train_slope']:.2f}, prefill x{res['prefill_dense'] / res['prefill_slope']:.2f}")
-    print("   ", backend_summary([layer]), flush=True)
-
-
-def table(prof, title):
-    print(f"--- {title} ---")
-    for key in ("device_time_total", "cuda_time_total"):
-        try:
-            print(prof.key_averages().table(sort_by=key, row_limit=16, max_name_column_width=70))
-            return
-        except (AttributeError, KeyError, RuntimeError, ValueError) as err:
-            print(f"sort by {key} failed: {err}")
-
-
-def model_profile():
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                      num_attention_heads=32, num_key_value_heads=8)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg)
-    slope.sparsify(model, slope.SlopeConfig(keep_first_linear_dense=False, backward_mask_interval=100))
+    if sparse:
+        slope.sparsify(model, slope.SlopeConfig(keep_first_linear_dense=False, backward_mask_interval=100))
+    return model
+
+
+def train_step_fn(model, tokens: int):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 8192, (4, 2048), device="cuda")
+    ids = torch.randint(0, 8192, (tokens // 2048, 2048), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -86,24 +111,90 @@ def model_profile():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    return step
+
+
+def profile(step, steps: int = 3) -> list:
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=acts) as prof:
-        step()
+        for _ in range(steps):
+            step()
         torch.cuda.synchronize()
-    table(prof, "SLoPe train step, 2 blocks at 8B width, 8192 tokens")
-    print(backend_summary(slope.slope_layers(model)))
+    return list(prof.events())
+
+
+def block_products(model, tokens: int) -> list[dict]:
+    """Dense times and tuned sparse speedups of both products of every block linear layer."""
+    from slope.backends.numerics import layout_check
+    from slope.backends.select import SELECTOR
+    from slope.backends.semistructured import ProductPlan, SemiStructuredBackend
+    from slope.backends.sparselib import CUSPARSELT
+    from slope.convert import slope_layers
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    measured: dict[tuple, dict] = {}
+    rows = []
+    for name, layer in slope_layers(model):
+        shape = (layer.out_features, layer.in_features)
+        if shape not in measured:
+            be = SemiStructuredBackend(CUSPARSELT, dtype, shape, ProductPlan(), inplace=layout_check(CUSPARSELT, dev, dtype))
+            found = SELECTOR.measure(be, dev, tokens)  # the tuner training uses: cached, searched in a child
+            w = torch.randn(shape, device=dev, dtype=dtype)
+            x = torch.randn(tokens, shape[1], device=dev, dtype=dtype)
+            dy = torch.randn(tokens, shape[0], device=dev, dtype=dtype)
+            measured[shape] = {"output_ms": time_ms(lambda x=x, w=w: x @ w.t()),
+                               "grad_input_ms": time_ms(lambda dy=dy, w=w: dy @ w),
+                               "output_x": found.speedup["output"], "grad_input_x": found.speedup["grad_input"]}
+        rows.append({"layer": name, "shape": f"{shape[0]}x{shape[1]}", **measured[shape]})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_run"))
+    p.add_argument("--width", choices=sorted(WIDTHS), default="8b")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=8192)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_profile: needs a CUDA GPU (none found); nothing measured")
+        return 2
+
+    results, step_ms = {}, {}
+    for variant in ("dense", "slope"):
+        model = build(args.width, args.layers, sparse=variant == "slope")
+        step = train_step_fn(model, args.tokens)
+        for _ in range(3):
+            step()  # warm-up: set-up, tuning, allocator
+        step_ms[variant] = statistics.median(time_ms(step, warmup=0, reps=1) for _ in range(5))
+        results[variant] = per_category(profile(step), step_ms[variant], steps=3)
+        if variant == "slope":
+            products = block_products(model, args.tokens)
+        del model, step
+        torch.cuda.empty_cache()
+
+    bound = amdahl_bound(step_ms["dense"], products)
+    achieved = step_ms["dense"] / step_ms["slope"]
+    rows = [{"category": c, "dense_ms": results["dense"][c], "slope_ms": results["slope"][c],
+             "slope_minus_dense_ms": results["slope"][c] - results["dense"][c]}
+            for c in (*CATEGORIES, "GPU idle")]
+    rows.append({"category": "step (median of 5)", "dense_ms": step_ms["dense"], "slope_ms": step_ms["slope"],
+                 "slope_minus_dense_ms": step_ms["slope"] - step_ms["dense"]})
+    l_dense = sum(r["output_ms"] + r["grad_input_ms"] for r in products)
+    metrics = {"width": args.width, "layers": args.layers, "tokens": args.tokens,
+               "train_speedup": achieved, "amdahl_bound": bound, "achieved_over_bound": achieved / bound,
+               "linear_share_of_dense_step": l_dense / step_ms["dense"]}
+    notes = ("Categories come from kernel names (benchmarks/gpu_profile.py `_RULES`); GPU idle is the step "
+             "time minus the kernels' device time. The bound assumes only the output and grad_input "
+             "products change, at the raw speedups tuning measured for each shape in this run.\n\n"
+             + md_table(products, ["layer", "shape", "output_ms", "grad_input_ms", "output_x", "grad_input_x"]))
+    write(args.out, "gpu_profile", metrics, rows,
+          md_table(rows, ["category", "dense_ms", "slope_ms", "slope_minus_dense_ms"]), notes)
+    print(md_table(rows, ["category", "dense_ms", "slope_ms", "slope_minus_dense_ms"]))
+    print(f"training x{achieved:.3f} of dense; Amdahl bound x{bound:.3f}; achieved / bound {achieved / bound:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--skip-model", action="store_true")
-    args = p.parse_args()
-    tuned_kernels()
-    one_layer(14336, 4096)
-    one_layer(4096, 4096)
-    one_layer(4096, 4096, tokens=4096)
-    if not args.skip_model:
-        model_profile()
+    sys.exit(main())
