@@ -29,6 +29,7 @@ from gpu_common import md_table, time_ms, write
 import slope
 from slope.backends import backend_summary, cusparselt_plans
 from slope.backends.semistructured import SemiStructuredBackend
+from slope.memory import state_bytes
 
 WIDTHS = {  # hidden, intermediate, heads, kv heads
     "1b": (2048, 8192, 32, 8),
@@ -80,6 +81,10 @@ def train_row(width, layers, variant, batch, seq) -> dict:
            "tokens_per_s": batch * seq / ms * 1e3,
            "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
            "state_gib": (torch.cuda.memory_allocated() - base) / 2**30}
+    # what that state is, by kind (gradients are freed by zero_grad(set_to_none=True) between steps)
+    for kind, nbytes in state_bytes(model, opt).items():
+        if kind != "grads":
+            row[f"state_{kind}_gib"] = nbytes / 2**30
     if variant != "dense":
         row["backends"] = backend_summary(slope.slope_layers(model))
     free(model, opt)
@@ -153,10 +158,13 @@ def metrics(rows) -> dict:
 
 
 COLUMNS = ["width", "mode", "variant", "tokens", "ms", "tokens_per_s", "speedup_vs_dense", "peak_gib",
-           "peak_memory_ratio", "state_gib", "state_memory_ratio", "fused_adapter_path"]
+           "peak_memory_ratio", "state_gib", "state_memory_ratio", "state_weights_gib", "state_optimizer_gib",
+           "state_buffers_gib", "state_caches_gib", "fused_adapter_path"]
 NOTES = """speedup_vs_dense = dense step time / variant step time (same run, same GPU). Memory: peak
 allocated during the timed steps (train: includes weights, gradients, AdamW state, activations) and
-state = allocated after the steps (train) or after set-up (prefill: weights and compressed operands)."""
+state = allocated after the steps (train) or after set-up (prefill: weights and compressed operands).
+state_*_gib break the training state down by kind (slope.memory.state_bytes): weights, AdamW state,
+buffers (packed masks) and caches (compressed operands, index maps kept between steps)."""
 
 ARGS = None
 
