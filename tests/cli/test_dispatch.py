@@ -9,6 +9,7 @@ import pytest
 
 import slope
 from slope.cli import main
+from slope.cli.main import COMMANDS, build_parser
 
 
 def test_version_flag(capsys):
@@ -41,3 +42,48 @@ def test_public_names_resolve_lazily_to_their_owners():
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="module 'slope' has no attribute 'sparsfy'"):
         slope.sparsfy  # noqa: B018
+
+
+# ---- options anywhere on the line -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    # the reported line: a text after an option was left over as "unrecognized arguments: milton"
+    (["eval", "RUN", "--json", "milton"], {"model": "RUN", "text": ["milton"], "json": True}),
+    (["eval", "--max-tokens", "5", "RUN", "milton", "--json", "shakespeare"],
+     {"model": "RUN", "text": ["milton", "shakespeare"], "max_tokens": 5}),
+    (["eval", "RUN"], {"model": "RUN", "text": []}),
+    (["prepare", "--vocab-size", "300", "corpus/", "-o", "OUT", "--text-column", "body"],
+     {"source": "corpus/", "vocab_size": 300, "text_column": "body"}),
+    (["export", "--out", "X", "--dense", "RUN"], {"source": "RUN", "out": "X", "dense": True}),
+    (["generate", "--prompt", "Once", "MODEL", "--top-k", "3"], {"model": "MODEL", "prompt": "Once", "top_k": 3}),
+    (["check", "-v", "RUN"], {"path": "RUN", "verbose": True}),
+    (["info", "--json", "-v"], {"json": True, "verbose": True}),
+])
+def test_options_before_between_and_after_positionals(argv, expected):
+    args, extra = build_parser().parse_known_args(argv)
+    assert extra == []
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_every_command_is_covered_by_the_option_order_cases():
+    covered = {"eval", "prepare", "export", "generate", "check", "info", "train"}
+    assert {name for name, _, _ in COMMANDS} == covered
+
+
+def test_train_overrides_keep_their_order_and_values():
+    argv = ["train", "--optim.lr", "1e-3", "--config", "tiny", "--train.max_steps=5", "--eval.sets", "milton,x.txt", "-v"]
+    args, extra = build_parser().parse_known_args(argv)
+    assert args.config == "tiny" and args.verbose is True
+    assert extra == ["--optim.lr", "1e-3", "--train.max_steps=5", "--eval.sets", "milton,x.txt"]
+
+
+def test_verbose_before_the_command_is_kept():
+    args, _ = build_parser().parse_known_args(["-v", "eval", "RUN"])
+    assert args.verbose is True
+
+
+def test_a_stray_argument_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["info", "--json", "stray"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

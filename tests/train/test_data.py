@@ -138,3 +138,194 @@ def test_val_auto_is_the_tail_for_a_user_corpus(tmp_path):
     assert val.meta["split"] == "last 0.1 of the text" and val.meta["source"] == str(tmp_path / "c.txt")
     assert 0.05 < val.meta["n_bytes"] / (train.meta["n_bytes"] + val.meta["n_bytes"]) < 0.15
     assert corpus.HELDOUT_OF["shakespeare"] == "shakespeare-heldout"
+
+
+# ---- tables, datasets and the text column ---------------------------------------------------------
+
+ROWS = [f"row {i}: now is the winter of our discontent\n" for i in range(30)]
+
+
+def _write_parquet(path, rows, column="text", **extra):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    # small row groups, so the reader crosses record-batch boundaries
+    pq.write_table(pa.table({column: rows, **extra}), str(path), row_group_size=7)
+
+
+def _write_arrow(path, rows, column="text", stream=False):
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"id": list(range(len(rows))), column: rows})
+    with pa.OSFile(str(path), "wb") as sink:
+        opener = pa.ipc.new_stream if stream else pa.ipc.new_file
+        with opener(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=4):
+                writer.write_batch(batch)
+
+
+def test_parquet_file_with_a_named_column(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    _write_parquet(path, [*ROWS[:5], None, *ROWS[5:]], column="content", id=list(range(31)))
+    source = data.resolve_source(str(path), text_column="content")
+    assert source.kind == "parquet"
+    docs = list(source.documents())
+    assert [t for _, t in docs] == ROWS  # every row in order, the null cell left out
+    assert docs[5][0] == f"{path}[6]"  # names count rows of the file, nulls included
+    assert source.hashes()[0]["bytes"] == path.stat().st_size
+    with pytest.raises(DataError, match=r"has no column 'text' \(columns: content, id\); set data.text_column"):
+        data.resolve_source(str(path))
+    with pytest.raises(DataError, match=r"column 'id' of .* holds int64, not text"):
+        data.resolve_source(str(path), text_column="id")
+
+
+def test_arrow_files_in_both_layouts(tmp_path):
+    for stream in (False, True):
+        path = tmp_path / f"c{int(stream)}.arrow"
+        _write_arrow(path, ROWS, stream=stream)
+        source = data.resolve_source(str(path))
+        assert source.kind == "arrow"
+        assert [t for _, t in source.documents()] == ROWS
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(DataError, match="is not an Arrow file"):
+        data.resolve_source(str(tmp_path / "junk.arrow"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="is not a parquet file"):
+        data.resolve_source(str(tmp_path / "junk.parquet"))
+
+
+def test_jsonl_with_a_configurable_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(ROWS[:3])))
+    assert [t for _, t in data.resolve_source(str(path), text_column="body").documents()] == ROWS[:3]
+    with pytest.raises(DataError, match=r"c.jsonl:1: expected an object with a string 'text' field \(this line has: body, n\)"):
+        list(data.resolve_source(str(path)).documents())
+
+
+def test_folder_of_shards_skips_the_readme(tmp_path):
+    _write_parquet(tmp_path / "train-00000.parquet", ROWS[:10])
+    _write_parquet(tmp_path / "train-00001.parquet", ROWS[10:20])
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ROWS[20:]))
+    (tmp_path / "README.md").write_text("# a dataset card, not training text\n")
+    source = data.resolve_source(str(tmp_path))
+    assert source.kind == "folder"
+    assert [p.name for p in source.files()] == ["extra.jsonl", "train-00000.parquet", "train-00001.parquet"]
+    assert [t for _, t in source.documents()] == ROWS[20:] + ROWS[:20]
+    # a missing column in a folder's table is found before anything is read, with the file named
+    with pytest.raises(DataError, match=r"train-00000.parquet has no column 'body'"):
+        data.resolve_source(str(tmp_path), text_column="body")
+
+
+def test_a_parquet_file_is_no_longer_refused_as_binary_text(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    _write_parquet(path, ROWS)
+    _, train, val = prepare_data(tmp_path / "run", str(path), "", 0.2, "", 300)
+    assert val.meta["split"] == "last 0.2 of the text" and train.meta["text_column"] == "text"
+    assert train.meta["n_bytes"] + val.meta["n_bytes"] == sum(len(t) for t in ROWS)
+
+
+def _dataset_dict(datasets, column="text"):
+    return datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({column: ROWS[:20] * 3, "id": list(range(60))}),
+        "validation": datasets.Dataset.from_dict({column: ROWS[20:], "id": list(range(10))}),
+    })
+
+
+def test_dataset_dict_trains_on_train_and_validates_on_validation(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    _dataset_dict(datasets, "story").save_to_disk(str(tmp_path / "dd"))
+    spec = str(tmp_path / "dd")
+    source = data.resolve_source(spec, text_column="story")
+    assert (source.kind, source.split, source.splits) == ("hf_dataset", "train", ("train", "validation"))
+    assert [t for _, t in source.documents()] == ROWS[:20] * 3
+    assert all(p.parts[-2] == "train" for p in source.files())  # hashes only the split it reads
+    for val in ("auto", ""):
+        _, train, valid = prepare_data(tmp_path / f"run{val}", spec, val, 0.5, "", 300, text_column="story")
+        assert valid.meta["source"] == f"{spec} (split validation)" and valid.meta["split"] == "all"
+        assert valid.meta["n_bytes"] == sum(len(t) for t in ROWS[20:])
+        assert train.meta["n_bytes"] == 3 * sum(len(t) for t in ROWS[:20])
+    # named as data.val or as an evaluation set, a DatasetDict is read through its validation split
+    (tmp_path / "c.txt").write_text(TEXT)
+    tok, _, valid = prepare_data(tmp_path / "run-v", str(tmp_path / "c.txt"), spec, 0.5, "", 300, text_column="story")
+    assert valid.meta["source"] == f"{spec} (split validation)"
+    assert valid.meta["n_bytes"] == sum(len(t) for t in ROWS[20:])
+    from slope.train.prepare import tokenize_source
+
+    assert tokenize_source(tmp_path / "ev", "eval", spec, tok, text_column="story").meta["n_bytes"] == valid.meta["n_bytes"]
+    with pytest.raises(DataError, match=r"dd has no column 'text' \(columns: story, id\)"):
+        data.resolve_source(spec)
+    # without a validation split the tail of `train` is held out, as for any other source
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ROWS})}).save_to_disk(str(tmp_path / "t"))
+    _, _, valid = prepare_data(tmp_path / "run-t", str(tmp_path / "t"), "auto", 0.2, "", 300)
+    assert valid.meta["split"] == "last 0.2 of the text"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ROWS})}).save_to_disk(str(tmp_path / "x"))
+    with pytest.raises(DataError, match="has splits test, none named 'train'"):
+        data.resolve_source(str(tmp_path / "x"))
+
+
+def test_cached_hub_dataset_is_read_offline(tmp_path, monkeypatch):
+    """A hub name resolves from the local `datasets` cache, laid out as a download leaves it, never the network.
+
+    The cache is populated the way `load_dataset` does it, from local files by the packaged JSON builder,
+    then moved to the directory names a hub download gets (`owner___name/default/0.0.0/<revision>`).
+    """
+    datasets = pytest.importorskip("datasets")
+    from datasets.packaged_modules.json.json import Json
+
+    cache = tmp_path / "cache"
+    files = {}
+    for split, rows in (("train", ROWS[:20]), ("validation", ROWS[20:])):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    Json(cache_dir=str(cache), dataset_name="tiny_text", config_name="default", data_files=files,
+         hash="0123abcd").download_and_prepare()
+    (cache / "someone___tiny_text").mkdir()
+    (cache / "tiny_text").rename(cache / "someone___tiny_text" / "tmp")
+    [config_dir] = (cache / "someone___tiny_text" / "tmp").iterdir()
+    config_dir.rename(cache / "someone___tiny_text" / "default")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was asked")
+
+    monkeypatch.setattr("socket.socket.connect", no_network)
+    source = data.resolve_source("someone/tiny_text")
+    assert (source.kind, source.split) == ("hub", "train")
+    assert [t for _, t in source.documents()] == ROWS[:20]
+    assert [t for _, t in source.validation().documents()] == ROWS[20:]
+    assert source.files()[0].name == "tiny_text-train.arrow"
+    with pytest.raises(DataError, match=r"'someone/other' not found: .* nor a `datasets` hub name in the local cache"):
+        data.resolve_source("someone/other")
+    with pytest.raises(DataError, match=r"no configuration 'nope' in the local cache \(cached: 'default'\)"):
+        data.resolve_source("someone/tiny_text:nope")
+    with pytest.raises(DataError, match=r"someone/tiny_text has no column 'body' \(columns: text\)"):
+        data.resolve_source("someone/tiny_text", text_column="body")
+    assert datasets  # imported for the builder above
+
+
+def test_text_column_names_the_cached_eval_file(tmp_path, tokenizer):
+    from slope.train.prepare import tokenize_source
+
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps({"text": "a b c\n", "body": t}) + "\n" for t in ROWS[:5]))
+    plain = tokenize_source(tmp_path / "out", "eval", str(path), tokenizer)
+    body = tokenize_source(tmp_path / "out", "eval", str(path), tokenizer, text_column="body")
+    assert plain.stem != body.stem and body.meta["n_bytes"] == sum(len(t) for t in ROWS[:5])
+    # two eval sets with the same file name in different folders are two token files
+    for folder, text in (("a", "short\n"), ("b", "a longer text than the other one\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.txt").write_text(text)
+    a, b = (tokenize_source(tmp_path / "out", "eval", str(tmp_path / f / "notes.txt"), tokenizer) for f in "ab")
+    assert (a.meta["n_bytes"], b.meta["n_bytes"]) == (6, 33)
+
+
+def test_prepare_command_text_column(tmp_path, capsys):
+    path = tmp_path / "c.parquet"
+    _write_parquet(path, ROWS * 4, column="content")
+    out = tmp_path / "prep"
+    assert cli.main(["prepare", str(path), "-o", str(out), "--vocab-size", "300", "--text-column", "content"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_tokens"] > 0
+    assert cli.main(["prepare", str(path), "-o", str(tmp_path / "p2"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no column 'text' (columns: content)" in err
+    assert not (tmp_path / "p2").exists()

@@ -29,15 +29,40 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser, in which options may come before, between or after the positionals.
+
+    Plain argparse fills a `nargs="*"` positional at its first run of positionals, so `slope eval RUN
+    --json milton` left `milton` over as an unrecognized argument. A parser with positionals therefore
+    parses intermixed (options first, then the positionals left over); one without (`slope train`)
+    parses as before, so its `--section.key value` overrides stay in order in the extras.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or not self._get_positional_actions():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.12)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slope", description="Sparse pretraining of language models with SLoPe (N:M sparse + lazy adapters)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"slope {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, module, help_text in COMMANDS:
         importlib.import_module(f"slope.cli.commands.{module}").register(sub, name, help_text)
+    for command_parser in sub.choices.values():
+        # -v also after the command (`slope eval RUN -v`); SUPPRESS: absent, it leaves the global flag alone
+        command_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help="debug logging")
     return parser
 
 

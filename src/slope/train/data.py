@@ -1,8 +1,10 @@
 """Text sources, tokenizers, memory-mapped token files and the random-window sampler.
 
-A source is an embedded corpus name, a text file, a folder of text files, a JSONL file (`text`
-field), a saved Hugging Face `datasets` folder, or a `slope prepare` output folder. Text is streamed
-document by document (large files in chunks of lines), so corpora larger than RAM never load whole.
+A source is an embedded corpus name, a text file, a folder of files, a JSONL, parquet or Arrow file
+(text in the column `text_column`), a saved Hugging Face `datasets` folder (`save_to_disk`, also a
+DatasetDict), a `datasets` hub name already in the local cache, or a `slope prepare` output folder.
+Text is streamed document by document (large text files in chunks of lines, tables in record
+batches), so corpora larger than RAM never load whole.
 
 A token file is `NAME.bin` (raw uint16/uint32 ids, documents separated by the EOS token) plus
 `NAME.json` (tokenizer, counts, source hashes), read back with `np.memmap`.
@@ -13,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,14 @@ import torch
 from slope.train import corpus
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
+TABLE_SUFFIXES = {".parquet", ".arrow"}  # read with pyarrow, one document per row
+RECORD_SUFFIXES = {".jsonl", *TABLE_SUFFIXES}  # files whose documents sit in a named column or field
 CHUNK_BYTES = 1 << 20  # a big text file is read and tokenized about 1 MB at a time
+TABLE_BATCH_ROWS = 1024  # rows per record batch read from a parquet or Arrow file
+VALIDATION_SPLIT = "validation"  # the split of a DatasetDict used as validation data when data.val is "auto"/""
 TOKENS_FORMAT = 1
+# owner/name or name, optionally :config, as the Hugging Face hub spells dataset ids
+HUB_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
 
 
 class DataError(ValueError):
@@ -36,38 +45,74 @@ class DataError(ValueError):
 
 @dataclass
 class Source:
-    """One text source; `documents()` streams (name, text) pieces in a fixed order."""
+    """One text source; `documents()` streams (name, text) pieces in a fixed order.
+
+    `text_column` names the column (parquet, Arrow, datasets) or field (JSONL) holding the text; plain
+    text files and embedded corpora ignore it. `split` is the split of a DatasetDict or cached hub
+    dataset this source reads.
+    """
 
     spec: str
-    kind: str  # embedded, text, folder, jsonl, hf_dataset, prepared
+    kind: str  # embedded, text, folder, jsonl, parquet, arrow, hf_dataset, hub, prepared
     path: Path | None = None
+    text_column: str = "text"
+    split: str | None = None
+    splits: tuple[str, ...] = ()  # every split of a DatasetDict / hub dataset
+    dataset: object = field(default=None, repr=False, compare=False)  # the opened datasets object
+
+    @property
+    def label(self) -> str:
+        """How metadata and messages name this source: the spec, plus the split when it is not `train`."""
+        return f"{self.spec} (split {self.split})" if self.split not in (None, "train") else self.spec
 
     def files(self) -> list[Path]:
-        if self.kind in ("text", "jsonl"):
+        if self.kind in ("text", "jsonl", "parquet", "arrow"):
             return [self.path]
         if self.kind == "folder":
-            return sorted(
-                p for p in self.path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
-                and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix.lower() == ".jsonl")
-            )
+            return _folder_files(self.path)
         if self.kind == "embedded":
             return [Path(str(corpus.embedded_archive(self.spec)))]
         if self.kind == "hf_dataset":
-            return sorted(p for p in self.path.rglob("*") if p.is_file())
+            root = self.path / self.split if self.split else self.path
+            return sorted(p for p in root.rglob("*") if p.is_file())
+        if self.kind == "hub":
+            return sorted({Path(f["filename"]) for f in self._table().cache_files})
         return []
 
     def documents(self) -> Iterator[tuple[str, str]]:
         if self.kind == "embedded":
             yield from corpus.embedded_documents(self.spec)
-        elif self.kind == "hf_dataset":
-            yield from _hf_documents(self.path)
+        elif self.kind in ("hf_dataset", "hub"):
+            yield from _dataset_documents(self._table(), self.text_column, self.label)
         else:
             for path in self.files():
-                if path.suffix.lower() == ".jsonl":
-                    yield from _jsonl_documents(path)
-                else:
-                    yield from _text_documents(path)
+                yield from _file_documents(path, self.text_column)
+
+    def validation(self) -> Source | None:
+        """The `validation` split of a DatasetDict or hub dataset as a source of its own, if it has one."""
+        if VALIDATION_SPLIT not in self.splits or self.split == VALIDATION_SPLIT:
+            return None
+        other = Source(self.spec, self.kind, self.path, self.text_column, VALIDATION_SPLIT, self.splits,
+                       self.dataset)
+        other.check()
+        return other
+
+    def check(self) -> None:
+        """Fail now, with one line, on a missing or non-text column, rather than after tokenizing for an hour."""
+        if self.kind in ("parquet", "arrow", "folder"):  # a table's schema is read without its rows
+            for path in self.files():
+                if path.suffix.lower() in TABLE_SUFFIXES:
+                    _check_column(_table_schema(path), self.text_column, str(path))
+        elif self.kind in ("hf_dataset", "hub"):
+            table = self._table()
+            _check_column(table.features.arrow_schema, self.text_column, self.label)
+
+    def _table(self):
+        """The `datasets.Dataset` of this source's split (memory-mapped Arrow, opened once)."""
+        ds = self.dataset
+        if self.split is not None:
+            ds = ds[self.split]
+        return ds
 
     def hashes(self) -> list[dict]:
         """sha256 and size of every underlying file: a prepared token file records where it came from."""
@@ -82,26 +127,62 @@ class Source:
         return out
 
 
-def resolve_source(spec: str) -> Source:
-    """The Source named by `spec`; a DataError if it does not exist or holds no text files."""
+def resolve_source(spec: str, *, text_column: str = "text") -> Source:
+    """The Source named by `spec`; a DataError if it does not exist, holds no text or lacks `text_column`."""
     if corpus.is_embedded(spec):
-        return Source(spec, "embedded")
+        return Source(spec, "embedded", text_column=text_column)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(
-            f"corpus {spec!r} not found: it is neither an existing path nor an embedded corpus "
-            f"({', '.join(corpus.EMBEDDED)})"
-        )
+        source = _cached_hub_source(spec, text_column)
+        if source is None:
+            raise DataError(
+                f"corpus {spec!r} not found: it is neither an existing path nor an embedded corpus "
+                f"({', '.join(corpus.EMBEDDED)}), nor a `datasets` hub name in the local cache ({_hub_cache()}); "
+                "slope never downloads"
+            )
+        return source
     if path.is_dir():
         if (path / "train.json").is_file() and (path / "tokenizer").is_dir():
             return Source(spec, "prepared", path)
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return Source(spec, "hf_dataset", path)
-        source = Source(spec, "folder", path)
+        if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return _saved_dataset_source(spec, path, text_column)
+        source = Source(spec, "folder", path, text_column)
         if not source.files():
-            raise DataError(f"corpus folder {spec!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))}, .jsonl)")
+            text = sorted(TEXT_SUFFIXES - {""})
+            raise DataError(f"corpus folder {spec!r} holds no text files ({', '.join(text)}, .jsonl) nor tables "
+                            f"({', '.join(sorted(TABLE_SUFFIXES))})")
+        source.check()
         return source
-    return Source(spec, "jsonl" if path.suffix.lower() == ".jsonl" else "text", path)
+    suffix = path.suffix.lower()
+    kind = suffix[1:] if suffix in RECORD_SUFFIXES else "text"
+    source = Source(spec, kind, path, text_column)
+    source.check()
+    return source
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """A folder's readable files in sorted order, hidden ones skipped.
+
+    A folder holding parquet or Arrow files is a table dataset (a hub snapshot, a folder of shards):
+    only its table and JSONL files are read, so the README.md beside the shards is not trained on.
+    """
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix.lower() in RECORD_SUFFIXES)
+    )
+    if any(p.suffix.lower() in TABLE_SUFFIXES for p in files):
+        files = [p for p in files if p.suffix.lower() in RECORD_SUFFIXES]
+    return files
+
+
+def _file_documents(path: Path, text_column: str) -> Iterator[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_documents(path, text_column)
+    if suffix in TABLE_SUFFIXES:
+        return _table_documents(path, text_column)
+    return _text_documents(path)
 
 
 def _text_documents(path: Path) -> Iterator[tuple[str, str]]:
@@ -118,10 +199,13 @@ def _text_documents(path: Path) -> Iterator[tuple[str, str]]:
             if lines:
                 yield str(path), "".join(lines)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); text files, .jsonl, "
+                        ".parquet and .arrow are read") from None
 
 
-def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
+def _jsonl_documents(path: Path, text_column: str = "text") -> Iterator[tuple[str, str]]:
+    # A hand loop rather than datasets' JSON reader: it streams without an Arrow copy of the file and
+    # names the line of a bad row.
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -130,25 +214,155 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            yield f"{path}:{lineno}", row["text"]
+            if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+                has = f" (this line has: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
+                raise DataError(f"{path}:{lineno}: expected an object with a string {text_column!r} field{has}; "
+                                "set data.text_column (slope prepare --text-column) to the field holding the text")
+            yield f"{path}:{lineno}", row[text_column]
 
 
-def _hf_documents(path: Path) -> Iterator[tuple[str, str]]:
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # the submodule is what reads parquet
+    except ImportError:
+        raise DataError("reading parquet and Arrow files needs pyarrow: `pip install datasets` brings it") from None
+    return pyarrow
+
+
+def _open_arrow(path: Path):
+    """A reader of an Arrow file in either layout: IPC file (Feather v2) or IPC stream (`datasets`' own)."""
+    pa = _pyarrow()
+    source = pa.memory_map(str(path))
+    try:
+        return pa.ipc.open_file(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        try:
+            return pa.ipc.open_stream(source)
+        except pa.ArrowInvalid as err:
+            raise DataError(f"{path} is not an Arrow file ({err})") from None
+
+
+def _table_schema(path: Path):
+    pa = _pyarrow()
+    if path.suffix.lower() == ".parquet":
+        try:
+            return pa.parquet.ParquetFile(str(path)).schema_arrow
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path} is not a parquet file ({err})") from None
+    return _open_arrow(path).schema
+
+
+def _check_column(schema, column: str, where: str) -> None:
+    pa = _pyarrow()
+    if column not in schema.names:
+        raise DataError(f"{where} has no column {column!r} (columns: {', '.join(schema.names)}); set "
+                        "data.text_column (slope prepare --text-column) to the one holding the text")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise DataError(f"column {column!r} of {where} holds {kind}, not text; set data.text_column to a "
+                        "column of strings")
+
+
+def _table_documents(path: Path, column: str) -> Iterator[tuple[str, str]]:
+    """The rows of one parquet or Arrow file, read one record batch at a time (only the text column)."""
+    pa = _pyarrow()
+    schema = _table_schema(path)
+    _check_column(schema, column, str(path))
+    if path.suffix.lower() == ".parquet":
+        batches = pa.parquet.ParquetFile(str(path)).iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[column])
+    else:
+        reader = _open_arrow(path)
+        batches = ((reader.get_batch(i) for i in range(reader.num_record_batches))
+                   if isinstance(reader, pa.ipc.RecordBatchFileReader) else reader)
+    row = 0
+    for batch in batches:
+        for text in batch.column(batch.schema.get_field_index(column)).to_pylist():
+            if text is not None:  # a null cell is a missing document, not an empty one
+                yield f"{path}[{row}]", text
+            row += 1
+
+
+def _datasets(why: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path} is a Hugging Face dataset; reading it needs `pip install datasets`") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"dataset {path} has splits {list(ds)}, none named 'train'")
-        ds = ds["train"]
-    if "text" not in ds.column_names:
-        raise DataError(f"dataset {path} has no 'text' column (columns: {ds.column_names})")
-    for i, row in enumerate(ds):  # rows are read lazily from the Arrow files
-        yield f"{path}[{i}]", row["text"]
+        raise DataError(f"{why} needs `pip install datasets`") from None
+    return datasets
+
+
+def _saved_dataset_source(spec: str, path: Path, text_column: str) -> Source:
+    """A `save_to_disk` folder: a Dataset, or a DatasetDict read through its `train` split."""
+    datasets = _datasets(f"{path} is a saved Hugging Face dataset; reading it")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise DataError(f"{path} is not a readable saved dataset ({type(err).__name__}: {err})") from None
+    return _dataset_source(Source(spec, "hf_dataset", path, text_column, dataset=ds), datasets)
+
+
+def _dataset_source(source: Source, datasets) -> Source:
+    if isinstance(source.dataset, datasets.DatasetDict):
+        source.splits = tuple(source.dataset)
+        if "train" not in source.splits:
+            raise DataError(f"dataset {source.spec} has splits {', '.join(source.splits)}, none named 'train'")
+        source.split = "train"
+    source.check()
+    return source
+
+
+def _hub_cache() -> str:
+    """The `datasets` cache folder, found as `datasets` finds it, but read now: tests and users may set it late."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return str(Path(os.environ["HF_DATASETS_CACHE"]).expanduser())
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    return str(Path(home).expanduser() / "datasets")
+
+
+def _cached_hub_source(spec: str, text_column: str) -> Source | None:
+    """A hub dataset name (`owner/name` or `owner/name:config`) read from the local `datasets` cache, or None.
+
+    Read through `datasets`' own cache reader, the one `load_dataset` falls back to offline, so nothing
+    here ever opens a network connection: a dataset that is not cached is simply not found.
+    """
+    if not HUB_NAME.match(spec):
+        return None
+    try:
+        import datasets
+        from datasets.packaged_modules.cache.cache import Cache
+    except ImportError:
+        return None
+    name, _, config = spec.partition(":")
+    try:
+        builder = Cache(cache_dir=_hub_cache(), dataset_name=name.split("/")[-1], repo_id=name,
+                        config_name=config or None, version="auto", hash="auto")
+        ds = builder.as_dataset()
+    except (ValueError, KeyError, OSError) as err:  # OSError covers FileNotFoundError
+        # datasets says which configurations are cached in its message; pass that on in one line
+        lines = str(err).splitlines() or [""]
+        if "multiple" in lines[0] and ":" in lines[0]:  # several configs cached: the name alone is ambiguous
+            configs = lines[0].split(":", 1)[1].strip()
+            raise DataError(f"dataset {name!r} has several configurations in the local cache ({configs}); "
+                            f"name one as {name}:CONFIG") from None
+        cached = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Available configs")]
+        if config and cached:
+            raise DataError(f"dataset {name!r} has no configuration {config!r} in the local cache (cached: "
+                            f"{cached[0].strip('[]')})") from None
+        return None
+    source = Source(spec, "hub", None, text_column, dataset=ds)
+    return _dataset_source(source, datasets)
+
+
+def _dataset_documents(ds, column: str, label: str) -> Iterator[tuple[str, str]]:
+    """The rows of a `datasets.Dataset`, read lazily from its Arrow files in batches (only the text column)."""
+    row = 0
+    for batch in ds.select_columns([column]).iter(batch_size=TABLE_BATCH_ROWS):
+        for text in batch[column]:
+            if text is not None:
+                yield f"{label}[{row}]", text
+            row += 1
 
 
 def split_tail(
@@ -312,22 +526,33 @@ class WindowSampler:
     """Random windows of `seq_len + 1` tokens from a token file, with a checkpointable generator.
 
     Each batch is (inputs, targets), both (batch, seq_len) int64, targets shifted by one.
+
+    In a run of `world` processes every rank draws the same global batch of `batch_size * world`
+    window starts from the run seed and keeps its own slice (rank r: starts r*batch_size onwards), so
+    the ranks' windows never overlap within a step and N ranks see exactly the windows one process
+    with N times the batch sees. The generator state is the same on every rank, so a checkpoint holds
+    one state for all of them.
     """
 
-    def __init__(self, tokens: TokenFile, seq_len: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: TokenFile, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
         if len(tokens) < seq_len + 1:
             raise DataError(
                 f"training text has {len(tokens)} tokens, fewer than one window of train.seq_len + 1 = "
                 f"{seq_len + 1}; use more text or a shorter train.seq_len"
             )
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world} processes")
         self.tokens = tokens.tokens
         self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.batches = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         high = len(self.tokens) - self.seq_len  # exclusive: the last start leaves seq_len + 1 tokens
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
+        starts = torch.randint(0, high, (self.batch_size * self.world,), generator=self.generator)
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
         windows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         windows = torch.from_numpy(windows)  # (batch, seq_len + 1)
         self.batches += 1

@@ -26,26 +26,34 @@ log = logging.getLogger("slope")
 
 def prepare_data(
     out_dir: Path, train: str, val: str = "", val_fraction: float = 0.05,
-    tokenizer_name: str = "", vocab_size: int = 8192,
+    tokenizer_name: str = "", vocab_size: int = 8192, *, text_column: str = "text",
 ) -> tuple[object, TokenFile, TokenFile]:
-    """(tokenizer, train tokens, val tokens) in `out_dir`, tokenizing only what is not there yet."""
+    """(tokenizer, train tokens, val tokens) in `out_dir`, tokenizing only what is not there yet.
+
+    Validation data, in order: `val` when it names a source (a dataset's `validation` split if it has
+    one); for `val` "auto" the held-out part of an
+    embedded corpus; a DatasetDict's (or cached hub dataset's) `validation` split; else the last
+    `val_fraction` of the training text. `text_column` is the column or JSON field holding the text.
+    """
     out_dir = Path(out_dir)
     if val == "auto":
         val = corpus.HELDOUT_OF.get(train, "")
-    source = data.resolve_source(train)
+    source = data.resolve_source(train, text_column=text_column)
     if source.kind == "prepared":
         if tokenizer_name:
             log.warning("data.train %s is prepared with its own tokenizer; ignoring tokenizer.name", train)
         tokenizer = data.pretrained_tokenizer(str(source.path / "tokenizer"))
         train_tokens = TokenFile(source.path / "train")
         if val:
-            val_tokens = tokenize_source(out_dir, "val", val, tokenizer)
+            val_tokens = tokenize_source(out_dir, "val", val, tokenizer, text_column=text_column)
         else:
             val_tokens = TokenFile(source.path / "val")
         return tokenizer, train_tokens, val_tokens
 
-    if val:
-        train_docs, val_docs = source.documents, data.resolve_source(val).documents
+    val_src = _held_out(data.resolve_source(val, text_column=text_column)) if val else source.validation()
+    if val_src is not None:
+        train_docs, val_docs = source.documents, val_src.documents
+        log.info("validation data: %s", val_src.label)
     else:
         train_docs, val_docs = data.split_tail(source.documents, val_fraction)
 
@@ -56,7 +64,7 @@ def prepare_data(
         if tokenizer_name:
             tokenizer = data.pretrained_tokenizer(tokenizer_name)
         else:
-            log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, train)
+            log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, source.label)
             tokenizer = data.train_bpe((text for _, text in train_docs()), vocab_size)
             if len(tokenizer) <= 257:
                 raise DataError(f"corpus {train!r} is empty or too small to train a tokenizer on")
@@ -66,14 +74,20 @@ def prepare_data(
         tmp.replace(tok_dir)
 
     desc = data.tokenizer_description(tokenizer, tokenizer_name or "byte-level BPE trained on data.train")
-    train_tokens = _tokenize(out_dir / "train", train_docs, tokenizer, {**desc, "source": train,
-                             "split": "train" if val else f"first {1 - val_fraction:g} of the text",
+    columns = {"text_column": text_column} if source.kind not in ("embedded", "text") else {}
+    train_tokens = _tokenize(out_dir / "train", train_docs, tokenizer, {**desc, "source": source.label, **columns,
+                             "split": "all" if val_src else f"first {1 - val_fraction:g} of the text",
                              "source_files": source.hashes()})
-    val_src = data.resolve_source(val) if val else source
-    val_tokens = _tokenize(out_dir / "val", val_docs, tokenizer, {**desc, "source": val or train,
-                           "split": "all" if val else f"last {val_fraction:g} of the text",
-                           "source_files": val_src.hashes()})
+    val_from = val_src or source
+    val_tokens = _tokenize(out_dir / "val", val_docs, tokenizer, {**desc, "source": val_from.label, **columns,
+                           "split": "all" if val_src else f"last {val_fraction:g} of the text",
+                           "source_files": val_from.hashes()})
     return tokenizer, train_tokens, val_tokens
+
+
+def _held_out(source: data.Source) -> data.Source:
+    """A source named for validation or evaluation: a dataset's `validation` split when it has one."""
+    return source.validation() or source
 
 
 def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
@@ -87,13 +101,18 @@ def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
     return data.write_tokens(stem, documents(), tokenizer, description=description)
 
 
-def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer) -> TokenFile:
+def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer, *, text_column: str = "text") -> TokenFile:
     """Token file of any source `spec` with `tokenizer`, cached in `out_dir` under a name from `spec`."""
-    source = data.resolve_source(spec)
+    source = data.resolve_source(spec, text_column=text_column)
     if source.kind == "prepared":
         raise DataError(f"{spec!r} is a prepared token folder; evaluate on text, not on token files")
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or spec)[:40]
-    tag = hashlib.sha256(spec.encode()).hexdigest()[:8]
-    desc = {**data.tokenizer_description(tokenizer, "run tokenizer"), "source": spec,
+    source = _held_out(source)
+    # No dots in the name: TokenFile adds .bin/.json with with_suffix, which would cut "notes.txt-1a2b3c4d"
+    # back to "notes" and make every eval set named notes.* share one token file.
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(spec).name or spec)[:40]
+    # Another column is another text; the default keeps the names that runs of earlier versions cached.
+    key = spec if text_column == "text" else f"{spec}\0{text_column}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    desc = {**data.tokenizer_description(tokenizer, "run tokenizer"), "source": source.label,
             "split": "all", "source_files": source.hashes()}
     return _tokenize(Path(out_dir) / f"{prefix}-{slug}-{tag}", source.documents, tokenizer, desc)
