@@ -26,12 +26,15 @@ class StepOperands:
     output: the backend operand for x @ W_Rᵀ.
     grad_input: builds the backend operand for dy @ W_RC (called in backward only); None for a
         forward without grad, whose backward never computes grad_input.
+    compact_grad: optional `(grad_w (out, in), values dtype) -> (out, k)`, a fused kernel doing
+        what `gather_kept(grad_w, positions()).to(dtype)` does, in one pass; None: that gather.
     """
 
     backend: Any
     positions: Callable[[], torch.Tensor]
     output: Any
     grad_input: Callable[[], Any] | None
+    compact_grad: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
 
 
 class SlopeLinearFunction(torch.autograd.Function):
@@ -62,7 +65,10 @@ class SlopeLinearFunction(torch.autograd.Function):
         # grad_weight: dW = dyᵀ x is dense (reduction over tokens); only entries at M_R are kept.
         if ctx.needs_input_grad[1]:
             grad_w = dy2d.t() @ x2d  # (out, in)
-            grad_values = gather_kept(grad_w, ops.positions()).to(ctx.values_dtype)
+            if ops.compact_grad is not None:
+                grad_values = ops.compact_grad(grad_w, ctx.values_dtype)
+            else:
+                grad_values = gather_kept(grad_w, ops.positions()).to(ctx.values_dtype)
 
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = dy2d.sum(0).to(ctx.bias_dtype)

@@ -53,3 +53,15 @@ def test_a_sparse_layer_stores_half_the_weights_of_a_dense_one():
     dense = nn.Linear(128, 64, bias=False)
     sparse = SlopeLinear.from_dense(dense, SlopeConfig(backend="reference"))
     assert state_bytes(sparse)["weights"] * 2 == state_bytes(dense)["weights"]
+
+
+def test_caches_count_the_compressed_operands_a_2_4_layer_keeps():
+    # the emulated library keeps cuSPARSELt's buffers on a CPU: [kept values | one code per group]
+    torch.manual_seed(0)
+    layer = SlopeLinear.from_dense(nn.Linear(64, 32, bias=False), SlopeConfig(backend="emulated",
+                                                                             backward_mask_interval=4))
+    layer(torch.randn(8, 64, requires_grad=True)).square().mean().backward()  # grad_input needs an input grad
+    out_buffer = (32 * 64 // 2 + 32 * 64 // 4) * 4  # W_R (32, 64) in fp32: values + metadata codes
+    gi_buffer = (64 * 32 // 2 + 64 * 32 // 4) * 4  # W_RCᵀ (64, 32)
+    index_map = 64 * 32 // 2 * 4  # int32, one per W_RCᵀ kept value (interval > 1 keeps it)
+    assert state_bytes(layer)["caches"] == out_buffer + gi_buffer + index_map

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 
 from slope.autograd import StepOperands
+from slope.backends import step_kernels
 from slope.backends.fused import FusedAdapterInference, fused_is_faster, two_path_inference
 from slope.backends.select import SELECTOR, Selector
-from slope.backends.semistructured import SemiStructuredBackend
+from slope.backends.semistructured import OperandCache, SemiStructuredBackend
 from slope.backends.timing import time_ms
 from slope.backends.weights import ColumnMask, StepWeights
 from slope.config import SlopeConfig
@@ -115,14 +116,31 @@ class LayerRuntime:
         cfg = layer.config
         weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
         col = layer.step_column_mask(weights.dense) if training else None
-        output = lane.store.output(weights)
+        if isinstance(lane.store, OperandCache):
+            output = lane.store.output(weights, col)  # may refresh W_RCᵀ's values in the same launch
+        else:
+            output = lane.store.output(weights)
         if not lane.backend.keeps_step_weights:
             # The weight gradient's positions are then built again in backward from the packed M_R
-            # (1 byte per group): held from forward to backward they would cost 4 bytes per weight,
-            # more than the compute-dtype weights themselves, for every layer at the peak of a step.
+            # (1 byte per group), or not at all where the fused compaction runs: held from forward to
+            # backward they would cost 4 bytes per weight, more than the compute-dtype weights
+            # themselves, for every layer at the peak of a step.
             weights.release(output)
         grad_input = functools.partial(lane.store.grad_input, weights, col) if training else None
-        return StepOperands(lane.backend, weights.positions, output, grad_input)
+        compact = self._compact_grad(lane, layer) if training else None
+        return StepOperands(lane.backend, weights.positions, output, grad_input, compact)
+
+    @staticmethod
+    def _compact_grad(lane: Lane, layer: RuntimeLayer) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
+        """The fused weight-gradient compaction where a 2:4 backend runs it in Triton, else None
+        (autograd then gathers at the positions, as the reference does)."""
+        cfg = layer.config
+        if not (isinstance(lane.backend, SemiStructuredBackend) and (cfg.n, cfg.m) == (2, 4)):
+            return None
+        if not step_kernels.uses_triton("compact_grad", lane.device, lane.dtype, layer.weight.dtype):
+            return None
+        row_bits = layer.row_bits
+        return lambda grad_w, dtype: step_kernels.compact_grad(grad_w, row_bits, dtype)
 
     def infer(self, layer: RuntimeLayer, x: torch.Tensor, dtype: torch.dtype, tokens: int) -> torch.Tensor | None:
         """y = x W_Rᵀ + b + s·(x A) B without grad, on a 2:4 backend whose output product is sparse:

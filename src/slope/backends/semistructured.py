@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slope.backends import step_kernels
 from slope.backends.reference import dense_grad_input, dense_output
 from slope.backends.sparselib import DEFAULT_KERNEL, TOKEN_ALIGN, Compressed, Kernel, SparseLib
 from slope.backends.weights import ColumnMask, StepWeights
@@ -115,8 +116,13 @@ class SemiStructuredBackend:
         """
         if not self.inplace:
             return self.compress(scatter_values(values.to(self.dtype), mask))
+        return self.write_values(self.structured_template(mask), values)
+
+    def structured_template(self, mask: torch.Tensor) -> Compressed:
+        """An in-place operand of the structure `mask` (rows, cols), exactly 2 True per group of 4
+        along cols: the metadata from compressing the mask itself, values still to be written."""
         template = self.lib.compress(mask.to(self.dtype).contiguous())
-        return self.write_values(dataclasses.replace(template, inplace=True), values)
+        return dataclasses.replace(template, inplace=True)
 
     def write_values(self, op: Compressed, values: torch.Tensor) -> Compressed:
         """Overwrite the kept values of `op` in place (values: (rows, cols/2) or flat, any float dtype)."""
@@ -159,8 +165,10 @@ class OperandCache:
     output: follows the values' version; rebuilt only when where they live or M_R changes.
     grad_input: also follows the column mask, so W_RCᵀ is compressed again only when M_C is
     recomputed (every `backward_mask_interval` steps). With `index_maps`, values go into its buffer
-    in place between those through an int32 index map (2 bytes per weight, kept while the mask
-    lasts); without, it is compressed again on every step, which needs no persistent memory.
+    in place between those: through the fused `step_kernels.refresh_operands` where it runs in
+    Triton (no persistent memory; the forward's refresh then writes both operands in one launch),
+    else through an int32 index map (2 bytes per weight, kept while the mask lasts). Without
+    `index_maps` it is compressed again on every step, which needs no persistent memory.
     Products the plan keeps dense get the reference's dense operands, built per use and not kept:
     the values change every step anyway, and keeping them would cost 2 bytes per weight.
     `rebuilds` counts compressions and in-place refreshes per product.
@@ -176,8 +184,25 @@ class OperandCache:
         self._gi_index: torch.Tensor | None = None  # (in*out/2,) int32 into values.reshape(-1) ++ [0]
         self.rebuilds = {"output": 0, "output_inplace": 0, "grad_input": 0, "grad_input_inplace": 0}
 
-    def output(self, weights: StepWeights) -> Compressed | torch.Tensor:
-        """Operand of x @ W_Rᵀ: W_R compressed, or dense W_R where the plan keeps the product dense."""
+    def tensors(self) -> list[torch.Tensor]:
+        """What this cache keeps between steps (for `slope.memory`): compressed operands, the index map."""
+        kept = [self._gi_index]
+        for op in (self._out, self._gi):
+            if op is not None:
+                kept += [op.packed, op.meta]
+        return [t for t in kept if t is not None]
+
+    def fused_refresh(self, weights: StepWeights) -> bool:
+        """Whether W_RCᵀ's values are written by the fused Triton kernel (else: the index map)."""
+        return self.backend.inplace and self.index_maps and step_kernels.uses_triton(
+            "refresh_operands", weights.values.device, weights.values.dtype, self.backend.dtype)
+
+    def output(self, weights: StepWeights, col: ColumnMask | None = None) -> Compressed | torch.Tensor:
+        """Operand of x @ W_Rᵀ: W_R compressed, or dense W_R where the plan keeps the product dense.
+
+        col: this training step's M_C, if any. Where the fused kernel runs and the grad_input operand
+        has the same masks, the in-place refresh writes its new values in the same launch.
+        """
         be = self.backend
         if not be.plan.sparse_output:
             self.rebuilds["output"] += 1
@@ -186,7 +211,18 @@ class OperandCache:
         if self._out is not None and self._out_key == (layout, version):
             return self._out
         if self._out is not None and self._out.inplace and self._out_key[0] == layout:
-            be.write_values(self._out, weights.values)  # the masks are static: only the values moved
+            # the masks are static: only the values moved. W_RCᵀ's too, if its masks still hold.
+            gi_stale = (
+                col is not None and self._gi is not None and self._gi.inplace
+                and self._gi_key[0] == (layout, col.key) and self._gi_key[1] != version
+            )
+            if gi_stale and self.fused_refresh(weights):
+                step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits,
+                                              self._out.value_view(), self._gi.value_view())
+                self._gi_key = ((layout, col.key), version)
+                self.rebuilds["grad_input_inplace"] += 1
+            else:
+                be.write_values(self._out, weights.values)
             self.rebuilds["output_inplace"] += 1
         else:
             self._out = None  # free the old buffer before building the new one
@@ -208,14 +244,21 @@ class OperandCache:
         masks, version = (weights.layout_key, col.key), weights.version
         if self._gi is not None and self._gi_key == (masks, version):
             return self._gi
-        if self._gi_index is not None and self._gi_key[0] == masks:
+        fused = self.fused_refresh(weights)
+        if fused and self._gi is not None and self._gi.inplace and self._gi_key[0] == masks:
+            step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._gi.value_view())
+            self.rebuilds["grad_input_inplace"] += 1
+        elif self._gi_index is not None and self._gi_key[0] == masks:
             values = torch.cat([weights.values.reshape(-1), weights.values.new_zeros(1)])
             be.write_values(self._gi, values.index_select(0, self._gi_index))
             self.rebuilds["grad_input_inplace"] += 1
         else:
             self._gi = self._gi_index = None  # free the old buffers first
             struct_t = col.mask().t()  # (in, out): exactly 2 per group along out
-            if be.inplace and self.index_maps:
+            if fused:  # metadata from the mask, values by the kernel: no index map to keep
+                self._gi = be.structured_template(struct_t.contiguous())
+                step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._gi.value_view())
+            elif be.inplace and self.index_maps:
                 self._gi_index = value_index(weights.row_mask(), struct_t).reshape(-1).to(torch.int32)
                 values = torch.cat([weights.values.reshape(-1), weights.values.new_zeros(1)])
                 self._gi = be.compress_structured(struct_t.contiguous(), values.index_select(0, self._gi_index))
