@@ -29,6 +29,9 @@ _OWNERS = {
     "load_tokenizer": "slope.io.load",
     "save_compressed": "slope.io.export",
     "save_dense": "slope.io.export",
+    "save_serving": "slope.io.serve",
+    "get_peft_model": "slope.io.peft",
+    "save_peft_adapter": "slope.io.peft",
 }
 
 __all__ = [
@@ -41,11 +44,14 @@ __all__ = [
     "column_mask",
     "densify",
     "double_prune",
+    "get_peft_model",
     "load",
     "load_tokenizer",
     "nm_mask",
     "save_compressed",
     "save_dense",
+    "save_peft_adapter",
+    "save_serving",
     "slope_layers",
     "sparsify",
 ]
@@ -70,5 +76,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from slope.io.export import save_compressed, save_dense
     from slope.io.format import FormatError
     from slope.io.load import load, load_tokenizer
+    from slope.io.peft import get_peft_model, save_peft_adapter
+    from slope.io.serve import save_serving
     from slope.linear import SlopeLinear
     from slope.masks import column_mask, double_prune, nm_mask

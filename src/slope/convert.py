@@ -14,6 +14,12 @@ from slope.linear import SlopeLinear, dense_weight_of, is_conv1d
 
 log = logging.getLogger("slope")
 
+# The key of a transformers config (config.json) that marks a sparsified model and carries its
+# SlopeConfig, so that `model.save_pretrained(dir)` writes a folder `slope.load(dir)` rebuilds.
+# slope.io.load reads it; the weights file itself says which layers are sparse and their adapter ranks.
+HF_CONFIG_KEY = "slope"
+HF_CONFIG_FORMAT = "slope-state-dict"
+
 
 @dataclass
 class SparsifyReport:
@@ -162,6 +168,13 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
 
     report.params_after = sum(p.numel() for p in model.parameters())
     model.slope_report = report
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):  # a transformers model: mark its config.json
+        setattr(hf_config, HF_CONFIG_KEY, {
+            "format": HF_CONFIG_FORMAT, "format_version": 1,
+            # the backend is chosen where the model is loaded, not stored
+            "slope_config": config.replace(backend="auto").to_dict(),
+        })
     log.info(report.summary())
     return model
 
@@ -252,6 +265,8 @@ def densify(model: nn.Module) -> nn.Module:
         replace_module(model, name, dense)
     if hasattr(model, "slope_report"):
         del model.slope_report
+    if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
+        delattr(model.config, HF_CONFIG_KEY)  # a dense model now: its config.json must not claim otherwise
     if model.training:
         log.warning("slope: densify replaced %d layers with new parameters; an optimizer built before densify "
                     "no longer updates them: build a new optimizer to keep training", len(layers))

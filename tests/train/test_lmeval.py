@@ -91,3 +91,108 @@ def test_slope_eval_tasks_through_the_cli(tmp_path, capsys):
     assert "give TEXT or --tasks, not both" in capsys.readouterr().err
     assert main(["eval", str(exported)]) == 2
     assert "give TEXT to evaluate" in capsys.readouterr().err
+
+
+# ---- lm-eval's own command line, the task folder, and the pass-through options ------------------------
+
+
+@pytest.fixture
+def lm_eval_logging():
+    """lm-eval's command line adds a handler on the (here: captured, later closed) stderr to its logger; undo it."""
+    import logging
+
+    logger = logging.getLogger("lm_eval")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _sample_texts(k: int) -> list[str]:
+    from slope.train.lmeval import SAMPLE_DATA
+
+    with open(SAMPLE_DATA) as f:
+        return [json.loads(line)["text"] for line in f][:k]
+
+
+def _no_default_warnings(text: str) -> None:
+    assert "aggregation is not" not in text and "higher_is_better is not" not in text
+
+
+def test_lm_eval_cli_with_slope_model_and_include_path(tmp_path, monkeypatch, caplog, capfd, lm_eval_logging):
+    """`python -m slope.train.lmeval --model slope ... --include_path TASK_DIR`, run from another directory."""
+    from slope.train.lmeval import main, task_dir
+
+    model, tokenizer = tiny_model("llama", adapters=True), make_tokenizer()
+    exported = save_compressed(model, tmp_path / "e", tokenizer)
+    monkeypatch.chdir(tmp_path)  # the task's data path must not depend on the working directory
+    caplog.set_level("WARNING")
+    main(["--model", "slope", "--model_args", f"pretrained={exported},backend=reference", "--device", "cpu",
+          "--include_path", str(task_dir()), "--tasks", LOCAL_TASK, "--limit", "2",
+          "--output_path", str(tmp_path / "out")])
+    _no_default_warnings(caplog.text + "".join(capfd.readouterr()))
+    results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
+    dense = slope.densify(copy.deepcopy(model)).eval()
+    expected = _bits_per_byte(dense, tokenizer, _sample_texts(2))  # float64, without lm-eval or the loader
+    assert results["results"][LOCAL_TASK]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_lm_eval_hf_model_on_the_serving_export(tmp_path, monkeypatch, lm_eval_logging):
+    """Stock `lm_eval --model hf` reads the --serve folder, the adapter through lm-eval's own `peft=`."""
+    pytest.importorskip("peft")
+    from lm_eval.__main__ import cli_evaluate
+
+    from slope.io.serve import save_serving
+    from slope.train.lmeval import task_dir
+
+    model, tokenizer = tiny_model("gpt2", adapters=True), make_tokenizer()
+    served = save_serving(model, tmp_path / "s", tokenizer)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [
+        "lm_eval", "--model", "hf", "--model_args", f"pretrained={served},peft={served / 'adapter'},dtype=float32",
+        "--device", "cpu", "--include_path", str(task_dir()), "--tasks", LOCAL_TASK, "--limit", "2",
+        "--output_path", str(tmp_path / "out"),
+    ])
+    cli_evaluate()
+    results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
+    dense = slope.densify(copy.deepcopy(model)).eval()
+    expected = _bits_per_byte(dense, tokenizer, _sample_texts(2))
+    assert results["results"][LOCAL_TASK]["bits_per_byte,none"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_hub_task_offline_is_one_line(tmp_path, capsys):
+    from slope.cli import main
+
+    exported = save_compressed(tiny_model("llama"), tmp_path / "e", make_tokenizer())
+    assert main(["eval", str(exported), "--tasks", "hellaswag", "--limit", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hellaswag" in err and "network" in err
+
+
+def test_num_fewshot_and_output_path_pass_through(tmp_path, monkeypatch, capsys):
+    from slope.cli import main
+
+    seen = {}
+
+    def fake(model_dir, tasks, **kwargs):
+        seen.update(kwargs)
+        return {"results": {LOCAL_TASK: {"bits_per_byte,none": 1.0}}}
+
+    monkeypatch.setattr("slope.train.lmeval.run_lm_eval", fake)
+    assert main(["eval", "DIR", "--tasks", LOCAL_TASK, "--num_fewshot", "3", "--output_path", "o.json", "--json"]) == 0
+    assert seen["num_fewshot"] == 3 and seen["output_path"] == "o.json"
+    capsys.readouterr()
+    assert main(["eval", "DIR", "milton", "--num-fewshot", "3"]) == 2
+    assert "apply to --tasks only" in capsys.readouterr().err
+    assert main(["eval", "DIR", "--tasks", LOCAL_TASK, "--num-fewshot", "-1"]) == 2
+
+
+def test_run_lm_eval_writes_output_path(tmp_path, caplog):
+    exported = save_compressed(tiny_model("llama"), tmp_path / "e", make_tokenizer())
+    caplog.set_level("WARNING")
+    results = run_lm_eval(exported, [LOCAL_TASK], device="cpu", limit=1, num_fewshot=0,
+                          output_path=tmp_path / "r.json")
+    _no_default_warnings(caplog.text)
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["results"][LOCAL_TASK] == pytest.approx(results["results"][LOCAL_TASK])

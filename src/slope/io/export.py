@@ -3,6 +3,8 @@
 Compressed format (version 1; full description in docs/export.md; names and version in
 slope.io.format), one directory:
 
+    config.json         the transformers config (model_type, ...) plus `slope`: {format, format_version,
+                        metadata: "slope_model.json"}; tokenizer files next to it (as in tokenizer/)
     model.safetensors   per SlopeLinear `L`: L.values (out, in·n/m) kept values, L.positions uint8
                         bit-packed pattern codes (slope.io.packing), L.bias, L.adapter_a (in, r),
                         L.adapter_b (r, out); every other tensor of the state_dict under its own name,
@@ -25,10 +27,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from slope.convert import densify, slope_layers
+from slope.convert import HF_CONFIG_KEY, densify, slope_layers
 from slope.io.format import (
     EXPORT_FORMAT_NAME,
     EXPORT_FORMAT_VERSION,
+    HF_CONFIG_FILE,
     META_FILE,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
@@ -109,10 +112,19 @@ def save_compressed(
     )
     if tokenizer is not None:
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
+        tokenizer.save_pretrained(out)  # also at the top, where AutoTokenizer (and lm-eval's HFLM) look
 
     model_config = model.config.to_dict()
     if dtype is not None:
         model_config["dtype"] = stored_dtype
+    # config.json at the top: transformers' AutoConfig (model_type) reads it, so tools that inspect a model
+    # folder see what it is; its `slope` entry points at slope_model.json. The weights are not in a layout
+    # transformers reads (their safetensors "format" is slope-compressed, which from_pretrained refuses):
+    # load with slope.load, or export with --dense / --serve for transformers and vLLM.
+    top_config = {k: v for k, v in model_config.items() if k != HF_CONFIG_KEY}
+    top_config[HF_CONFIG_KEY] = {"format": EXPORT_FORMAT_NAME, "format_version": EXPORT_FORMAT_VERSION,
+                                 "metadata": META_FILE}
+    (out / HF_CONFIG_FILE).write_text(json.dumps(top_config, indent=2, sort_keys=True) + "\n")
     report = getattr(model, "slope_report", None)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     meta = {
@@ -157,10 +169,23 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: tor
     return out
 
 
-def export(source: str | Path, out_dir: str | Path, dense: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Export a training run/checkpoint (or a compressed export) to `out_dir`; returns it."""
+def export(
+    source: str | Path, out_dir: str | Path, dense: bool = False, dtype: torch.dtype | None = None,
+    serve: bool = False,
+) -> Path:
+    """Export a training run/checkpoint (or a compressed export) to `out_dir`; returns it.
+
+    dense: a plain transformers model, adapters merged. serve: the serving export (slope.io.serve: a
+    transformers base keeping its N:M zeros plus the adapters as a PEFT LoRA folder).
+    """
+    if dense and serve:
+        raise ValueError("choose one of dense and serve")
     model = load(source, device="cpu", backend="reference")
     tokenizer = load_tokenizer(source)
+    if serve:
+        from slope.io.serve import save_serving
+
+        return save_serving(model, out_dir, tokenizer, dtype)
     if dense:
         return save_dense(model, out_dir, tokenizer, dtype)
     return save_compressed(model, out_dir, tokenizer, dtype)

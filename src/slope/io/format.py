@@ -7,7 +7,12 @@ Two formats share these names (full description in docs/export.md):
   trainer_state.safetensors, config.toml and manifest.json (format 2; format 1 had trainer_state.pt
   and no manifest), and RUN_DIR/checkpoints/latest naming the newest complete one;
 - a compressed export (`slope.io.export` writes it, `slope.io.load` reads it): model.safetensors,
-  tokenizer/ and slope_model.json.
+  tokenizer/ and slope_model.json (and, since slope 0.2, config.json and the tokenizer files at the top,
+  still version 1: readers of version 1 ignore them).
+
+Two Hugging Face folders carry a `slope` entry in config.json that `slope.io.load` recognises: the
+`save_pretrained` folder of a sparsified model (format "slope-state-dict", slope.convert.HF_CONFIG_FORMAT)
+and the serving export (SERVE_FORMAT, slope.io.serve).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ CHECKPOINT_FORMAT = 2
 # slope_model.json "format" and the newest "format_version" of the compressed export.
 EXPORT_FORMAT_NAME = "slope-compressed"
 EXPORT_FORMAT_VERSION = 1
+
+# config.json's `slope.format` in the folder of `slope export --serve` (slope.io.serve)
+SERVE_FORMAT = "slope-serve"
 
 WEIGHTS_FILE = "model.safetensors"  # checkpoint and export
 TOKENIZER_DIR = "tokenizer"  # checkpoint and export: PreTrainedTokenizer.save_pretrained output

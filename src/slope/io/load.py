@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slope.config import SlopeConfig
-from slope.convert import SparsifyReport, dense_equivalent_params, replace_module, slope_layers
+from slope.convert import (
+    HF_CONFIG_FORMAT,
+    HF_CONFIG_KEY,
+    SparsifyReport,
+    dense_equivalent_params,
+    replace_module,
+    slope_layers,
+)
 from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
 from slope.io.format import (
@@ -28,19 +35,26 @@ from slope.io.format import (
     HF_CONFIG_FILE,
     INFO_FILE,
     META_FILE,
+    SERVE_FORMAT,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     FormatError,
     check_digests,
+    confined,
     one_line,
 )
 from slope.io.packing import code_bits, unpack_positions
+from slope.io.peft import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 from slope.linear import SlopeLinear, dense_weight_of
 
 __all__ = [
     "FormatError", "ModelDir", "load", "load_compressed", "load_tokenizer", "read_metadata", "resolve_model_dir",
     "verify_files",
 ]
+
+# transformers.Trainer writes OUTPUT_DIR/checkpoint-N/; slope's SlopeCallback keeps a compressed export
+# of each in checkpoint-N/slope/ (slope.train.hf_trainer), the copy every command reads.
+TRAINER_EXPORT_DIR = "slope"
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ def resolve_model_dir(path: str | Path) -> ModelDir:
     path = Path(path)
     if (path / META_FILE).is_file():
         return ModelDir("export", path)
+    if (path / TRAINER_EXPORT_DIR / META_FILE).is_file():  # a Trainer checkpoint-N/ with SlopeCallback
+        return ModelDir("export", path / TRAINER_EXPORT_DIR)
     if checkpoint.is_checkpoint_or_run(path):
         return ModelDir("checkpoint", checkpoint.resolve_checkpoint(path))
     if (path / HF_CONFIG_FILE).is_file():
@@ -96,6 +112,8 @@ def load(
             layer.set_backend(backend)
     else:
         model = _load_huggingface(source.path)
+        for _, layer in slope_layers(model):  # a sparsified model's save_pretrained, or a serving export
+            layer.set_backend(backend)
     target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
     return model.to(device=device, dtype=target).eval()
 
@@ -103,10 +121,139 @@ def load(
 def _load_huggingface(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    marker = _slope_marker(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        if marker is not None and marker["format"] == HF_CONFIG_FORMAT:
+            return _load_sparse_state_dict(path, marker)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+        if marker is not None:  # a serving export (slope.io.serve): back to SlopeLinear + adapters
+            _rebuild_serving(model, path, marker)
+        return model
+    except FormatError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError, IndexError) as err:
         raise FormatError(f"{path}: cannot load this Hugging Face model directory ({one_line(err)})") from err
+
+
+def _slope_marker(path: Path) -> dict | None:
+    """config.json's `slope` entry when `model.save_pretrained` wrote a sparsified model or `slope export --serve`
+    wrote the folder, else None."""
+    try:
+        config = json.loads((path / HF_CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{path / HF_CONFIG_FILE}: cannot read it ({err})") from err
+    marker = config.get(HF_CONFIG_KEY) if isinstance(config, dict) else None
+    if isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT_NAME:
+        # the config.json of a compressed export whose metadata is gone: transformers would load it with
+        # random sparse weights, so refuse
+        raise FormatError(f"{path / META_FILE} is missing: {path} is an incomplete slope export")
+    if not isinstance(marker, dict) or marker.get("format") not in (HF_CONFIG_FORMAT, SERVE_FORMAT):
+        return None
+    if not isinstance(marker.get("format_version"), int) or marker["format_version"] > 1:
+        raise FormatError(
+            f"{path / HF_CONFIG_FILE}: {HF_CONFIG_KEY}.format_version {marker.get('format_version')!r} is not one "
+            "this slope reads (1); upgrade slope to load it"
+        )
+    return marker
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained folder: model.safetensors, or the shards its index lists."""
+    index = path / (WEIGHTS_FILE + ".index.json")
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [confined(path, shard, str(index)) for shard in shards]
+    else:
+        files = [path / WEIGHTS_FILE]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise FormatError(f"{file} is missing")
+        state.update(load_file(file))
+    return state
+
+
+def _rebuild_serving(model: nn.Module, path: Path, marker: dict) -> None:
+    """The model of a serving export, in place: its sparse layers as SlopeLinear, its PEFT adapter as SLoPe adapters.
+
+    Each sparse weight keeps exactly n of every m nonzero, so the magnitude mask `from_dense` computes is the
+    stored one and the kept values are the stored ones. The adapter folder holds lora_A = Aᵀ, lora_B = Bᵀ and
+    scaling α/r = s (slope.io.peft); A, B and s come back from it.
+    """
+    cfg = SlopeConfig(**marker["slope_config"])
+    for name in marker["sparse_layers"]:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise FormatError(f"{path / HF_CONFIG_FILE}: sparse layer {name} is not in the model") from err
+        replace_module(model, name, SlopeLinear.from_dense(module, cfg))
+    if not marker.get("adapter"):
+        return
+    folder = confined(path, marker["adapter"], str(path / HF_CONFIG_FILE))
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    weights = load_file(folder / ADAPTER_WEIGHTS_FILE)
+    for name in config["target_modules"]:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, SlopeLinear):
+            raise FormatError(f"{folder}: the adapter targets {name}, which is not a sparse layer of this export")
+        a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]  # (r, in)
+        b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]  # (out, r)
+        rank = config.get("rank_pattern", {}).get(name, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
+            raise FormatError(f"{folder}: {name} has adapter shapes {tuple(a.shape)}, {tuple(b.shape)}, expected rank {rank}")
+        layer.add_adapter(rank, scale=alpha / rank)
+        with torch.no_grad():
+            layer.adapter_a.copy_(a.t())
+            layer.adapter_b.copy_(b.t())
+
+
+def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
+    """The model `save_pretrained` wrote from a sparsified model: its state_dict as it was, bit for bit.
+
+    Which layers are SlopeLinear is read from the weights (a `L.row_bits` tensor), their adapter rank
+    from `L.mask_state` ([mask_steps, column_mask_step, rank]); the scale is derived from the stored
+    SlopeConfig as training derived it (as for training checkpoints).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state = _read_state(path)
+    cfg = SlopeConfig(**marker["slope_config"])
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)  # as saved, not the default
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key in [k for k in state if k.endswith(".row_bits")]:
+        name = key.removesuffix(".row_bits")
+        try:
+            module = model.get_submodule(name)
+            weight, source = dense_weight_of(module)
+        except (AttributeError, TypeError) as err:
+            raise FormatError(f"{path / WEIGHTS_FILE}: {name} is not a linear layer of the configured model") from err
+        layer = SlopeLinear.empty(weight.shape[1], weight.shape[0], module.bias, cfg, source=source,
+                                  device=weight.device, dtype=weight.dtype)
+        rank = int(state[f"{name}.mask_state"][2]) if f"{name}.mask_state" in state else 0
+        if rank:
+            layer.add_adapter(rank)
+        replace_module(model, name, layer)
+    # save_pretrained stores a tied tensor (GPT-2's lm_head / wte) once: a missing key is fine when the
+    # model ties it to a loaded one
+    expected = model.state_dict(keep_vars=True)
+    loaded_ids = {id(expected[k]) for k in state if k in expected}
+    missing = [k for k in expected if k not in state and id(expected[k]) not in loaded_ids]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise FormatError(
+            f"{path / WEIGHTS_FILE} does not fit {HF_CONFIG_FILE}: "
+            + "; ".join(f"{what} {', '.join(keys[:3])}" for what, keys in (("missing", missing),
+                                                                            ("unexpected", unexpected)) if keys)
+        )
+    model.load_state_dict(state, strict=False)
+    model.slope_report = SparsifyReport(
+        config=cfg, converted=[name for name, _ in slope_layers(model)],
+        params_after=sum(p.numel() for p in model.parameters()),
+        params_before=dense_equivalent_params(model), first_linear_method="as recorded in the weights",
+    )
+    return model.eval()
 
 
 def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:

@@ -6,16 +6,34 @@ slope, `slope_text_perplexity` (lmeval_tasks/slope_text_perplexity.yaml): rollin
 over a local JSONL file, so evaluation works fully offline. Any other task name goes to lm-eval's
 registry (hub-hosted datasets need network access).
 
+lm-eval's own command line reaches slope two ways:
+- `python -m slope.train.lmeval ARGS...` is `lm_eval ARGS...` with a `slope` model type registered
+  (`--model slope --model_args pretrained=DIR[,device=cpu,backend=reference]`, DIR anything `slope.load`
+  reads). lm-eval 0.4 has no plugin entry point for models, so plain `lm_eval` cannot know it.
+- `lm_eval --include_path TASK_DIR --tasks slope_text_perplexity` (TASK_DIR = `task_dir()`) runs the
+  shipped task with any lm-eval model, e.g. `--model hf` on a `slope export --serve` folder
+  (`pretrained=OUT,peft=OUT/adapter`) or a `--dense` export.
+
 lm-eval is an optional dependency: `pip install 'slope[eval]'`.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+import json
+import sys
 from pathlib import Path
 
 LOCAL_TASK = "slope_text_perplexity"
-_TASK_DIR = "lmeval_tasks"
+MODEL_NAME = "slope"  # the lm-eval model type `register_model` adds
+_TASK_DIR = Path(__file__).resolve().parents[1] / "lmeval_tasks"
+# The bundled data of the local task; its yaml names this constant (`!function`), so lm-eval reading the
+# yaml from any working directory gets this absolute path.
+SAMPLE_DATA = str(_TASK_DIR / "sample.jsonl")
+
+
+def task_dir() -> Path:
+    """The folder of slope's lm-eval task definitions (lm-eval's `--include_path`)."""
+    return _TASK_DIR
 
 
 class LmEvalError(RuntimeError):
@@ -29,10 +47,13 @@ def local_task_config(jsonl: str | Path | None = None) -> dict:
     """
     import yaml
 
-    task_dir = resources.files("slope") / _TASK_DIR
-    config = yaml.safe_load((task_dir / f"{LOCAL_TASK}.yaml").read_text())
+    class _Loader(yaml.SafeLoader):
+        """The yaml's one `!function` is the data path, filled in below; nothing is imported here."""
+
+    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    config = yaml.load((_TASK_DIR / f"{LOCAL_TASK}.yaml").read_text(), Loader=_Loader)
     if jsonl is None:
-        data = Path(str(task_dir / config["dataset_kwargs"]["data_files"]["test"]))
+        data = Path(SAMPLE_DATA)
     else:
         data = Path(jsonl).expanduser().resolve()
         if not data.is_file():
@@ -51,12 +72,15 @@ def run_lm_eval(
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     seed: int = 0,
+    output_path: str | Path | None = None,
 ) -> dict:
     """Run lm-eval `tasks` on the model in `model_dir`; returns lm-eval's results dictionary.
 
     model_dir: anything `slope.load` accepts (export, run/checkpoint, Hugging Face directory).
     jsonl: data of the local `slope_text_perplexity` task (default: the bundled sample).
     limit: at most this many documents per task (a fraction: that share of them).
+    num_fewshot: lm-eval's number of few-shot examples (None: each task's default).
+    output_path: also write the results as JSON there (a `.json` file, else `results.json` in that folder).
     The per-task metrics are under `result["results"][task]`; `format_results` renders a table.
     """
     try:
@@ -79,9 +103,26 @@ def run_lm_eval(
         )
     except KeyError as err:  # lm-eval's answer to an unknown task name
         raise LmEvalError(f"lm-eval does not know task {err}; `lm_eval --tasks list` lists them") from err
+    except OSError as err:  # ConnectionError (offline hub), a dataset missing from the cache, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LmEvalError(
+            f"cannot load the data of task(s) {', '.join(tasks)}: {first}; hub-hosted tasks need network access "
+            "(or a datasets cache that holds them)"
+        ) from err
     if results is None:  # only on non-zero ranks of a distributed run
         return {}
+    if output_path is not None:
+        write_results(results, output_path)
     return results
+
+
+def write_results(results: dict, output_path: str | Path) -> Path:
+    """lm-eval's results dictionary as JSON: at `output_path` if it ends in .json, else in it as results.json."""
+    out = Path(output_path)
+    file = out if out.suffix == ".json" else out / "results.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return file
 
 
 def format_results(results: dict) -> str:
@@ -89,3 +130,51 @@ def format_results(results: dict) -> str:
     from lm_eval.utils import make_table
 
     return make_table(results)
+
+
+def register_model() -> type:
+    """Register the `slope` model type with lm-eval (idempotent); returns its class.
+
+    `--model slope --model_args pretrained=DIR,device=cpu,backend=reference,dtype=float32`: lm-eval's
+    Hugging Face wrapper (HFLM) around the model `slope.load(DIR)` builds and its saved tokenizer; other
+    HFLM arguments (batch_size, max_length, ...) pass through.
+    """
+    from lm_eval.api.registry import model_registry
+    from lm_eval.models.huggingface import HFLM
+
+    existing = model_registry.get(MODEL_NAME, None)
+    if existing is not None:
+        return existing
+
+    class SlopeLM(HFLM):
+        def __init__(self, pretrained: str, backend: str = "auto", dtype: str = "auto", **kwargs) -> None:
+            import torch
+
+            from slope.io.load import load, load_tokenizer
+
+            torch_dtype = "auto" if dtype in ("auto", None) else getattr(torch, str(dtype), None)
+            if not isinstance(torch_dtype, (str, torch.dtype)):
+                raise ValueError(f"slope: dtype {dtype!r} is not a torch dtype name (e.g. float32, bfloat16)")
+            # lm-eval passes --device (and batch sizes) with the model arguments; the device is slope.load's
+            model = load(pretrained, device=kwargs.pop("device", None), dtype=torch_dtype, backend=backend)
+            kwargs.pop("tokenizer", None)  # the one saved with the model
+            super().__init__(pretrained=model, tokenizer=load_tokenizer(pretrained), **kwargs)
+
+    from lm_eval.api.registry import register_model as lm_register
+
+    return lm_register(MODEL_NAME)(SlopeLM)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lm_eval ARGS...` with the `slope` model type registered: `python -m slope.train.lmeval ARGS...`."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as err:
+        raise SystemExit(f"lm-eval is not installed ({err}); install it with: pip install 'slope[eval]'") from None
+    register_model()
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--tasks-data", default=None,
                    help="JSONL ({\"text\": ...} per line) scored by the slope_text_perplexity task")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many documents per task")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None,
+                   help="lm-eval: few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--output-path", "--output_path", default=None,
+                   help="lm-eval: also write the results as JSON to this .json file (or results.json in this folder)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +53,8 @@ def _run_tasks(args) -> int:
     try:
         results = run_lm_eval(args.model, names, jsonl=args.tasks_data,
                               device=None if args.device == "auto" else args.device,
-                              batch_size=args.batch_size, limit=args.limit)
+                              batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
+                              output_path=args.output_path)
     except (LmEvalError, FileNotFoundError, FormatError) as err:  # lm-eval missing, unknown task, bad path
         raise UserError(str(err)) from None
     if args.json:
@@ -60,6 +65,8 @@ def _run_tasks(args) -> int:
 
 
 def run(args) -> int:
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.tasks:
         if args.text:
             raise UserError("give TEXT or --tasks, not both")
@@ -68,6 +75,8 @@ def run(args) -> int:
         raise UserError("give TEXT to evaluate (a file, folder, .jsonl or embedded corpus name), or --tasks")
     if args.limit is not None or args.tasks_data is not None:
         raise UserError("--limit and --tasks-data apply to --tasks only; with TEXT use --max-tokens")
+    if args.num_fewshot is not None or args.output_path is not None:
+        raise UserError("--num-fewshot and --output-path apply to --tasks only; with TEXT use --json")
     if args.seq_len < 0 or args.batch_size < 1 or args.max_tokens < 0:
         raise UserError("--seq-len, --batch-size and --max-tokens must be positive")
     import torch

@@ -1,0 +1,139 @@
+"""PEFT interop: LoRA on SlopeLinear against a float64 reference, "all-linear", and SLoPe adapters as a
+PEFT adapter folder that PeftModel loads on the sparse and on the densified base."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from _export_fixtures import logits, tiny_model
+from torch import nn
+
+import slope
+from slope.io.peft import (
+    get_peft_model,
+    load_peft_adapter,
+    lora_alpha_for,
+    prepare_lora_config,
+    save_peft_adapter,
+    strip_adapters,
+)
+
+peft = pytest.importorskip("peft", reason="peft is an optional dependency (pip install 'slope[peft]')")
+
+
+def _one_layer(double_prune: bool = True) -> nn.Module:
+    """One SlopeLinear (non-default: 2:4 double-pruned, random bias) inside a module PEFT can target."""
+    torch.manual_seed(1)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(16, 8))
+    with torch.no_grad():
+        model.proj.bias.normal_(0, 0.3)
+    cfg = slope.SlopeConfig(backend="reference", double_prune=double_prune, keep_first_linear_dense=False)
+    return slope.sparsify(model, cfg)
+
+
+def test_lora_on_slope_linear_matches_float64_reference():
+    model = _one_layer()
+    layer = model.proj
+    w_r = layer.dense_weight().double()  # (out, in): W_R
+    w_rc = layer.backward_weight().double()  # (out, in): W_RC, SLoPe's operand of grad_input
+    bias = layer.bias.detach().double()
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.0)
+    wrapped = get_peft_model(model, config)
+    lora = wrapped.base_model.model.proj
+    from slope.io.peft import SlopeLoraLinear
+
+    assert type(lora) is SlopeLoraLinear and lora.base_layer is layer
+    with torch.no_grad():  # B starts at zero in LoRA; make it count
+        lora.lora_B["default"].weight.normal_()
+    a = lora.lora_A["default"].weight.detach().double()  # (r, in)
+    b = lora.lora_B["default"].weight.detach().double()  # (out, r)
+    s = 5 / 3
+
+    x = torch.randn(4, 16, requires_grad=True)
+    g = torch.randn(4, 8)
+    y = wrapped(x)
+    (y * g).sum().backward()
+
+    x64, g64 = x.detach().double(), g.double()
+    y_ref = x64 @ w_r.t() + bias + s * (x64 @ a.t()) @ b.t()
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.lora_B["default"].weight.grad.double(), s * g64.t() @ (x64 @ a.t()),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.lora_A["default"].weight.grad.double(), s * (g64 @ b).t() @ x64,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), g64 @ w_rc + s * g64 @ b @ a, rtol=1e-5, atol=1e-5)
+    # only the LoRA parameters train; the sparse base is frozen
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.model.proj.lora_A.default.weight", "base_model.model.proj.lora_B.default.weight"}
+    assert layer.weight.grad is None
+
+
+def test_all_linear_wraps_every_slope_and_dense_linear_but_the_head():
+    model = tiny_model("llama")
+    sparse = {name for name, _ in slope.slope_layers(model)}
+    dense = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)} - {"lm_head"}
+    assert sparse and dense  # the first layer's q/k/v stay dense (keep_first_linear_dense)
+    wrapped = get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    lora_layers = {name.removeprefix("base_model.model.") for name, mod in wrapped.named_modules()
+                   if isinstance(mod, peft.tuners.lora.LoraLayer)}
+    assert lora_layers == sparse | dense
+    assert isinstance(wrapped.base_model.model.lm_head, nn.Linear)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(sparse | dense)
+
+
+def test_plain_config_is_refused_by_peft_and_works_once_prepared():
+    # What the hook is for: PEFT alone does not know SlopeLinear.
+    with pytest.raises(ValueError, match="not supported"):
+        peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=["o_proj"]))
+    model = tiny_model("llama")
+    wrapped = peft.get_peft_model(model, prepare_lora_config(peft.LoraConfig(target_modules=["o_proj"]), model))
+    assert sum(type(m).__name__ == "SlopeLoraLinear" for m in wrapped.modules()) == 2
+
+
+def test_merge_is_refused():
+    wrapped = get_peft_model(_one_layer(), peft.LoraConfig(r=2, target_modules=["proj"]))
+    with pytest.raises(NotImplementedError, match="N:M weight dense"):
+        wrapped.merge_and_unload()
+
+
+@pytest.mark.parametrize("per_layer_scales", [False, True])
+def test_slope_adapters_as_peft_folder_on_sparse_and_dense_base(tmp_path, ids, per_layer_scales):
+    model = tiny_model("gpt2", adapters=True, per_layer_scales=per_layer_scales)
+    with torch.no_grad():
+        expected = logits(model, ids)
+    folder = save_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"]
+    assert set(config["target_modules"]) == {name for name, _ in slope.slope_layers(model)}
+    if per_layer_scales:
+        assert config["alpha_pattern"]  # each layer its own scale
+
+    sparse_base = strip_adapters(copy.deepcopy(model))
+    assert not torch.allclose(logits(sparse_base, ids), expected)  # the adapters matter
+    on_sparse = load_peft_adapter(sparse_base, folder).eval()
+    torch.testing.assert_close(logits(on_sparse, ids), expected, rtol=1e-5, atol=1e-5)
+
+    dense_base = slope.densify(strip_adapters(copy.deepcopy(model))).eval()
+    on_dense = peft.PeftModel.from_pretrained(dense_base, str(folder)).eval()  # plain PEFT, no slope hook
+    torch.testing.assert_close(logits(on_dense, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_alpha_gives_the_scale_exactly():
+    import math
+
+    for scale in (0.37, 1 / 3, 0.1, 1.0, 2.5e-3, 0.5 + 0.1 * 3):
+        for rank in (1, 2, 4, 8, 64):  # powers of two: always exact
+            assert lora_alpha_for(scale, rank) / rank == scale
+        for rank in (3, 7, 12):
+            assert abs(lora_alpha_for(scale, rank) / rank - scale) <= math.ulp(scale)
+
+
+def test_save_peft_adapter_needs_adapters(tmp_path):
+    with pytest.raises(ValueError, match="no adapters"):
+        save_peft_adapter(tiny_model("llama"), tmp_path / "a")
