@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import slope
 from slope.io.export import save_compressed, save_dense
-from slope.io.format import WEIGHTS_FILE
+from slope.io.format import EXPORT_WEIGHTS_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # benchmarks/ is not a package: found through the path entry above
@@ -56,7 +56,7 @@ def measure(name: str, config, adapters: bool, work: Path) -> dict:
     dense = save_dense(model, work / f"{tag}-dense", dtype=torch.float16)
 
     layers = slope.slope_layers(model)
-    with safe_open(compressed / WEIGHTS_FILE, framework="pt") as f:
+    with safe_open(compressed / EXPORT_WEIGHTS_FILE, framework="pt") as f:
         stored = sum(
             f.get_tensor(f"{n}.{part}").nbytes
             for n, _ in layers for part in ("values", "positions")
@@ -65,7 +65,7 @@ def measure(name: str, config, adapters: bool, work: Path) -> dict:
             f.get_tensor(f"{n}.{part}").nbytes for n, layer in layers if layer.rank for part in ("adapter_a", "adapter_b")
         )
     dense_layer_bytes = sum(layer.out_features * layer.in_features * 2 for _, layer in layers)
-    compressed_file = (compressed / WEIGHTS_FILE).stat().st_size
+    compressed_file = (compressed / EXPORT_WEIGHTS_FILE).stat().st_size
     dense_file = (dense / "model.safetensors").stat().st_size
     row = {
         "model": name,

@@ -386,7 +386,7 @@ EXPORT_MSG = {
     "export-truncated": "model.safetensors has 100 bytes, expected 140432: the file is truncated or altered",
     "export-json-corrupt": "slope_model.json: cannot read the export metadata (Expecting property name",
     "export-no-tokenizer": "tokenizer/tokenizer.json is missing",
-    "export-newer-format": "slope_model.json: format version 99 is newer than this slope reads (up to 1); "
+    "export-newer-format": "slope_model.json: format version 99 is newer than this slope reads (up to 2); "
                            "upgrade slope to load it",
 }
 RUN_MSG = {

@@ -128,7 +128,7 @@ def test_latest_naming_a_folder_outside_the_run_is_a_finding(capsys, run):
 def test_exports_are_checked_against_their_own_checksums(capsys, tmp_path, trained, tokenizer):
     out_dir = slope.save_compressed(trained, tmp_path / "export", tokenizer=tokenizer)
     assert _check(capsys, out_dir) == (0, [f"OK: {out_dir}: 1 export checked"])
-    weights = out_dir / "model.safetensors"
+    weights = out_dir / "slope_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))

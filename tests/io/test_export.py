@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import slope
 from slope.cli import main
 from slope.io.export import export, save_compressed
-from slope.io.format import META_FILE, WEIGHTS_FILE, FormatError, sha256_file
+from slope.io.format import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE  # the compressed export's
+from slope.io.format import META_FILE, FormatError, sha256_file
 from slope.io.load import load, load_tokenizer
 
 # ---- exact round trips ----------------------------------------------------------------------------

@@ -81,12 +81,18 @@ def test_export_has_top_level_config_and_tokenizer(tmp_path, tokenizer):
     config = json.loads((out / "config.json").read_text())
     # golden keys: what tools reading the folder depend on
     assert config["model_type"] == "gpt2" and config["dtype"] == "float16"
-    assert config["slope"] == {"format": "slope-compressed", "format_version": 1, "metadata": "slope_model.json"}
+    assert config["slope"] == {"format": "slope-compressed", "format_version": 2, "metadata": "slope_model.json"}
     assert AutoConfig.from_pretrained(out).model_type == "gpt2"
     assert AutoTokenizer.from_pretrained(out)("ROMEO:")["input_ids"] == tokenizer("ROMEO:")["input_ids"]
     meta = json.loads((out / "slope_model.json").read_text())
-    assert meta["format_version"] == 1 and "config.json" in meta["files"] and "tokenizer.json" in meta["files"]
+    assert meta["format_version"] == 2 and "config.json" in meta["files"] and "tokenizer.json" in meta["files"]
     assert resolve_model_dir(out).kind == "export"
+    # transformers recognises the folder but must not load it: its weights are not in transformers'
+    # layout, and under transformers' own file name it loaded every sparse layer randomly initialised
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match=r"no file named model\.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out)
     (out / "slope_model.json").unlink()  # an incomplete export must not load as a (random) transformers model
     with pytest.raises(FormatError, match=r"slope_model\.json is missing"):
         slope.load(out, device="cpu")

@@ -1,11 +1,11 @@
 """Writing a trained model out: the compressed SLoPe format, or a plain dense Hugging Face model.
 
-Compressed format (version 1; full description in docs/export.md; names and version in
+Compressed format (version 2; full description in docs/export.md; names and version in
 slope.io.format), one directory:
 
     config.json         the transformers config (model_type, ...) plus `slope`: {format, format_version,
                         metadata: "slope_model.json"}; tokenizer files next to it (as in tokenizer/)
-    model.safetensors   per SlopeLinear `L`: L.values (out, in·n/m) kept values, L.positions uint8
+    slope_model.safetensors  (model.safetensors in version 1) per SlopeLinear `L`: L.values (out, in·n/m) kept values, L.positions uint8
                         bit-packed pattern codes (slope.io.packing), L.bias, L.adapter_a (in, r),
                         L.adapter_b (r, out); every other tensor of the state_dict under its own name,
                         tied weights stored once
@@ -31,10 +31,10 @@ from slope.convert import HF_CONFIG_KEY, densify, slope_layers
 from slope.io.format import (
     EXPORT_FORMAT_NAME,
     EXPORT_FORMAT_VERSION,
+    EXPORT_WEIGHTS_FILE,
     HF_CONFIG_FILE,
     META_FILE,
     TOKENIZER_DIR,
-    WEIGHTS_FILE,
     dtype_name,
     sha256_file,
 )
@@ -107,7 +107,7 @@ def save_compressed(
         tensors[key] = _cast(value, dtype)
 
     save_file(
-        tensors, out / WEIGHTS_FILE,
+        tensors, out / EXPORT_WEIGHTS_FILE,
         metadata={"format": EXPORT_FORMAT_NAME, "format_version": str(EXPORT_FORMAT_VERSION)},
     )
     if tokenizer is not None:
@@ -119,8 +119,9 @@ def save_compressed(
         model_config["dtype"] = stored_dtype
     # config.json at the top: transformers' AutoConfig (model_type) reads it, so tools that inspect a model
     # folder see what it is; its `slope` entry points at slope_model.json. The weights are not in a layout
-    # transformers reads (their safetensors "format" is slope-compressed, which from_pretrained refuses):
-    # load with slope.load, or export with --dense / --serve for transformers and vLLM.
+    # transformers reads, and their file name is not one it looks for, so from_pretrained refuses the
+    # folder ("no file named model.safetensors"): load with slope.load, or export with --dense / --serve
+    # for transformers and vLLM.
     top_config = {k: v for k, v in model_config.items() if k != HF_CONFIG_KEY}
     top_config[HF_CONFIG_KEY] = {"format": EXPORT_FORMAT_NAME, "format_version": EXPORT_FORMAT_VERSION,
                                  "metadata": META_FILE}

@@ -31,9 +31,14 @@ class FormatError(ValueError):
 # pickle: the trainer state is JSON plus safetensors; a manifest of checksums) replaced format 1, whose
 # models still load but whose trainer_state.pt resumes only if it loads with torch.load(weights_only=True).
 CHECKPOINT_FORMAT = 2
-# slope_model.json "format" and the newest "format_version" of the compressed export.
+# slope_model.json "format" and the newest "format_version" of the compressed export. Version 2 names
+# its weights file slope_model.safetensors instead of version 1's model.safetensors: since the export has
+# a config.json that transformers recognises, a file under transformers' own name was loaded by
+# AutoModelForCausalLM.from_pretrained as a model with every sparse layer missing (randomly initialised,
+# with only a warning). Under another name transformers finds no weights and refuses the folder.
 EXPORT_FORMAT_NAME = "slope-compressed"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+EXPORT_WEIGHTS_FILE = "slope_model.safetensors"  # compressed export, version 2 and later
 
 # config.json's `slope.format` in the folder of `slope export --serve` (slope.io.serve)
 SERVE_FORMAT = "slope-serve"
@@ -50,6 +55,11 @@ HF_CONFIG_FILE = "config.json"  # checkpoint and Hugging Face directories: the m
 CHECKPOINTS_DIR = "checkpoints"  # run directory: holds the step_XXXXXXXX checkpoints
 LATEST_FILE = "latest"  # in CHECKPOINTS_DIR: one line naming the newest complete checkpoint
 META_FILE = "slope_model.json"  # export: the metadata, written last
+
+
+def export_weights_file(format_version: int) -> str:
+    """The weights file of a compressed export of `format_version`."""
+    return WEIGHTS_FILE if format_version == 1 else EXPORT_WEIGHTS_FILE
 
 # The floating dtypes a file may store, by the name the metadata records.
 DTYPES: dict[str, torch.dtype] = {

@@ -41,6 +41,7 @@ from slope.io.format import (
     FormatError,
     check_digests,
     confined,
+    export_weights_file,
     one_line,
 )
 from slope.io.packing import code_bits, unpack_positions
@@ -308,8 +309,9 @@ def read_metadata(path: str | Path) -> dict:
 def verify_files(path: str | Path, meta: dict) -> None:
     """Every file listed in the metadata is inside `path` and has its size and SHA-256 (truncation, corruption)."""
     path = Path(path)
-    if not isinstance(meta["files"], dict) or WEIGHTS_FILE not in meta["files"]:
-        raise FormatError(f"{path / META_FILE}: {WEIGHTS_FILE} is not listed under files")
+    weights = export_weights_file(meta["format_version"])
+    if not isinstance(meta["files"], dict) or weights not in meta["files"]:
+        raise FormatError(f"{path / META_FILE}: {weights} is not listed under files")
     check_digests(path, meta["files"], path / META_FILE)
 
 
@@ -330,7 +332,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
 def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tensors = load_file(path / WEIGHTS_FILE)
+    weights_file = path / export_weights_file(meta["format_version"])
+    tensors = load_file(weights_file)
 
     stored_dtype = DTYPES.get(meta["dtype"])
     if stored_dtype is None:
@@ -344,7 +347,7 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
     slope_cfg = SlopeConfig(**meta["slope_config"]).replace(backend=backend) if meta["layers"] else None
     state = _swap_in_layers(model, meta, slope_cfg, path)
     expected = model.state_dict()
-    _check_keys(meta, expected, tensors, path)
+    _check_keys(meta, expected, tensors, weights_file)
 
     for name, spec in meta["layers"].items():
         out_f, in_f = spec["shape"]
@@ -371,7 +374,7 @@ def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> n
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise FormatError(
-                f"{key} has shape {tuple(value.shape)} in {path / WEIGHTS_FILE}, but the model config gives "
+                f"{key} has shape {tuple(value.shape)} in {weights_file}, but the model config gives "
                 f"{tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
@@ -424,7 +427,7 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
     return {k: v for k, v in state.items() if v is not None}
 
 
-def _check_keys(meta: dict, expected: dict, tensors: dict, path: Path) -> None:
+def _check_keys(meta: dict, expected: dict, tensors: dict, weights_file: Path) -> None:
     """The weights file holds exactly the tensors this model needs, none missing, none extra."""
     needed = set()
     layer_parts = {"weight", "row_bits", "col_bits", "mask_state", "bias", "adapter_a", "adapter_b"}
@@ -437,14 +440,14 @@ def _check_keys(meta: dict, expected: dict, tensors: dict, path: Path) -> None:
                 needed |= {f"{prefix}.values", f"{prefix}.positions"}
         elif key in meta["tied"]:
             if meta["tied"][key] not in expected:
-                raise FormatError(f"{path / META_FILE}: {key} is tied to unknown tensor {meta['tied'][key]}")
+                raise FormatError(f"{weights_file.parent / META_FILE}: {key} is tied to unknown tensor {meta['tied'][key]}")
         else:
             needed.add(key)
     have = set(tensors)
     missing, extra = sorted(needed - have), sorted(have - needed)
     if missing or extra:
         raise FormatError(
-            f"{path / WEIGHTS_FILE} does not match the model config: "
+            f"{weights_file} does not match the model config: "
             + "; ".join(
                 f"{what} {len(keys)} tensor(s) (e.g. {', '.join(keys[:3])})"
                 for what, keys in (("missing", missing), ("unexpected", extra)) if keys
