@@ -168,7 +168,8 @@ def test_resume_refuses_overrides_that_change_the_training(run_copy, capsys):
     assert cli.main(["train", "--resume", str(run_copy), "--optim.lr=1"]) == 2
     assert one_error_line(capsys) == (
         "slope train: error: --resume cannot change 'optim.lr': it would change the run's training; the keys a "
-        "resume may change are eval.sets, checkpoint.keep_last, train.log_every")
+        "resume may change are eval.sets, checkpoint.keep_last, train.log_every, run.parallel, run.dist_timeout, "
+        "train.batch_size")
 
 
 def test_resume_takes_allowed_overrides_and_keeps_them(run_copy, text_dir):

@@ -252,3 +252,29 @@ def test_backends_are_reported_once_after_the_first_step(corpus_dir, tmp_path, c
         assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), "--train.max_steps=2")) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slope backends:")]
     assert len(lines) == 1 and "reference x" in lines[0] and "dense fallbacks: none" in lines[0]
+
+
+def test_one_process_training_under_a_larger_world_is_refused(corpus_dir, tmp_path, monkeypatch, capsys):
+    # torchrun's environment with run.parallel=none: every rank would train its own copy on the same data
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), "--run.parallel=none")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'run.parallel' is 'none' but torchrun started 2 processes" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fsdp_on_one_process_trains_and_resumes(corpus_dir, tmp_path, capsys):
+    """--run.parallel=fsdp without torchrun: FSDP2 on a group of one, a dcp/ checkpoint, and a resume."""
+    run_dir = tmp_path / "fsdp"
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir), "--run.parallel=fsdp", "--eval.sets=")) == 0
+    final = checkpoint.latest_checkpoint(run_dir)
+    assert (final / "dcp").is_dir() and checkpoint.verify_checkpoint(final)["adapters"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["parallel"], summary["world_size"]) == ("fsdp", 1)
+    assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0  # the final checkpoint resumes
+    capsys.readouterr()
+    # its optimizer state is sharded: resuming it without FSDP is refused in one line
+    assert cli.main(["train", "--resume", str(run_dir), "--no-progress", "--run.parallel=none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was written by an FSDP run" in err[0] and "--run.parallel=fsdp" in err[0], err

@@ -75,11 +75,48 @@ def test_gradient_clipping_bounds_the_update(corpus_file, tmp_path):
                 "--optim.warmup_steps=1", "--optim.weight_decay=0", "--slope.adapter_start=1.0",
                 f"--optim.grad_clip={clip}", "--run-dir", str(run_dir)]
         assert cli.main(args) == 0
-        return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r.get("kind") == "train"]
+        return load_file(latest_checkpoint(run_dir) / "model.safetensors"), train
 
-    clipped, free = run("clipped", 1e-12), run("free", 0)  # same seed: same init, same batches
+    (clipped, clipped_log), (free, free_log) = run("clipped", 1e-12), run("free", 0)  # same seed, same batches
+    # the global norm before clipping is logged either way; "clipped" says whether the clip acted
+    assert [r["clipped"] for r in clipped_log] == [1.0, 1.0] and [r["clipped"] for r in free_log] == [0.0, 0.0]
+    assert clipped_log[0]["grad_norm"] == pytest.approx(free_log[0]["grad_norm"]) and free_log[0]["grad_norm"] > 0
     # With the global gradient norm clipped to 1e-12 every gradient entry is far below AdamW's eps
     # (1e-8), so each update is ~lr·g/eps ≈ 1e-6 of the unclipped one; without clipping the same
     # steps move weights by about lr. Equal results would mean the clip never acted.
     moved = max((clipped[k] - free[k]).abs().max().item() for k in free if free[k].is_floating_point())
     assert moved > 1e-3
+
+
+def test_ranks_slice_the_global_batch_one_process_would_draw(corpus_file, tmp_path):
+    """Each of 3 ranks with batch 2 takes its slice of the batch of 6 one process draws, step after step,
+    also after a resume from the (shared) sampler state."""
+    from slope.train.data import WindowSampler
+    from slope.train.prepare import prepare_data
+
+    _, tokens, _ = prepare_data(tmp_path / "data", str(corpus_file), "", 0.1, "", 320)
+    one = WindowSampler(tokens, 16, 6, seed=3)
+    ranks = [WindowSampler(tokens, 16, 2, seed=3, rank=r, world=3) for r in range(3)]
+    for _ in range(3):
+        inputs, targets = one.next()
+        pieces = [sampler.next() for sampler in ranks]
+        assert torch.equal(torch.cat([p[0] for p in pieces]), inputs)
+        assert torch.equal(torch.cat([p[1] for p in pieces]), targets)
+    state = ranks[0].state_dict()
+    resumed = WindowSampler(tokens, 16, 2, seed=0, rank=2, world=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next()[0], one.next()[0][4:6])
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        WindowSampler(tokens, 16, 2, seed=0, rank=3, world=3)
+
+
+def test_parallel_mode_follows_the_world_size():
+    from slope.train.distributed import resolve_mode
+    from slope.train.runconfig import ConfigError
+
+    assert [resolve_mode("auto", 1), resolve_mode("auto", 4)] == ["none", "ddp"]
+    assert [resolve_mode("ddp", 1), resolve_mode("fsdp", 1), resolve_mode("fsdp", 2)] == ["none", "fsdp", "fsdp"]
+    with pytest.raises(ConfigError, match=r"'run\.parallel' is 'none' but torchrun started 2 processes"):
+        resolve_mode("none", 2)

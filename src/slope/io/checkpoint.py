@@ -8,10 +8,18 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in for
     trainer_state.json         the trainer state's plain data; each tensor is a {"__tensor__": key} there
     trainer_state.safetensors  the trainer state's tensors (optimizer moments, RNG states)
     config.toml                the resolved run config
-    manifest.json              size and SHA-256 of every file above, written last
+    dcp/                       FSDP runs only: the sharded model and optimizer state, written by every rank
+                               with torch.distributed.checkpoint (DCP), which reshards on load to any world size
+    manifest.json              size and SHA-256 of every file above (dcp/ included), written last
+In an FSDP run model.safetensors is the consolidated model, gathered to rank 0, so export, eval and
+slope.load read FSDP checkpoints like any other, and trainer_state holds no optimizer (it is in dcp/).
 Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 had
 trainer_state.pt (a pickle) and no manifest; its model still loads, and it resumes only when its
 trainer state loads with torch.load(weights_only=True) (numpy's RNG array allowed, no other global).
+
+In a run of several processes rank 0 alone writes and renames; the others write only their dcp/
+shards (FSDP) or nothing (DDP, whose checkpoint is the single-process one), and every rank waits for
+the rename before going on.
 
 Each checkpoint is written as checkpoints/.tmp-step_XXXXXXXX (complete once its manifest is there)
 and renamed into place; the same step written again moves the old copy to .old-step_XXXXXXXX first.
@@ -121,40 +129,93 @@ def _decode(value, tensors: dict[str, torch.Tensor], file: Path):
 # ---- writing ----------------------------------------------------------------------------------
 
 
+SHARDED_DIR = "dcp"  # inside a checkpoint: the FSDP shards (torch.distributed.checkpoint)
+
+
+class _OneProcess:
+    """The `ranks` of a single-process run: itself the writer, nothing to wait for."""
+
+    main = True
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model, tokenizer, method_info: dict, run_config_toml: str,
-    trainer_state: dict, keep_last: int,
+    trainer_state: dict, keep_last: int, *, ranks=None, weights: tuple[dict, dict] | None = None, sharded=None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, delete all but the newest `keep_last`.
 
-    CheckpointWriteError (one line) when the disk is full or not writable; the temporary directory
-    is removed and the checkpoints already there are untouched.
+    ranks: in a run of several processes, an object with `main`, `barrier()` and `broadcast(obj)`
+    (rank 0's obj on every rank); every rank calls this, rank 0 alone writes the files below.
+    weights: (state_dict, safetensors metadata) to write as model.safetensors instead of `model`'s own
+    (the consolidated state of an FSDP model, as save_model would write it; rank 0's only). sharded: called by every rank with the dcp/ folder to write
+    its shards into (FSDP), before rank 0 writes the rest.
+
+    CheckpointWriteError (one line, on every rank) when the disk is full or not writable; the
+    temporary directory is removed and the checkpoints already there are untouched.
     """
+    ranks = ranks or _OneProcess()
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _recover(root)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_files(tmp, step, model, tokenizer, method_info, run_config_toml, trainer_state)
-        _swap_in(root, tmp, final)
-        _write_latest(root, final.name)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else one_line(err)
-        raise CheckpointWriteError(f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact") from err
-    for stale in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(stale)
+
+    def failed(err: BaseException) -> str:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
+        reason = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else one_line(err)
+        return f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact"
+
+    def agree(error: str | None, cause: BaseException | None) -> None:
+        # rank 0's outcome on every rank: all go on, or all stop with the same line
+        error = ranks.broadcast(error)
+        if error is not None:
+            raise CheckpointWriteError(error) from cause
+
+    error, cause = None, None
+    if ranks.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _recover(root)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as err:
+            error, cause = failed(err), err
+    agree(error, cause)
+    if sharded is not None:
+        try:  # collective: each rank writes its shards, rank 0 the metadata once all are written
+            sharded(tmp / SHARDED_DIR)
+        except Exception as err:  # DCP raises one CheckpointException on every rank, whatever failed
+            raise CheckpointWriteError(failed(err)) from err
+    ranks.barrier()  # every rank's files are in tmp before rank 0 makes it the checkpoint
+    if ranks.main:
+        try:
+            _write_files(tmp, step, model, tokenizer, method_info, run_config_toml, trainer_state, weights)
+            _swap_in(root, tmp, final)
+            _write_latest(root, final.name)
+        except OSError as err:
+            error, cause = failed(err), err
+    agree(error, cause)
+    if ranks.main:
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+    ranks.barrier()  # nobody starts the next step (or the next checkpoint) before this one is in place
     return final
 
 
 def _write_files(
     folder: Path, step: int, model, tokenizer, method_info: dict, run_config_toml: str, trainer_state: dict,
+    weights: tuple[dict, dict] | None = None,
 ) -> None:
-    safetensors.torch.save_model(model, str(folder / WEIGHTS_FILE))
+    if weights is None:
+        safetensors.torch.save_model(model, str(folder / WEIGHTS_FILE))
+    else:
+        safetensors.torch.save_file(weights[0], str(folder / WEIGHTS_FILE), metadata=weights[1])
     model.config.save_pretrained(str(folder))
     info = {"format": CHECKPOINT_FORMAT, **method_info, "step": step}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -164,6 +225,41 @@ def _write_files(
     # Last: a .tmp- directory with a manifest is complete, which is what lets a reader recover it.
     manifest = {"format": CHECKPOINT_FORMAT, "files": file_digests(folder)}
     _write_durably(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+# ---- the sharded state of an FSDP run ------------------------------------------------------------
+
+
+def has_sharded_state(checkpoint_dir: Path) -> bool:
+    """Whether a checkpoint was written by an FSDP run (its model and optimizer state are in dcp/)."""
+    return (Path(checkpoint_dir) / SHARDED_DIR).is_dir()
+
+
+def save_sharded_state(folder: Path, model, optimizer) -> None:
+    """The model's and optimizer's shards of this rank into `folder` (collective: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    # the model's own state_dict (DTensor shards, masks and SlopeLinear's mask_state as whole tensors):
+    # DCP's get_model_state_dict would look each key up as a module attribute, which mask_state is not
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_sharded_state(checkpoint_dir: Path, model, optimizer) -> None:
+    """Load dcp/ into an FSDP model and its optimizer, resharded to this world size (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    folder = Path(checkpoint_dir) / SHARDED_DIR
+    # the shapes and shards to fill, at this world size; DCP reads what each rank needs of every shard
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as err:  # a shard missing or of other shapes: DCP raises one CheckpointException
+        raise FormatError(f"{folder}: cannot load the sharded state ({one_line(err)})") from err
+    model.load_state_dict(state["model"], strict=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])
 
 
 def write_trainer_state(folder: Path, state: dict) -> None:

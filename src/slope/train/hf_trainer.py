@@ -10,7 +10,10 @@ the Trainer's optimizer as a new param group and in its learning-rate schedule. 
 checkpoint also gets a compressed export in `checkpoint-N/slope/`, and the end of training writes
 one to `export_dir` (default `<output_dir>/slope-export`), loadable with `slope.load`.
 
-Single process only: adapters added mid-run are not known to an already built DDP/FSDP wrapper.
+Several processes (DDP/FSDP through accelerate): supported when no adapters join mid-run
+(`adapter_start=1.0`); otherwise refused at the start of training in one line, because adapters added
+mid-run are not known to the DDP/FSDP wrapper the Trainer built. `slope train` rebuilds its own
+wrapper when they join (docs/distributed.md).
 """
 
 from __future__ import annotations

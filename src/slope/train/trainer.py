@@ -4,6 +4,9 @@ One run: prepare data -> build and convert the model -> train with AdamW + warm-
 periodic evaluation and atomic checkpoints -> final evaluation, curves and summary.json. Resuming
 restores weights, optimizer, sampler and RNG states, so on CPU the continued run is bit-identical to
 an uninterrupted one.
+
+Under torchrun the same loop runs on every rank (`slope.train.distributed`): each rank trains on its
+slice of the global batch through a DDP or FSDP2 wrapper, and rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from slope.convert import slope_layers
 from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
 from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
-from slope.train import models, runconfig
+from slope.train import distributed, models, runconfig
 from slope.train.data import DataError
 from slope.train.evaluation import causal_lm_loss, evaluate
 from slope.train.methods import count_params, get_method
@@ -238,6 +241,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # ---- the run --------------------------------------------------------------------------------------
 
 
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tied_aliases(model) -> dict[str, str]:
+    """The state_dict names safetensors' save_model leaves out of `model`'s file (one of each tied pair),
+    each with the name it shares its tensor with: what it records in the file's metadata."""
+    import safetensors.torch
+
+    state = model.state_dict()
+    return {removed: kept for kept, group in safetensors.torch._remove_duplicate_names(state).items()
+            for removed in group}
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -245,51 +268,158 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                 dist: distributed.Dist | None = None) -> None:
+        """dist: where this process stands in a multi-process run (`distributed.init`); None: joined here."""
         self.cfg, self.run_dir, self.resume, self.progress = cfg, Path(run_dir), resume, progress
         self.config_toml = runconfig.to_toml(cfg)
+        self.dist = dist
+
+    def _main_first(self, fn):
+        """fn() on rank 0, then on the others: rank 0 writes what they then read (tokenized data)."""
+        if self.dist.main:
+            result = fn()
+            self.dist.barrier()
+            return result
+        self.dist.barrier()
+        return fn()
 
     # -- set-up --
 
     def _setup(self) -> None:
         cfg = self.cfg
         self.device = preflight(cfg)
+        if self.dist is None:
+            self.dist, self._owns_dist = distributed.init(cfg), True
+        else:
+            self._owns_dist = False
+        self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
         self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
         if self.resume:
-            self.tokenizer, self.train_tokens, self.val_tokens = self._resume_data()
+            self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(self._resume_data)
         else:
-            self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(
+            self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(lambda: prepare_data(
                 self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
                 cfg.tokenizer.name, cfg.tokenizer.vocab_size,
-            )
+            ))
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
 
-        model_config = models.model_config(cfg.model, len(self.tokenizer), cfg.train.seq_len,
-                                           eos_token_id=self.tokenizer.eos_token_id)
-        models.check_fits(model_config, len(self.tokenizer), cfg.train.seq_len)
+        self.model_config = models.model_config(cfg.model, len(self.tokenizer), cfg.train.seq_len,
+                                                eos_token_id=self.tokenizer.eos_token_id)
+        models.check_fits(self.model_config, len(self.tokenizer), cfg.train.seq_len)
         torch.manual_seed(cfg.run.seed)
-        self.model = models.build_model(model_config)
-        dense_params = sum(p.numel() for p in self.model.parameters())
         self.method = get_method(cfg.method.name, cfg.slope)
-        log.info("model: %s, %s parameters", type(self.model).__name__, f"{dense_params:,}")
-        try:
-            self.method.apply(self.model)
-        except ValueError as err:  # the real vocabulary can give the output layer another shape than preflight's
-            raise ConfigError(f"[slope]: {err}") from None
-        self.model.to(self.device)
+        self.model = self._build_model(announce=True)
+        # what save_model leaves out (one of each tied pair), for the consolidated weights of an FSDP run
+        self.tied_aliases = _tied_aliases(self.model)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        from slope.train.data import WindowSampler
-
-        self.sampler = WindowSampler(self.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward_model = torch.compile(self.model) if cfg.run.compile else self.model
         self.adapter_step = self.method.adapter_step(cfg.train.max_steps)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        ckpt, state = None, None
         if self.resume:
-            self._restore()
+            # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
+            ckpt, state = checkpoint.load_for_resume(self.run_dir)
+            self._check_resume(ckpt, state)
+            if self.adapter_step is not None and state["step"] > self.adapter_step:
+                # Adapters joined before this checkpoint: same layers, same optimizer group order.
+                self.step = self.adapter_step
+                self.method.before_step(self.adapter_step, cfg.train.max_steps, self.model, self.optimizer,
+                                        self._adapter_group())
+                self.model.to(self.device)
+        self._wrap()
+        from slope.train.data import WindowSampler
+
+        self.sampler = WindowSampler(self.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed,
+                                     rank=self.dist.rank, world=self.dist.world)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.dist.world
+        log.info("global batch: %d windows per step (train.batch_size %d x train.grad_accum %d x %d process(es))",
+                 self.global_batch, cfg.train.batch_size, cfg.train.grad_accum, self.dist.world)
+        if self.resume:
+            self._restore(ckpt, state)
+
+    def _build_model(self, announce: bool = False):
+        """The model as the method trains it, on this rank's device, unwrapped (same seed: same on every rank)."""
+        model = models.build_model(self.model_config)
+        if announce:
+            log.info("model: %s, %s parameters", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
+        try:
+            self.method.apply(model)
+        except ValueError as err:  # the real vocabulary can give the output layer another shape than preflight's
+            raise ConfigError(f"[slope]: {err}") from None
+        return model.to(self.device)
+
+    def _wrap(self) -> None:
+        """The DDP / FSDP2 wrapper around self.model (none in a single process); forward_model runs it.
+
+        FSDP shards in place and replaces every parameter, so the optimizer, made with the method's
+        groups on the plain model, is made again group for group over the sharded parameters.
+        """
+        mode = self.dist.mode
+        self.wrapped = self.model
+        if mode == "ddp":
+            self.wrapped = distributed.ddp(self.model, self.dist)
+        elif mode == "fsdp":
+            groups = distributed.named_groups(self.model, self.optimizer)
+            distributed.fully_shard(self.model)
+            self.optimizer = distributed.regroup(self.model, self.optimizer, groups)
+            distributed.note_optimizer_steps(self.model, self.optimizer)
+            for _, layer in slope_layers(self.model):
+                layer._seen_version = None  # the forward sees an unsharded copy: its first look is no step
+        self.forward_model = torch.compile(self.wrapped) if self.cfg.run.compile else self.wrapped
+
+    def _add_adapters_sharded(self) -> dict | None:
+        """The method's `before_step` on an FSDP model, which cannot take new parameters once sharded.
+
+        The model is gathered (a full state_dict on every rank, once per run), built again unsharded, given
+        the method's new parameters, sharded again; the optimizer state of the old parameters moves over
+        by name (same shapes, same shards). Chosen over adapters made up front and frozen: see
+        docs/distributed.md for the measurement.
+        """
+        cfg = self.cfg
+        old_model, old_optimizer = self.model, self.optimizer
+        with distributed.quiet_step_observer(old_model):
+            full = distributed.full_state_dict(old_model)
+        with torch.random.fork_rng(devices=[]):  # a fresh init must not move the RNG a single process would not
+            model = self._build_model()
+        model.load_state_dict(full, strict=True)
+        scratch = build_optimizer(model, cfg, self.device)
+        event = self.method.before_step(self.step, cfg.train.max_steps, model, scratch, self._adapter_group())
+        if event is None:
+            return None  # the method added nothing this step; the rebuilt copy is dropped
+        model.to(self.device)
+        groups = distributed.named_groups(model, scratch)
+        distributed.fully_shard(model)
+        optimizer = distributed.regroup(model, scratch, groups)
+        old_params = dict(old_model.named_parameters())
+        for name, param in model.named_parameters():
+            if name in old_params and old_params[name] in old_optimizer.state:
+                optimizer.state[param] = old_optimizer.state[old_params[name]]
+        for _, layer in slope_layers(model):
+            layer._seen_version = None  # the loaded values are not an optimizer step (see quiet_step_observer)
+        distributed.note_optimizer_steps(model, optimizer)
+        self.model, self.optimizer = model, optimizer
+        self.forward_model = torch.compile(model) if cfg.run.compile else model
+        self.wrapped = model
+        return event
+
+    def _before_step(self) -> dict | None:
+        """The method's hook before each step; new parameters join the wrapper and the optimizer."""
+        cfg = self.cfg
+        if self.dist.mode == "fsdp":
+            if self.method.adapter_step(cfg.train.max_steps) != self.step:
+                return None  # before_step would do nothing: skip the gather (the slope method adds only here)
+            return self._add_adapters_sharded()
+        event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
+                                        self._adapter_group())
+        if event and self.dist.mode == "ddp":
+            # DDP fixes at construction which parameters it reduces: wrap again so the new ones are in
+            del self.wrapped, self.forward_model
+            self._wrap()
+        return event
 
     def _adapter_group(self) -> dict:
         return {"weight_decay": self.cfg.optim.weight_decay, "lr": lr_at(self.step, self.cfg)}
@@ -313,20 +443,37 @@ class Trainer:
         except DataError as err:
             raise DataError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
-    def _restore(self) -> None:
-        # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
-        ckpt, state = checkpoint.load_for_resume(self.run_dir)
-        step = state["step"]
-        if self.adapter_step is not None and step > self.adapter_step:
-            # Adapters joined before this checkpoint: same layers, same optimizer group order.
-            self.step = self.adapter_step
-            self.method.before_step(self.adapter_step, self.cfg.train.max_steps, self.model, self.optimizer,
-                                    self._adapter_group())
-            self.model.to(self.device)
-        import safetensors.torch
+    def _check_resume(self, ckpt: Path, state: dict) -> None:
+        """Refuse, in one line, a checkpoint this run cannot continue; warn when the global batch changes."""
+        sharded = checkpoint.has_sharded_state(ckpt)
+        if sharded and self.dist.mode != "fsdp":
+            raise ConfigError(f"{ckpt} was written by an FSDP run (its optimizer state is sharded in "
+                              f"{checkpoint.SHARDED_DIR}/): resume it with --run.parallel=fsdp (any number of processes)")
+        if not sharded and self.dist.mode == "fsdp":
+            raise ConfigError(f"{ckpt} was written without FSDP: resume it with --run.parallel=ddp or none")
+        saved = state.get("global_batch")  # absent in checkpoints written before several processes were possible
+        per_step = self.cfg.train.grad_accum * self.dist.world
+        now = self.cfg.train.batch_size * per_step
+        if saved is not None and saved != now:
+            per_rank, rest = divmod(saved, per_step)
+            log.warning("the checkpoint trained with a global batch of %d windows and this resume has %d "
+                        "(train.batch_size x train.grad_accum x world size)%s", saved, now,
+                        f"; give --train.batch_size={per_rank} to keep it" if not rest else "")
 
-        safetensors.torch.load_model(self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore(self, ckpt: Path, state: dict) -> None:
+        step = state["step"]
+        if self.dist.mode == "fsdp":
+            with distributed.quiet_step_observer(self.model):
+                checkpoint.load_sharded_state(ckpt, self.model, self.optimizer)
+            for _, layer in slope_layers(self.model):
+                # loading initialised the optimizer state with a zero step: not a step of the run
+                layer._seen_version, layer._grad_pending = None, False
+        else:
+            import safetensors.torch
+
+            safetensors.torch.load_model(self.model, str(ckpt / "model.safetensors"), strict=True,
+                                         device=str(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -341,84 +488,129 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _trainer_state(self) -> dict:
-        return {
+        state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state(),
-            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": rng_state(),
+            "scaler": self.scaler.state_dict(), "world_size": self.dist.world, "global_batch": self.global_batch,
         }
+        if self.dist.mode != "fsdp":  # FSDP: the optimizer state is sharded in dcp/
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def save(self) -> Path:
+        """One checkpoint; every rank calls it (rank 0 writes, FSDP ranks add their shards)."""
+        weights, sharded = None, None
+        if self.dist.mode == "fsdp":
+            with distributed.quiet_step_observer(self.model):
+                # collective: every rank gathers each tensor in turn; rank 0 keeps the whole model
+                full = distributed.full_state_dict(self.model, cpu=True)
+            aliases = self.tied_aliases
+            weights = ({name: t.contiguous() for name, t in full.items() if name not in aliases}, aliases) \
+                if self.dist.main else None
+
+            def sharded(folder: Path) -> None:
+                with distributed.quiet_step_observer(self.model):
+                    checkpoint.save_sharded_state(folder, self.model, self.optimizer)
+        with distributed.quiet_step_observer(self.model) if self.dist.mode == "fsdp" else contextlib.nullcontext():
+            info = self.method.checkpoint_info(self.model)
         try:
             path = checkpoint.save_checkpoint(
-                self.run_dir, self.step, self.model, self.tokenizer, self.method.checkpoint_info(self.model),
-                self.config_toml,
+                self.run_dir, self.step, self.model, self.tokenizer, info, self.config_toml,
                 self._trainer_state(), self.cfg.checkpoint.keep_last,
+                ranks=self.dist if self.dist.world > 1 else None, weights=weights, sharded=sharded,
             )
         except checkpoint.CheckpointWriteError as err:  # disk full: stop with one line, the older ones kept
             raise TrainingFailed(f"{err}; {self._kept_message()}") from None
-        log.info("checkpoint: %s", path)
+        if self.dist.main:
+            log.info("checkpoint: %s", path)
         return path
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> tuple[float, float]:
+        """One optimizer step; (loss, global gradient norm before clipping), the loss averaged over ranks."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr  # applied to every group, so adapters added later follow the schedule too
         total = 0.0
-        for _ in range(cfg.train.grad_accum):
+        for micro in range(cfg.train.grad_accum):
             inputs, targets = self.sampler.next()
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self._autocast():
-                loss = causal_lm_loss(self.forward_model, inputs, targets) / cfg.train.grad_accum
-            self.scaler.scale(loss).backward()
+            # gradients are averaged over the ranks once per step, on the last micro-step
+            with distributed.no_sync(self.wrapped, self.dist.mode, sync=micro == cfg.train.grad_accum - 1):
+                with self._autocast():
+                    loss = causal_lm_loss(self.forward_model, inputs, targets) / cfg.train.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.item()
+        total = self.dist.mean(total)  # every rank sees the same value, so all stop together on a bad one
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
-            return total
+            return total, float("nan")
+        self.scaler.unscale_(self.optimizer)  # the norm of the true gradients (a no-op without fp16)
         if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        grad_norm = float(distributed.full_value(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, grad_norm
+
+    def _eval_model(self):
+        """What evaluation runs: every rank evaluates the same windows, so all agree on the result.
+
+        Not DDP's wrapper (an eval forward needs no gradient sync); FSDP's sharded model itself, whose
+        forward gathers the parameters and so must run on every rank.
+        """
+        return self.forward_model if self.dist.mode != "ddp" else self.model
 
     def _eval_val(self, stop: _StopFlag | None = None) -> dict:
+        # Ctrl-C cuts an eval short only in one process: ranks stopping at different windows would desync
+        should_stop = (lambda: stop.requested) if stop and self.dist.world == 1 else None
         return evaluate(
-            self.forward_model, self.val_tokens, seq_len=self.cfg.train.seq_len, batch_size=self.cfg.eval.batch_size,
+            self._eval_model(), self.val_tokens, seq_len=self.cfg.train.seq_len, batch_size=self.cfg.eval.batch_size,
             max_tokens=self.cfg.eval.max_tokens, device=self.device, autocast=self._autocast,
-            progress=False, should_stop=(lambda: stop.requested) if stop else None,
+            progress=False, should_stop=should_stop,
         )
 
     # -- the loop --
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "_owns_dist", False):
+                self.dist.close()
+
+    def _run(self) -> RunResult:
         start_wall = time.perf_counter()
         self._setup()
         cfg = self.cfg
         finished = self.step >= cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
-        metrics = MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished)
+        # rank 0 alone writes metrics.jsonl and TensorBoard; the others log nothing
+        metrics = (MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished)
+                   if self.dist.main else _NoMetrics())
         params = count_params(self.model)
         if self.adapter_step is not None:
             log.info("adapters will be added before step %d of %d", self.adapter_step + 1, cfg.train.max_steps)
-        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+        tokens_per_step = self.global_batch * cfg.train.seq_len  # over all ranks
         last_loss = self._logged_loss() if self.resume and finished else None
         backends_reported = False
         try:
             with _StopFlag() as stop, logging_redirect_tqdm(), tqdm(
-                total=cfg.train.max_steps, initial=self.step, unit="step", disable=not self.progress,
+                total=cfg.train.max_steps, initial=self.step, unit="step",
+                disable=not (self.progress and self.dist.main),
                 dynamic_ncols=True, desc=f"train {self.method.name}",
             ) as bar:
                 while self.step < cfg.train.max_steps:
-                    event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
-                                                    self._adapter_group())
+                    event = self._before_step()
                     if event:
                         log.info("before step %d: added adapters (%s parameters, ranks %s); optimizer now has %d groups",
                                  self.step + 1, f"{event['params']:,}", event["ranks"], event["param_groups"])
                         metrics.write({"kind": "event", **event})
                     t0 = time.perf_counter()
                     try:
-                        loss = self._train_step()
+                        loss, grad_norm = self._train_step()
                     except Exception as err:
                         if _is_oom(err):
                             raise TrainingFailed(
@@ -446,14 +638,18 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     bar.update()
                     if self.step % cfg.train.log_every == 0 or self.step in (1, cfg.train.max_steps):
+                        clip = cfg.optim.grad_clip
                         metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": lr,
-                                       "tokens": self.tokens_seen, "tokens_per_s": tok_s})
+                                       "tokens": self.tokens_seen, "tokens_per_s": tok_s, "grad_norm": grad_norm,
+                                       "clipped": 1.0 if clip > 0 and grad_norm > clip else 0.0})
                     if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.max_steps:
                         result = self._eval_val(stop)
                         if not stop.requested:  # an eval cut short by Ctrl-C is not a result
                             metrics.write({"kind": "eval", "set": "val", "step": self.step, **result})
                             log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
                                      self.step, result["loss"], result["ppl"], result["bpb"])
+                    if self.dist.world > 1:
+                        stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
                     if stop.requested:
                         # Between steps: the checkpoint holds exactly `self.step` complete steps.
                         path = self.save()
@@ -475,6 +671,8 @@ class Trainer:
         return losses[-1] if losses else None
 
     def _kept_message(self) -> str:
+        if not self.dist.main:
+            return "rank 0 names the last good checkpoint"
         latest = checkpoint.latest_checkpoint(self.run_dir)
         return f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
 
@@ -486,13 +684,16 @@ class Trainer:
         results = {"val": self._eval_val()}
         metrics.write({"kind": "eval", "set": "val", "step": self.step, **results["val"]})
         for spec in cfg.eval.sets:
-            tokens = tokenize_source(self.run_dir / "data", "eval", spec, self.tokenizer)
+            tokens = self._main_first(lambda spec=spec: tokenize_source(self.run_dir / "data", "eval", spec,
+                                                                        self.tokenizer))
             results[spec] = evaluate(
-                self.forward_model, tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
+                self._eval_model(), tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
                 max_tokens=cfg.eval.final_max_tokens, device=self.device, autocast=self._autocast,
-                progress=self.progress, desc=f"eval {spec}",
+                progress=self.progress and self.dist.main, desc=f"eval {spec}",
             )
             metrics.write({"kind": "eval", "set": spec, "step": self.step, **results[spec]})
+        if not self.dist.main:
+            return {}
         from slope.train.plots import plot_curves
 
         history = read_metrics(self.run_dir)
@@ -506,6 +707,7 @@ class Trainer:
             "wall_seconds": time.perf_counter() - start_wall, "device": str(self.device),
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "eval": results, "checkpoint": str(final_ckpt),
+            "world_size": self.dist.world, "parallel": self.dist.mode, "global_batch": self.global_batch,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary

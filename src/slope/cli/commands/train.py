@@ -24,6 +24,8 @@ examples:
   slope train --config tiny                     a smoke run in seconds
   slope train --optim.lr=1e-3 --train.max_steps=500 --slope.adapter_start=0.9
   slope train --resume runs/shakespeare-slope-20260101-120000
+  torchrun --nproc_per_node=2 -m slope train --config tiny     two processes, DDP (see docs/distributed.md)
+  torchrun --nproc_per_node=2 -m slope train --run.parallel=fsdp
 """
 
 
@@ -41,9 +43,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
-# Overrides --resume accepts: they change what is logged, kept or evaluated at the end, never the steps
-# themselves, so the continued run is still the run its config.toml describes.
-RESUME_OVERRIDES = ("eval.sets", "checkpoint.keep_last", "train.log_every")
+# Overrides --resume accepts: they change what is logged, kept or evaluated at the end, or how the
+# steps are spread over processes, never the steps themselves, so the continued run is still the run
+# its config.toml describes. train.batch_size is per process: a resume on another number of processes
+# gives it to keep the global batch (the trainer warns when the global batch changes).
+RESUME_OVERRIDES = ("eval.sets", "checkpoint.keep_last", "train.log_every", "run.parallel", "run.dist_timeout",
+                    "train.batch_size")
 LOCK_FILE = ".lock"
 
 
@@ -116,28 +121,53 @@ def _make_run_dir(run_dir: Path) -> None:
 
 
 def run(args) -> int:
+    from slope.train import distributed
+
+    try:
+        cfg, run_dir, resume = _resolve(args)
+        dist = distributed.init(cfg)  # under torchrun: join the other ranks (a no-op in one process)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    try:
+        return _run(args, cfg, run_dir, resume, dist)
+    except BaseException as err:
+        if dist.world > 1 and not isinstance(err, UserError | SystemExit):
+            # torchrun reports a failed worker by its exit code; this line says which rank and why
+            import sys
+
+            print(f"slope train: rank {dist.rank} of {dist.world} failed: {type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:500]}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        dist.close()
+
+
+def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> int:
     from slope.io.format import FormatError
     from slope.train.data import DataError
     from slope.train.models import ModelError
     from slope.train.trainer import Interrupted, Trainer, TrainingFailed
 
+    # Each rank named a new run directory from its own clock: rank 0's name is the run's.
+    run_dir = dist.broadcast(run_dir)
+    if dist.main:
+        toml_text = runconfig.to_toml(cfg)
+        print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
+        if not resume:
+            _make_run_dir(run_dir)
+    dist.barrier()
     try:
-        cfg, run_dir, resume = _resolve(args)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    toml_text = runconfig.to_toml(cfg)
-    print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
-    if not resume:
-        _make_run_dir(run_dir)
-    try:
-        with run_lock(run_dir):
-            # Written under the lock: on resume it records the allowed overrides for the next resume.
-            runconfig.save(cfg, run_dir / "config.toml")
-            result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress).run()
+        # rank 0 holds the lock for the whole job; the other ranks write nothing outside their shards
+        with run_lock(run_dir) if dist.main else contextlib.nullcontext():
+            if dist.main:
+                # Written under the lock: on resume it records the allowed overrides for the next resume.
+                runconfig.save(cfg, run_dir / "config.toml")
+            result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress and dist.main,
+                             dist=dist).run()
     except BaseException as err:
         # A new run that ends before its first checkpoint holds nothing of value, and its directory left
         # behind would make the same --run-dir be refused.
-        if not resume and not (run_dir / "checkpoints").exists():
+        if dist.main and not resume and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(err, (ConfigError, DataError, ModelError, FormatError, FileNotFoundError)):
             raise UserError(str(err)) from None
@@ -145,10 +175,12 @@ def run(args) -> int:
             print(f"slope train: error: {err}", flush=True)
             return 3
         if isinstance(err, Interrupted):
-            print(f"slope train: {err}", flush=True)
+            if dist.main:
+                print(f"slope train: {err}", flush=True)
             return 130
         raise
-    print(format_summary(result.summary))
+    if dist.main:
+        print(format_summary(result.summary))
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Kills, resumes on another number of processes, and a failing rank: bounded time, clear messages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    MAX_STEPS,
+    PER_RANK_BATCH,
+    RUN_TIMEOUT,
+    env,
+    final_weights,
+    log_of,
+    run_job,
+    torchrun,
+    train_args,
+    train_losses,
+)
+from test_dist_train import assert_same_run
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children first found, then theirs)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # the field after the parenthesised command name: state, then the parent's pid
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_after_checkpoint(command: list[str], run_dir: Path, step: int) -> None:
+    """Start `command` (in its own session), SIGKILL the whole job once checkpoint `step` is complete."""
+    done = run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json"
+    with open(log_of(run_dir), "a") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # torchrun and every worker, no handler runs (torchrun puts its workers in sessions of their own)
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert done.is_file(), f"checkpoint {step} never appeared:\n{log_of(run_dir).read_text()[-3000:]}"
+
+
+@pytest.mark.slow
+def test_fsdp_killed_on_two_ranks_resumes_on_one(prepared, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint([*torchrun(2), *train_args(run_dir, prepared, f"--train.batch_size={PER_RANK_BATCH}",
+                                                     "--run.parallel=fsdp")], run_dir, step=2)
+    # one process, FSDP on a group of one, twice the per-rank batch: the same global batch, resharded
+    run_job([sys.executable, "-m", "slope", "train", "--resume", str(run_dir), "--no-progress",
+             f"--train.batch_size={2 * PER_RANK_BATCH}"], run_dir)
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_on_one_process_resumes_on_two(prepared, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint([sys.executable, *train_args(run_dir, prepared, f"--train.batch_size={2 * PER_RANK_BATCH}",
+                                                       "--run.parallel=fsdp")], run_dir, step=2)
+    run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress",
+             f"--train.batch_size={PER_RANK_BATCH}"], run_dir)
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_and_resumed_on_the_same_world_is_bit_exact(parallel, prepared, tmp_path):
+    # dropout on: a resume that lost a rank's RNG state would differ; adapters join before step 4, so the
+    # checkpoint resumed from holds them and the resume rebuilds the wrapper with them
+    args = [f"--train.batch_size={PER_RANK_BATCH}", f"--run.parallel={parallel}", "--model.dropout=0.1",
+            "--slope.adapter_start=0.5"]
+    whole = tmp_path / "whole"
+    run_job([*torchrun(2), *train_args(whole, prepared, *args)], whole)
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint([*torchrun(2), *train_args(run_dir, prepared, *args)], run_dir, step=4)
+    run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert train_losses(run_dir) == train_losses(whole)
+    a, b = final_weights(run_dir), final_weights(whole)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LAUNCHER = """
+import os, sys, time
+if os.environ.get("RANK") == "1":  # the fault is injected on rank 1 only, from the test's side
+    from slope.train import trainer
+    step_once = trainer.Trainer._train_step
+    def faulty(self):
+        if self.step == 2:
+            {fault}
+        return step_once(self)
+    trainer.Trainer._train_step = faulty
+from slope.cli.main import main
+sys.exit(main())
+"""
+
+FAULTS = {
+    "raises": ('raise RuntimeError("injected fault")', "rank 1 of 2 failed: RuntimeError: injected fault"),
+    "dies": ("os._exit(7)", "exitcode  : 7"),
+    # rank 0 waits in the step's collective until run.dist_timeout, then fails and takes the job down
+    "hangs": ("time.sleep(3600)", "rank 0 of 2 failed"),
+}
+
+
+@pytest.mark.parametrize("fault", [
+    "raises", pytest.param("dies", marks=pytest.mark.slow), pytest.param("hangs", marks=pytest.mark.slow),
+])
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_failing_rank_ends_the_job_with_its_reason(fault, parallel, prepared, tmp_path):
+    code, message = FAULTS[fault]
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.replace("{fault}", code))
+    run_dir = tmp_path / "run"
+    command = [*torchrun(2), str(launcher), *train_args(run_dir, prepared, f"--train.batch_size={PER_RANK_BATCH}",
+                                                          f"--run.parallel={parallel}", "--run.dist_timeout=20")[2:]]
+    text = run_job(command, run_dir, expect=1, timeout=150)
+    assert message in text, text[-3000:]
+    # the last good checkpoint (step 2) is intact and resumable
+    assert (run_dir / "checkpoints" / f"step_{2:08d}" / "manifest.json").is_file()
+    assert MAX_STEPS > 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(prepared, reference, tmp_path):
+    """SIGINT to each worker (as a terminal's Ctrl-C reaches them): the ranks agree on the step, write one
+    checkpoint and stop; the resumed run ends where one uninterrupted process ends."""
+    run_dir = tmp_path / "run"
+    command = [*torchrun(2), *train_args(run_dir, prepared, f"--train.batch_size={PER_RANK_BATCH}",
+                                         "--run.parallel=ddp")]
+    first = run_dir / "checkpoints" / f"step_{2:08d}" / "manifest.json"
+    with open(log_of(run_dir), "a") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in descendants(proc.pid):  # the workers, not torchrun
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail("the job did not stop after Ctrl-C")
+    text = log_of(run_dir).read_text()
+    if "interrupted at step" in text:  # the signal came before the last step ended
+        assert text.count("interrupted at step") == 1, "rank 0 alone reports"
+        run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert_same_run(run_dir, reference)
