@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slope.autograd import SlopeLinearFunction
-from slope.backends import ColumnMask, LayerRuntime
+from slope.backends import ColumnMask, LayerRuntime, step_kernels
 from slope.config import ADAPTER_INITS, SlopeConfig
 from slope.masks import (
     apply_group_bits,
@@ -195,7 +195,15 @@ class SlopeLinear(nn.Module):
         if not self.config.double_prune:
             return None
         if self._column_mask_due():
-            self._refresh_column_mask(w_r())
+            values = self.weight.detach()
+            if (self.config.n, self.config.m) == (2, 4) and step_kernels.uses_triton(
+                "column_refresh", values.device, values.dtype, values.dtype
+            ):
+                # one kernel on the stored values, W_R never built: bit for bit nm_bits(W_R, 2, 4, dim=0)
+                self.col_bits = step_kernels.column_refresh(values, self.row_bits)
+                self.column_mask_step = self.mask_steps
+            else:
+                self._refresh_column_mask(w_r())
         return ColumnMask(self.col_bits, self.column_mask_step, self.config.m)
 
     # ---- backend ----------------------------------------------------------------------------

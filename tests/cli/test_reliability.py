@@ -16,7 +16,7 @@ import torch
 
 from slope import cli
 from slope.train import corpus, trainer
-from slope.train.trainer import read_metrics
+from slope.train.logs import read_metrics
 
 BUG_LINE = "this is a bug in slope"
 

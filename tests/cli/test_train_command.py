@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from slope import cli
 from slope.io import checkpoint
 from slope.io import format as fmt
-from slope.train import corpus, data
-from slope.train.trainer import read_metrics
+from slope.train import corpus, data, runconfig
+from slope.train.logs import read_metrics
 
 STEP_FILES = {fmt.WEIGHTS_FILE, fmt.HF_CONFIG_FILE, fmt.INFO_FILE, fmt.TOKENIZER_DIR, fmt.TRAINER_STATE_FILE,
               fmt.TRAINER_TENSORS_FILE, fmt.MANIFEST_FILE, fmt.RUN_CONFIG_FILE}
@@ -278,3 +278,44 @@ def test_fsdp_on_one_process_trains_and_resumes(corpus_dir, tmp_path, capsys):
     assert cli.main(["train", "--resume", str(run_dir), "--no-progress", "--run.parallel=none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was written by an FSDP run" in err[0] and "--run.parallel=fsdp" in err[0], err
+
+
+def test_gradient_checkpointing_changes_no_loss_and_no_weight(slope_run, corpus_dir, tmp_path, monkeypatch):
+    # the recomputed forward rebuilds every SlopeLinear operand from the same stored values: bit for bit
+    from transformers import PreTrainedModel
+
+    recomputed = []
+    original = PreTrainedModel._set_gradient_checkpointing
+
+    def spy(self, *args, **kwargs):  # what gradient_checkpointing_enable switches on, per model
+        original(self, *args, **kwargs)
+        recomputed.append(all(getattr(m, "gradient_checkpointing", True) for m in self.modules()
+                              if hasattr(m, "gradient_checkpointing")))
+
+    monkeypatch.setattr(PreTrainedModel, "_set_gradient_checkpointing", spy)
+    run_dir = tmp_path / "checkpointed"
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir), "--train.gradient_checkpointing=true")) == 0
+    assert recomputed and all(recomputed)  # it was on
+    assert losses(run_dir) == losses(slope_run)
+    assert_same_weights(run_dir, slope_run)
+
+
+def test_print_config_prints_the_resolved_toml_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", "tiny", "--print-config", "--optim.lr=0.0042", "--train.max_steps=7"]) == 0
+    text = capsys.readouterr().out
+    cfg = runconfig.from_dict(runconfig.tomllib.loads(text))
+    assert cfg.optim.lr == 0.0042 and cfg.train.max_steps == 7 and cfg.run.name == "tiny"
+    assert list(tmp_path.iterdir()) == []  # no run directory, no data
+
+
+def test_without_a_terminal_each_logged_step_is_one_plain_line(corpus_dir, tmp_path, caplog):
+    # pytest's output is not a terminal: no progress bar, plain lines instead (as in a cluster job's log)
+    with caplog.at_level("INFO", logger="slope"):
+        assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "r"), "--train.max_steps=4",
+                                  "--train.log_every=2", "--eval.every=2")) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [line for line in lines if line.startswith("step ") and "| loss " in line]
+    assert [line.split(" |")[0] for line in steps] == ["step 1/4", "step 2/4", "step 4/4"]
+    assert all(" | lr " in line and " | grad-norm " in line and " | clipped " in line for line in steps)
+    assert any(line.startswith("eval val @ step 2 | loss ") for line in lines)

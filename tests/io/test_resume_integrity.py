@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from slope import cli
 from slope.io import checkpoint
 from slope.train import corpus
-from slope.train.trainer import read_metrics
+from slope.train.logs import read_metrics
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
 

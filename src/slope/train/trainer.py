@@ -34,6 +34,7 @@ from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
 from slope.train import distributed, models, runconfig
 from slope.train.data import DataError
 from slope.train.evaluation import causal_lm_loss, evaluate
+from slope.train.logs import MetricsLog, read_metrics
 from slope.train.methods import count_params, get_method
 from slope.train.prepare import prepare_data, tokenize_source
 from slope.train.runconfig import ConfigError, RunConfig
@@ -84,11 +85,11 @@ def preflight(cfg: RunConfig) -> torch.device:
     if cfg.method.name == "slope" and cfg.slope.backend in CUDA_BACKENDS and device.type != "cuda":
         raise ConfigError(f"config key 'slope.backend': {cfg.slope.backend!r} needs a CUDA GPU and the run is on "
                           f"{device.type}; use 'auto', 'reference' or 'emulated'")
-    resolve_source(cfg.data.train)
+    resolve_source(cfg.data.train, text_column=cfg.data.text_column)
     if cfg.data.val not in ("", "auto"):
-        resolve_source(cfg.data.val)
+        resolve_source(cfg.data.val, text_column=cfg.data.text_column)
     for spec in cfg.eval.sets:
-        resolve_source(spec)
+        resolve_source(spec, text_column=cfg.data.text_column)
     # The trained BPE's final size is not known yet; presets round it up to a multiple of 64 anyway.
     model_config = models.model_config(cfg.model, cfg.tokenizer.vocab_size, cfg.train.seq_len)
     with torch.device("meta"):
@@ -180,64 +181,6 @@ class _StopFlag:
         return False
 
 
-# ---- metrics --------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """metrics.jsonl (the record) and TensorBoard (for browsing) side by side."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None, finished: bool = False) -> None:
-        """finished: the resumed checkpoint is the final one, so its final evaluations are written again."""
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            # Drop what the interrupted run logged after its checkpoint: it is logged again.
-            kept = [json.dumps(record) for record in read_metrics(run_dir)
-                    if _keep_on_resume(record, resume_step, finished)]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the whole run
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = record.get("step", 0)
-        prefix = record.get("kind", "train") + ("/" + record["set"] if "set" in record else "")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.tb.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        self.file.close()
-        self.tb.close()
-
-
-def _keep_on_resume(record: dict, step: int, finished: bool) -> bool:
-    if record.get("kind") == "event" or (finished and record.get("kind") == "eval"):
-        # Periodic evals come before their step's checkpoint, the final ones after the final checkpoint.
-        return record.get("step", 0) < step
-    return record.get("step", 0) <= step
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line a kill cut short (or any unreadable line) is left out, with a warning."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record, bad = None, bad + 1
-        if isinstance(record, dict):
-            records.append(record)
-    if bad:
-        log.warning("%s: left out %d unreadable line(s) (a write cut short by a kill)", path, bad)
-    return records
-
-
 # ---- the run --------------------------------------------------------------------------------------
 
 
@@ -245,6 +188,9 @@ class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def step(self, clipped: bool) -> None:
         pass
 
     def close(self) -> None:
@@ -300,7 +246,7 @@ class Trainer:
         else:
             self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(lambda: prepare_data(
                 self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-                cfg.tokenizer.name, cfg.tokenizer.vocab_size,
+                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column,
             ))
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
@@ -350,6 +296,10 @@ class Trainer:
             self.method.apply(model)
         except ValueError as err:  # the real vocabulary can give the output layer another shape than preflight's
             raise ConfigError(f"[slope]: {err}") from None
+        if self.cfg.train.gradient_checkpointing:
+            # non-reentrant: recomputes each block in backward; SlopeLinear's operands are derived from its
+            # stored values there again, so the recomputed forward equals the first one
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.to(self.device)
 
     def _wrap(self) -> None:
@@ -439,7 +389,7 @@ class Trainer:
             )
         try:
             return prepare_data(data_dir, cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-                                cfg.tokenizer.name, cfg.tokenizer.vocab_size)
+                                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column)
         except DataError as err:
             raise DataError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
@@ -587,8 +537,10 @@ class Trainer:
         self._setup()
         cfg = self.cfg
         finished = self.step >= cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
-        # rank 0 alone writes metrics.jsonl and TensorBoard; the others log nothing
-        metrics = (MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished)
+        # rank 0 alone writes metrics.jsonl and TensorBoard / W&B; the others log nothing. Without a
+        # progress bar (--no-progress, or stdout not a terminal) every logged step is one plain line.
+        metrics = (MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished,
+                              logger=cfg.run.logger, plain=not self.progress, config=cfg.to_dict())
                    if self.dist.main else _NoMetrics())
         params = count_params(self.model)
         if self.adapter_step is not None:
@@ -629,6 +581,7 @@ class Trainer:
                     self.step += 1
                     self.tokens_seen += tokens_per_step
                     last_loss = loss
+                    metrics.step(cfg.optim.grad_clip > 0 and grad_norm > cfg.optim.grad_clip)  # the clip rate's tally
                     if not backends_reported and slope_layers(self.model):
                         # after the first step each layer has chosen its backend (and any dense fallbacks)
                         log.info(backend_summary(slope_layers(self.model)))
@@ -646,8 +599,9 @@ class Trainer:
                         result = self._eval_val(stop)
                         if not stop.requested:  # an eval cut short by Ctrl-C is not a result
                             metrics.write({"kind": "eval", "set": "val", "step": self.step, **result})
-                            log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
-                                     self.step, result["loss"], result["ppl"], result["bpb"])
+                            if self.progress:  # without the bar, the metrics log printed it as a plain line
+                                log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
+                                         self.step, result["loss"], result["ppl"], result["bpb"])
                     if self.dist.world > 1:
                         stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
                     if stop.requested:
@@ -685,7 +639,8 @@ class Trainer:
         metrics.write({"kind": "eval", "set": "val", "step": self.step, **results["val"]})
         for spec in cfg.eval.sets:
             tokens = self._main_first(lambda spec=spec: tokenize_source(self.run_dir / "data", "eval", spec,
-                                                                        self.tokenizer))
+                                                                        self.tokenizer,
+                                                                        text_column=cfg.data.text_column))
             results[spec] = evaluate(
                 self._eval_model(), tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
                 max_tokens=cfg.eval.final_max_tokens, device=self.device, autocast=self._autocast,

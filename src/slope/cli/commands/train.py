@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--method", choices=None, help="dense or slope (same as --method.name)")
     p.add_argument("--run-dir", type=Path, help="run directory (must not exist); default runs/<name>-<method>-<time>")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per logged step instead (the default when the output "
+                        "is not a terminal)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, run file, overrides) as TOML and exit; nothing is "
+                        "trained or written")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -125,6 +131,9 @@ def run(args) -> int:
 
     try:
         cfg, run_dir, resume = _resolve(args)
+        if args.print_config:
+            print(runconfig.to_toml(cfg), end="")
+            return 0
         dist = distributed.init(cfg)  # under torchrun: join the other ranks (a no-op in one process)
     except ConfigError as err:
         raise UserError(str(err)) from None
@@ -133,8 +142,6 @@ def run(args) -> int:
     except BaseException as err:
         if dist.world > 1 and not isinstance(err, UserError | SystemExit):
             # torchrun reports a failed worker by its exit code; this line says which rank and why
-            import sys
-
             print(f"slope train: rank {dist.rank} of {dist.world} failed: {type(err).__name__}: "
                   f"{' '.join(str(err).split())[:500]}", file=sys.stderr, flush=True)
         raise
@@ -162,7 +169,10 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
             if dist.main:
                 # Written under the lock: on resume it records the allowed overrides for the next resume.
                 runconfig.save(cfg, run_dir / "config.toml")
-            result = Trainer(cfg, run_dir, resume=resume, progress=not args.no_progress and dist.main,
+            # A bar only on a terminal: redirected to a file (a cluster job's log) its \r updates would
+            # be all there is between evaluations, so the log gets one plain line per logged step instead.
+            terminal = sys.stdout.isatty() and sys.stderr.isatty()
+            result = Trainer(cfg, run_dir, resume=resume, progress=terminal and not args.no_progress and dist.main,
                              dist=dist).run()
     except BaseException as err:
         # A new run that ends before its first checkpoint holds nothing of value, and its directory left
