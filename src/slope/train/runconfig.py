@@ -62,6 +62,9 @@ class ModelSection:
     max_seq_len: int = 0  # position table size; 0 = train.seq_len
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # multiplies the initial weights of the blocks' linear layers (a control: pruning half of a layer's
+    # weights at init scales its output by about sqrt(n/m), so a dense run at 0.7071 starts where SLoPe does)
+    linear_init_scale: float = 1.0
 
 
 @dataclass
@@ -84,7 +87,11 @@ class TokenizerSection:
 
 @dataclass
 class MethodSection:
-    name: str = "slope"  # dense or slope (the options of slope live in [slope])
+    name: str = "slope"  # dense, slope, srste or wanda (the options of slope live in [slope])
+    # srste: the sparse-refined decay on the pruned weights (Zhou et al. 2021, extended to AdamW)
+    srste_decay: float = 2e-4
+    # wanda: the share of train.max_steps trained dense before the one-shot Wanda pruning to N:M
+    wanda_dense_fraction: float = 0.5
 
 
 @dataclass
@@ -335,7 +342,7 @@ def validate(cfg: RunConfig) -> None:
 
     if not cfg.data.text_column:
         raise ConfigError("config key 'data.text_column' must name a column, got ''")
-    for key in ("run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
+    for key in ("method.srste_decay", "method.wanda_dense_fraction", "model.linear_init_scale", "run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
                 "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
         section, _, name = key.partition(".")
         finite(key, getattr(getattr(cfg, section), name))
@@ -379,6 +386,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    positive("method.srste_decay", cfg.method.srste_decay, allow_zero=True)
+    if not 0.0 < cfg.method.wanda_dense_fraction < 1.0:
+        raise ConfigError(f"config key 'method.wanda_dense_fraction' must be in (0, 1), got {cfg.method.wanda_dense_fraction}")
+    positive("model.linear_init_scale", cfg.model.linear_init_scale)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     choices = {
