@@ -19,7 +19,9 @@ lm-eval is an optional dependency: `pip install 'slope[eval]'`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -62,6 +64,21 @@ def local_task_config(jsonl: str | Path | None = None) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _quiet_hub_retries():
+    """Offline, the hub client logs each failed request as a warning before raising: the error that
+    follows is reported as one line, so those warnings are held back while tasks load and run."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def run_lm_eval(
     model_dir: str | Path,
     tasks: list[str],
@@ -97,10 +114,11 @@ def run_lm_eval(
     specs = [local_task_config(jsonl) if task == LOCAL_TASK else task for task in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        with _quiet_hub_retries():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
     except KeyError as err:  # lm-eval's answer to an unknown task name
         raise LmEvalError(f"lm-eval does not know task {err}; `lm_eval --tasks list` lists them") from err
     except OSError as err:  # ConnectionError (offline hub), a dataset missing from the cache, ...
