@@ -11,7 +11,9 @@
 #   5. fused step kernels vs today's torch paths at LLaMA-3-8B shapes
 #   6. per-layer products (LLaMA-3-8B / OPT shapes and a hidden-size sweep, 8192 tokens)
 #   7. FSDP2 smoke: `slope train --config tiny` under torchrun on 1 GPU (nccl), checked with `slope check`
-#   8. plot and report
+#   8. quality-study smoke: benchmarks/accuracy.py at GPT-2-small scale, dense and SLoPe, a few steps
+#      (that the study runs on a GPU; the study itself is far longer than a device loan)
+#   9. plot and report
 # Kernel tuning searches each new shape once, in a child process, and keeps the result in
 # $OUT/tuning.json (SLOPE_TUNING_CACHE), which later stages and later runs reuse.
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -24,7 +26,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export SLOPE_TUNING_CACHE=${SLOPE_TUNING_CACHE:-$OUT/tuning.json}
 PY=${PY:-python3}
 T_PLANS=${T_PLANS:-45} T_TESTS=${T_TESTS:-90} T_E2E=${T_E2E:-100} T_PROF=${T_PROF:-75} T_STEP=${T_STEP:-40}
-T_LAYERS=${T_LAYERS:-45} T_FSDP=${T_FSDP:-35}
+T_LAYERS=${T_LAYERS:-40} T_FSDP=${T_FSDP:-35} T_ACC=${T_ACC:-40}
 LOG="$OUT/log.txt"
 start=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }
@@ -73,6 +75,15 @@ timeout 30 $PY -m slope check "$FSDP_RUN" 2>&1 | tail -n 3
 echo "fsdp smoke check exit: $?"
 rm -rf "$FSDP_RUN/data" "$FSDP_RUN/checkpoints"  # the log lines above are the result; the weights are not
 
+stage "accuracy study smoke (gpt2-small, dense + slope, 1 seed, 6 steps)"
+rm -rf "$OUT/accuracy_runs" "$OUT/slope-accuracy-gpt2-small"
+timeout "$T_ACC" $PY benchmarks/accuracy.py --scale gpt2-small --train-data shakespeare --arms dense,slope \
+  --lrs 6e-4 --seeds 0 --steps 6 --out "$OUT/accuracy_runs" --work "$OUT" --report-dir "$OUT" -- \
+  --run.compile=false --tokenizer.vocab_size=2048 --train.grad_accum=1 \
+  --eval.max_tokens=65536 --eval.final_max_tokens=65536 2>&1 | grep -v '^|' | tail -n 12
+echo "accuracy smoke exit: $?"
+rm -rf "$OUT/slope-accuracy-gpt2-small"  # run directories a timeout left behind
+
 stage "plot"
 [ -f "$OUT/gpu_layers.json" ] && $PY benchmarks/gpu_plot.py "$OUT/gpu_layers.json" "$OUT/gpu_speedup.png"
 stage "done"
@@ -108,7 +119,7 @@ stage "done"
   echo '```'
   sed -n '/=== fsdp2 smoke/,/=== plot/p' "$LOG" | grep -v '^===' | head -n 14
   echo '```'
-  for f in gpu_e2e gpu_profile gpu_step_kernels gpu_layers; do
+  for f in gpu_e2e gpu_profile gpu_step_kernels gpu_layers accuracy_gpt2-small; do
     [ -f "$OUT/$f.md" ] && { echo; sed 's/^# /## /' "$OUT/$f.md"; }
   done
 } > "$OUT/report.md"
