@@ -51,7 +51,11 @@ from benchmarks import _report
 # defaults, written out so each run's record says what it ran with.
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense": ("dense", ()),
-    "dense-init0.71": ("dense", ("--model.linear_init_scale=0.7071",)),  # dense started where SLoPe starts
+    # Init-scale controls. sqrt(n/m) = 0.7071 is the output scale of dropping half the weights at random;
+    # a 2:4 magnitude prune keeps about 87 % of a Gaussian layer's weight energy, an output scale of
+    # about 0.93 (docs/methods.md), so both bracket where SLoPe's pruned layers start.
+    "dense-init0.71": ("dense", ("--model.linear_init_scale=0.7071",)),
+    "dense-init0.93": ("dense", ("--model.linear_init_scale=0.93",)),
     "dense-noclip": ("dense", ("--optim.grad_clip=0",)),  # does gradient clipping favour one arm?
     "slope": ("slope", ()),  # adapters for the last 1 % of steps (the default)
     "slope-adapters0.9": ("slope", ("--slope.adapter_start=0.9",)),

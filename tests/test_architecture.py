@@ -22,7 +22,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = ["maths", "backends", "layer", "io", "train", "cli"]
 MATHS = {"slope.config", "slope.masks", "slope.autograd", "slope.devices"}
-LAYER = {"slope.linear", "slope.convert", "slope.memory"}
+LAYER = {"slope.linear", "slope.convert", "slope.memory", "slope.srste"}
 # old module paths that docs once named: one-line re-exports that warn, kept for users' imports
 DEPRECATED = {"slope.kernels", "slope.inference", "slope.checkpoint", "slope.methods", "slope.hf_trainer", "slope.lmeval"}
 

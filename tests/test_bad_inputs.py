@@ -84,7 +84,7 @@ TRAIN_OVERRIDES = [
     ("--tokenizer.vocab_size=x", "config key 'tokenizer.vocab_size' expects an integer, got 'x'"),
     ("--tokenizer.name=/nope", "tokenizer '/nope' could not be loaded from a local path or the local cache"),
     # [method]
-    ("--method.name=magic", "config key 'method.name' must be one of dense, slope; got 'magic'"),
+    ("--method.name=magic", "config key 'method.name' must be one of dense, slope, srste, wanda; got 'magic'"),
     # [optim]
     ("--optim.lr=nan", "config key 'optim.lr' must be a finite number, got nan"),
     ("--optim.lr=inf", "config key 'optim.lr' must be a finite number, got inf"),
@@ -212,7 +212,7 @@ CLI_CASES = [
     ("train-config-unknown-section", ["train", "--config", "{bad}/nosect.toml", "--run-dir", "{tmp}/r"],
      "unknown config section 'nosuch'; sections are: run, model", 2),
     ("train-method-unknown", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--method", "magic"],
-     "config key 'method.name' must be one of dense, slope; got 'magic'", 2),
+     "config key 'method.name' must be one of dense, slope, srste, wanda; got 'magic'", 2),
     ("train-run-dir-exists", ["train", "--config", "tiny", "--run-dir", "{bad}/emptydir"],
      "emptydir already exists; continue it with --resume", 2),
     ("train-run-dir-under-file", ["train", "--config", "tiny", "--run-dir", "{bad}/file.txt/r"],

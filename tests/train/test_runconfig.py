@@ -60,7 +60,7 @@ def test_int_is_accepted_where_a_float_is_expected():
     (["--eval.sets=[1, 2]"], "config key 'eval.sets' expects a list of strings"),
     (["--slope.n=4"], "SlopeConfig.n=4 is invalid"),
     (["--train.batch_size=0"], "'train.batch_size' must be > 0"),
-    (["--method.name=magic"], "'method.name' must be one of dense, slope"),
+    (["--method.name=magic"], "'method.name' must be one of dense, slope, srste, wanda"),
     (["--run.precision=fp8"], "'run.precision' must be one of"),
     (["--train.max_steps"], "has no value"),
     (["stray"], "unrecognized argument 'stray'"),

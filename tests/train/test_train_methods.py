@@ -84,7 +84,7 @@ def test_user_config_file_and_folder(tmp_path):
 
 
 def test_every_method_is_registered():
-    assert set(METHODS) == {"dense", "slope"}
+    assert set(METHODS) == {"dense", "slope", "srste", "wanda"}
 
 
 def _draws() -> dict:

@@ -30,7 +30,10 @@ run is ignored.
 
 The model is rebuilt from these files alone, without the training code: `slope_config` null means
 a dense model; otherwise the model is sparsified with that SlopeConfig, and each layer gets
-adapters of the rank its `mask_state` records. `method` only names how the run trained: a method
+adapters of the rank its `mask_state` records. `prune_on_load: true` (an SR-STE run, whose layers
+train dense weights through their N:M magnitude mask) means model.safetensors is the dense model: it
+is loaded first and then sparsified with `slope_config`, whose magnitude masks are the trained masks,
+so every reader sees the pruned model (resume reads the dense weights itself). `method` only names how the run trained: a method
 this version does not know still loads when its files have this shape, and strict loading of the
 weights refuses any that do not.
 """
@@ -504,6 +507,10 @@ def read_info(checkpoint_dir: str | Path) -> dict:
             SlopeConfig(**info["slope_config"])
         except (TypeError, ValueError) as err:
             raise FormatError(f"{file}: invalid slope_config ({one_line(err)})") from err
+    prune_on_load = info.get("prune_on_load", False)
+    if not isinstance(prune_on_load, bool) or (prune_on_load and info["slope_config"] is None):
+        raise FormatError(f"{file}: prune_on_load must be true or false, and true only with a slope_config; "
+                          f"got {prune_on_load!r}")
     return info
 
 
@@ -528,12 +535,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
         model = AutoModelForCausalLM.from_config(config)
     except Exception as err:  # transformers and tokenizers raise what a damaged file makes them meet (TypeError, ...)
         raise FormatError(f"{ckpt}: cannot read {HF_CONFIG_FILE} or {TOKENIZER_DIR}/ ({one_line(err)})") from err
-    if info.get("slope_config") is not None:
-        try:
-            sparsify(model, SlopeConfig(**info["slope_config"]))
-        except (TypeError, ValueError) as err:
-            raise FormatError(f"{ckpt / INFO_FILE}: slope_config does not apply to this model ({one_line(err)})") from err
     weights = ckpt / WEIGHTS_FILE
+    prune_on_load = info.get("prune_on_load", False)
+    if info.get("slope_config") is not None and not prune_on_load:
+        _sparsify_as_saved(model, info, ckpt)
     # strict: every tensor present with its shape, or a clear error before the model is returned
     try:
         if info.get("adapters"):
@@ -543,7 +548,16 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
         raise FormatError(
             f"{weights} does not fit the checkpoint's {INFO_FILE} and {HF_CONFIG_FILE}: {one_line(err)}"
         ) from err
+    if prune_on_load:
+        _sparsify_as_saved(model, info, ckpt)  # from the loaded dense weights: their magnitude masks
     return model.eval(), tokenizer, info
+
+
+def _sparsify_as_saved(model: nn.Module, info: dict, ckpt: Path) -> None:
+    try:
+        sparsify(model, SlopeConfig(**info["slope_config"]))
+    except (TypeError, ValueError) as err:
+        raise FormatError(f"{ckpt / INFO_FILE}: slope_config does not apply to this model ({one_line(err)})") from err
 
 
 def _add_adapters_as_saved(model: nn.Module, weights: Path) -> None:

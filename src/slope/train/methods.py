@@ -3,27 +3,56 @@
 The training loop only talks to the `Method` interface, so a new method (a baseline) is one class
 registered in `METHODS`, with no change to the loop. Checkpoints need no method code to load: their
 slope.json describes the model's structure (`checkpoint_info`), which `slope.io.checkpoint` rebuilds.
+
+The methods (docs/methods.md compares them):
+    dense   the model as built
+    slope   SLoPe: static N:M magnitude mask, double-pruned backward, lazy adapters
+            (with slope.double_prune = false: static magnitude N:M without the backward change)
+    srste   SR-STE: dense weights through a dynamic N:M magnitude mask, sparse-refined decay
+    wanda   dense, then one-shot Wanda pruning to N:M, then SLoPe on the pruned model
+
+A method changes the model's parameters only in `before_step`, at the steps `structure_steps` lists
+(adapters joining, a prune), and says so by returning an event; the trainer then rebuilds the
+DDP / FSDP wrapper, and on resume replays those steps (`replay=True`) to rebuild the structure the
+checkpoint was written with before loading it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
+import torch
 from torch import nn
 
 from slope.config import SlopeConfig
-from slope.convert import add_adapters, dense_equivalent_params, slope_layers, sparsify
+from slope.convert import (
+    HF_CONFIG_KEY,
+    add_adapters,
+    dense_equivalent_params,
+    replace_module,
+    slope_layers,
+    sparsify,
+)
+from slope.linear import dense_weight_of, is_conv1d
+from slope.masks import gather_values, nm_mask, pack_group_bits
+from slope.srste import SrsteLinear, srste_layers
 
 log = logging.getLogger("slope")
 
 
 class Method:
-    """Dense training; the base class every method extends."""
+    """Dense training; the base class every method extends.
+
+    Stores: every weight dense. Accelerates: nothing (the reference every other method is measured by).
+    """
 
     name = "dense"
 
-    def __init__(self, slope_config: SlopeConfig | None = None) -> None:
+    def __init__(self, slope_config: SlopeConfig | None = None, options: dict | None = None) -> None:
+        """options: the run's [method] keys (srste_decay, wanda_dense_fraction) and `grad_accum`."""
         self.slope_config = slope_config
+        self.options = dict(options or {})
 
     def apply(self, model: nn.Module) -> None:
         """Convert `model` in place before training (and log what was done)."""
@@ -33,8 +62,18 @@ class Method:
         """The optimizer step before which adapters join (None: never)."""
         return None
 
-    def before_step(self, step: int, max_steps: int, model: nn.Module, optimizer, group: dict) -> dict | None:
-        """Called before every optimizer step `step` (0-based); returns an event to log, if any."""
+    def structure_steps(self, max_steps: int) -> list[int]:
+        """The steps before which `before_step` changes the model's parameters, in order."""
+        step = self.adapter_step(max_steps)
+        return [] if step is None else [step]
+
+    def before_step(self, step: int, max_steps: int, model: nn.Module, optimizer, group: dict,
+                    replay: bool = False) -> dict | None:
+        """Called before every optimizer step `step` (0-based); returns an event to log, if any.
+
+        replay: a resume rebuilding the structure of a checkpoint written after `step`, whose weights,
+        masks and optimizer state are loaded next (so no data-dependent work is needed).
+        """
         return None
 
     def has_adapters(self, model: nn.Module) -> bool:
@@ -44,9 +83,31 @@ class Method:
         """The method's part of a checkpoint's slope.json."""
         return {"method": self.name, "slope_config": None, "adapters": False, "adapter_rank": None}
 
+    def summary_options(self) -> dict:
+        """The method's options as used, for summary.json's "method_options"."""
+        return {}
+
+    def event_message(self, event: dict) -> str:
+        """One log line for an event `before_step` returned."""
+        return ", ".join(f"{k} {v}" for k, v in event.items() if k != "step")
+
+    def state_dict(self) -> dict:
+        """What the method itself must carry across a resume (the trainer state holds it)."""
+        return {}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        pass
+
 
 class SlopeMethod(Method):
-    """SLoPe: static N:M sparse weights, double-pruned backward, lazy adapters at `adapter_start`."""
+    """SLoPe: static N:M sparse weights, double-pruned backward, lazy adapters at `adapter_start`.
+
+    Stores: the kept values (n/m of each sparse weight) and their mask bits, plus the adapters at the
+    end. Accelerates: all three products of every sparse layer with 2:4 kernels (forward x W_Rᵀ,
+    grad_input dy W_RC with the double-pruned weight, grad_weight kept only at M_R), and inference.
+    With `slope.double_prune = false` grad_input uses W_R: static magnitude N:M without the backward
+    change (the same storage, a backward that is no longer N:M along `out`).
+    """
 
     name = "slope"
 
@@ -56,15 +117,24 @@ class SlopeMethod(Method):
     def adapter_step(self, max_steps: int) -> int | None:
         return self.slope_config.adapter_step(max_steps)
 
-    def before_step(self, step, max_steps, model, optimizer, group):
+    def before_step(self, step, max_steps, model, optimizer, group, replay=False):
         if step != self.adapter_step(max_steps) or self.has_adapters(model):
             return None
+        return self._add_adapters(step, model, optimizer, group)
+
+    def _add_adapters(self, step, model, optimizer, group) -> dict:
         params = add_adapters(model, optimizer=optimizer, param_group=group)
         return {
             "event": "adapters_added", "step": step, "params": sum(p.numel() for p in params),
             "ranks": sorted({layer.rank for _, layer in slope_layers(model)}),
             "param_groups": len(optimizer.param_groups),
         }
+
+    def event_message(self, event):
+        if event["event"] != "adapters_added":
+            return super().event_message(event)
+        return (f"added adapters ({event['params']:,} parameters, ranks {event['ranks']}); optimizer now has "
+                f"{event['param_groups']} groups")
 
     def has_adapters(self, model):
         return any(layer.rank for _, layer in slope_layers(model))
@@ -73,12 +143,245 @@ class SlopeMethod(Method):
         return {"method": self.name, "slope_config": self.slope_config.to_dict(),
                 "adapters": self.has_adapters(model), "adapter_rank": None}
 
+    def summary_options(self):
+        return {"double_prune": self.slope_config.double_prune}
 
-METHODS: dict[str, type[Method]] = {"dense": Method, "slope": SlopeMethod}
+
+def _sparsify_keeping_dense(model: nn.Module, config: SlopeConfig) -> dict[str, nn.Module]:
+    """`sparsify` (its skip rule and report), returning the dense module each SlopeLinear replaced.
+
+    SR-STE and Wanda train exactly the layers SLoPe would sparsify; calling `sparsify` itself keeps
+    that rule in one place. The dense modules still hold their Parameters (SlopeLinear reuses the bias).
+    """
+    before = dict(model.named_modules())
+    sparsify(model, config)
+    return {name: before[name] for name in model.slope_report.converted}
 
 
-def get_method(name: str, slope_config: SlopeConfig | None = None) -> Method:
-    return METHODS[name](slope_config)
+# ---- SR-STE -------------------------------------------------------------------------------------
+
+
+class SrsteMethod(Method):
+    """SR-STE (Zhou et al. 2021) extended to AdamW: a dynamic N:M magnitude mask, recomputed from the
+    dense weight at every forward, straight-through backward plus λ (1 − M) ⊙ W on the pruned weights.
+
+    Stores: every weight dense while training (the mask is derived), like dense training. Accelerates
+    in training: nothing on its own (the mask changes every step, so a 2:4 kernel would need the
+    weight compressed at every step, and the weight gradient is dense); the trained model is an
+    ordinary N:M model, accelerated at inference like SLoPe's. Checkpoints hold the dense weights
+    (`prune_on_load`), so resume continues the dense weights exactly and every reader sees the pruned model.
+    """
+
+    name = "srste"
+
+    @property
+    def decay(self) -> float:
+        return float(self.options.get("srste_decay", 2e-4))
+
+    def apply(self, model: nn.Module) -> None:
+        cfg = self.slope_config
+        # per micro-batch: the k backwards of one step with gradient accumulation add λ once in all
+        per_backward = self.decay / int(self.options.get("grad_accum", 1))
+        dense = _sparsify_keeping_dense(model, cfg)
+        for name, module in dense.items():
+            replace_module(model, name, SrsteLinear.from_dense(module, cfg.n, cfg.m, per_backward))
+        # the model trains dense weights: its config.json must not claim stored sparse layers
+        if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
+            delattr(model.config, HF_CONFIG_KEY)
+        log.info("srste: those %d layers train dense weights through a dynamic %d:%d magnitude mask, "
+                 "sparse-refined decay %g", len(dense), cfg.n, cfg.m, self.decay)
+
+    def checkpoint_info(self, model):
+        # prune_on_load: the weights file is a dense model; its readers sparsify it with slope_config
+        return {"method": self.name, "slope_config": self.slope_config.to_dict(), "adapters": False,
+                "adapter_rank": None, "prune_on_load": bool(srste_layers(model)), "srste_decay": self.decay}
+
+    def summary_options(self):
+        return {"srste_decay": self.decay}
+
+
+# ---- Wanda --------------------------------------------------------------------------------------
+
+
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The (out, in) bool N:M Wanda mask: of every m weights along `in`, the n with the highest
+    |W_ij| · ‖X_j‖₂ (input_norm: (in,), the norm of input column j over the calibration tokens); ties
+    go to the lower index (`nm_mask`)."""
+    score = weight.detach().abs().float() * input_norm.float()[None, :]  # (out, in)
+    return nm_mask(score, n, m, dim=1)
+
+
+class WandaMethod(SlopeMethod):
+    """Dense for `wanda_dense_fraction` of the steps, then a one-shot Wanda prune to N:M, then SLoPe.
+
+    Calibration: the input norms ‖X_j‖₂ are summed by forward hooks over every training micro-batch of
+    the step just before the prune (over all ranks; evaluation forwards are not counted). The prune
+    turns every layer `sparsify` would convert into a SlopeLinear with that mask (same SlopeConfig:
+    double-pruned backward, adapters at `slope.adapter_start`, but not before the prune). The kept
+    values keep their AdamW moments (gathered at the mask) in one process and under DDP; under FSDP
+    they start fresh.
+
+    Stores and accelerates: as dense before the prune, as SLoPe after it.
+    """
+
+    name = "wanda"
+
+    @property
+    def dense_fraction(self) -> float:
+        return float(self.options.get("wanda_dense_fraction", 0.5))
+
+    def __init__(self, slope_config=None, options=None):
+        super().__init__(slope_config, options)
+        self._sumsq: dict[str, torch.Tensor] = {}  # module name -> (in,) Σ x_j² over the calibration tokens
+        self._summed_over_ranks = False  # _sumsq already holds every rank's share (loaded from a checkpoint)
+        self._hooks: list = []
+
+    def prune_step(self, max_steps: int) -> int | None:
+        """The step before which the prune happens: after at least one dense step (None: no room)."""
+        step = max(1, math.floor(self.dense_fraction * max_steps))
+        return step if step < max_steps else None
+
+    def adapter_step(self, max_steps):
+        step, prune = self.slope_config.adapter_step(max_steps), self.prune_step(max_steps)
+        if step is None or prune is None:
+            return None
+        return max(step, prune)  # adapters need the sparse layers: at the prune at the earliest
+
+    def structure_steps(self, max_steps):
+        return sorted({s for s in (self.prune_step(max_steps), self.adapter_step(max_steps)) if s is not None})
+
+    def apply(self, model):
+        log.info("wanda: dense until the one-shot %d:%d prune after %.0f%% of the steps",
+                 self.slope_config.n, self.slope_config.m, 100 * self.dense_fraction)
+
+    def before_step(self, step, max_steps, model, optimizer, group, replay=False):
+        prune = self.prune_step(max_steps)
+        event = None
+        if prune is not None and step == prune - 1 and not replay:
+            self._start_calibration(model)
+        if step == prune and not slope_layers(model):
+            event = self._prune(step, model, optimizer, replay)
+        if step == self.adapter_step(max_steps) and not self.has_adapters(model):
+            added = self._add_adapters(step, model, optimizer, group)
+            if event is None:
+                return added
+            event.update(adapters_added=added["params"], param_groups=added["param_groups"])
+        return event
+
+    # -- calibration --
+
+    def _start_calibration(self, model: nn.Module) -> None:
+        self._stop_calibration()
+        self._sumsq, self._summed_over_ranks = {}, False
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) or is_conv1d(module):
+                self._hooks.append(module.register_forward_pre_hook(self._collector(name)))
+
+    def _collector(self, name: str):
+        def collect(module, args):
+            if not module.training:
+                return  # an evaluation between the calibration step and the prune is not calibration
+            x = args[0].detach()
+            sumsq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)  # (in,)
+            # (a recomputed forward under gradient checkpointing counts twice: a uniform factor, same ranking)
+            self._sumsq[name] = self._sumsq[name] + sumsq if name in self._sumsq else sumsq
+        return collect
+
+    def _stop_calibration(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def state_dict(self):
+        # A checkpoint between the calibration step and the prune carries the sums collected so far,
+        # over all ranks (every rank calls this; rank 0's copy is the one written).
+        if not self._sumsq:
+            return {}
+        return {"wanda_sumsq": {name: t.clone() for name, t in self._over_ranks(self._sumsq).items()}}
+
+    def load_state_dict(self, state, device):
+        self._sumsq = {name: t.to(device) for name, t in state.get("wanda_sumsq", {}).items()}
+        self._summed_over_ranks = bool(self._sumsq)
+
+    def _over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sums over every rank's share of the batch (a collective in a run of several processes)."""
+        if self._summed_over_ranks or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return sums
+        summed = {}
+        for name in sorted(sums):  # the same order on every rank
+            summed[name] = sums[name].clone()
+            torch.distributed.all_reduce(summed[name])
+        return summed
+
+    # -- the prune --
+
+    def _prune(self, step: int, model: nn.Module, optimizer, replay: bool) -> dict:
+        self._stop_calibration()
+        cfg = self.slope_config
+        dense = _sparsify_keeping_dense(model, cfg)  # magnitude masks for now, replaced below
+        if not replay:
+            missing = [name for name in dense if name not in self._sumsq]
+            if missing:
+                raise RuntimeError(f"wanda: no calibration inputs reached {missing[0]} before the prune at step {step}")
+            # every rank saw its own share of the batch: the norm is over all of them
+            self._sumsq = self._over_ranks(self._sumsq)
+        layers = dict(slope_layers(model))
+        new_params = 0
+        for name, module in dense.items():
+            layer = layers[name]
+            weight = dense_weight_of(module)[0].detach()  # (out, in)
+            old = module.weight
+            if not replay:  # on replay the checkpoint's values and masks are loaded next
+                mask = wanda_mask(weight, self._sumsq[name].sqrt(), cfg.n, cfg.m)  # (out, in)
+                with torch.no_grad():
+                    layer.row_bits.copy_(pack_group_bits(mask, cfg.m, dim=1))
+                    layer.weight.copy_(gather_values(weight, mask))
+                layer.runtime.reset()
+            _swap_in_optimizer(optimizer, old, layer.weight, layer.row_mask(), transposed=is_conv1d(module))
+            new_params += layer.weight.numel()
+        self._sumsq, self._summed_over_ranks = {}, False
+        return {"event": "wanda_pruned", "step": step, "layers": len(dense), "params": new_params,
+                "param_groups": len(optimizer.param_groups)}
+
+    def event_message(self, event):
+        if event["event"] != "wanda_pruned":
+            return super().event_message(event)
+        extra = f", added adapters ({event['adapters_added']:,} parameters)" if "adapters_added" in event else ""
+        return (f"wanda: pruned {event['layers']} layers to {self.slope_config.n}:{self.slope_config.m} "
+                f"({event['params']:,} kept values){extra}; SLoPe from here")
+
+    def checkpoint_info(self, model):
+        pruned = bool(slope_layers(model))
+        info = super().checkpoint_info(model) if pruned else Method.checkpoint_info(self, model)
+        return {**info, "method": self.name, "pruned": pruned, "wanda_dense_fraction": self.dense_fraction}
+
+    def summary_options(self):
+        return {"wanda_dense_fraction": self.dense_fraction, "double_prune": self.slope_config.double_prune}
+
+
+def _swap_in_optimizer(optimizer, old: nn.Parameter, new: nn.Parameter, mask: torch.Tensor, transposed: bool) -> None:
+    """Put `new` (kept values, (out, k)) where `old` (a dense weight) was in its param group; AdamW's
+    moments of `old`, if any, continue at the kept positions (`mask`: (out, in))."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+                state = optimizer.state.pop(old, None)
+                if state:
+                    optimizer.state[new] = {
+                        key: gather_values(value.t() if transposed else value, mask).clone()
+                        if torch.is_tensor(value) and value.dim() == 2 else value
+                        for key, value in state.items()
+                    }
+                return
+    raise RuntimeError("wanda: a pruned layer's weight is not in the optimizer")
+
+
+METHODS: dict[str, type[Method]] = {"dense": Method, "slope": SlopeMethod, "srste": SrsteMethod, "wanda": WandaMethod}
+
+
+def get_method(name: str, slope_config: SlopeConfig | None = None, options: dict | None = None) -> Method:
+    return METHODS[name](slope_config, options)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -12,6 +12,7 @@ slice of the global batch through a DDP or FSDP2 wrapper, and rank 0 alone write
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -81,8 +82,12 @@ def preflight(cfg: RunConfig) -> torch.device:
     from slope.train.data import resolve_source
 
     device = pick_device(cfg.run.device)
-    pick_dtype(cfg.run.precision, device)
-    if cfg.method.name == "slope" and cfg.slope.backend in CUDA_BACKENDS and device.type != "cuda":
+    amp_dtype = pick_dtype(cfg.run.precision, device)
+    if cfg.method.name == "srste" and amp_dtype == torch.float16:
+        # the decay is added inside the backward, where fp16's loss scale is not: it would shrink by it
+        raise ConfigError(f"--method srste does not train with fp16 loss scaling (run.precision={cfg.run.precision!r} "
+                          f"gives fp16 on this GPU); use run.precision=fp32, or bf16 on a GPU that has it")
+    if cfg.method.name in ("slope", "wanda") and cfg.slope.backend in CUDA_BACKENDS and device.type != "cuda":
         raise ConfigError(f"config key 'slope.backend': {cfg.slope.backend!r} needs a CUDA GPU and the run is on "
                           f"{device.type}; use 'auto', 'reference' or 'emulated'")
     resolve_source(cfg.data.train, text_column=cfg.data.text_column)
@@ -95,12 +100,17 @@ def preflight(cfg: RunConfig) -> torch.device:
     with torch.device("meta"):
         model = models.build_model(model_config)
         try:
-            get_method(cfg.method.name, cfg.slope).apply(model)
+            get_method(cfg.method.name, cfg.slope, method_options(cfg)).apply(model)
         except ValueError as err:  # nothing left to sparsify, or an indivisible shape with on_indivisible=error
             raise ConfigError(f"[slope]: {err}") from None
         except NotImplementedError:
             pass  # the shape checks passed; building the sparse storage needs real values, which meta has not
     return device
+
+
+def method_options(cfg: RunConfig) -> dict:
+    """The [method] keys and what a method needs of the loop (grad_accum), for `get_method`."""
+    return {**dataclasses.asdict(cfg.method), "grad_accum": cfg.train.grad_accum}
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -255,7 +265,10 @@ class Trainer:
                                                 eos_token_id=self.tokenizer.eos_token_id)
         models.check_fits(self.model_config, len(self.tokenizer), cfg.train.seq_len)
         torch.manual_seed(cfg.run.seed)
-        self.method = get_method(cfg.method.name, cfg.slope)
+        self.method = get_method(cfg.method.name, cfg.slope, method_options(cfg))
+        if self.method.summary_options():
+            log.info("method %s: %s", self.method.name,
+                     ", ".join(f"{k} = {v}" for k, v in self.method.summary_options().items()))
         self.model = self._build_model(announce=True)
         # what save_model leaves out (one of each tied pair), for the consolidated weights of an FSDP run
         self.tied_aliases = _tied_aliases(self.model)
@@ -269,12 +282,14 @@ class Trainer:
             # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
             ckpt, state = checkpoint.load_for_resume(self.run_dir)
             self._check_resume(ckpt, state)
-            if self.adapter_step is not None and state["step"] > self.adapter_step:
-                # Adapters joined before this checkpoint: same layers, same optimizer group order.
-                self.step = self.adapter_step
-                self.method.before_step(self.adapter_step, cfg.train.max_steps, self.model, self.optimizer,
-                                        self._adapter_group())
-                self.model.to(self.device)
+            # Adapters joined / a prune happened before this checkpoint: the same structure, the same
+            # optimizer group order, then the checkpoint's values are loaded into it (_restore)
+            for step in self.method.structure_steps(cfg.train.max_steps):
+                if step < state["step"]:
+                    self.step = step
+                    self.method.before_step(step, cfg.train.max_steps, self.model, self.optimizer,
+                                            self._adapter_group(), replay=True)
+            self.model.to(self.device)
         self._wrap()
         from slope.train.data import WindowSampler
 
@@ -292,6 +307,10 @@ class Trainer:
         model = models.build_model(self.model_config)
         if announce:
             log.info("model: %s, %s parameters", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
+        scaled = models.scale_block_linears(model, self.cfg.model.linear_init_scale)
+        if announce and scaled:
+            log.info("model.linear_init_scale %g: scaled the initial weights of %d block linear layers",
+                     self.cfg.model.linear_init_scale, scaled)
         try:
             self.method.apply(model)
         except ValueError as err:  # the real vocabulary can give the output layer another shape than preflight's
@@ -321,13 +340,14 @@ class Trainer:
                 layer._seen_version = None  # the forward sees an unsharded copy: its first look is no step
         self.forward_model = torch.compile(self.wrapped) if self.cfg.run.compile else self.wrapped
 
-    def _add_adapters_sharded(self) -> dict | None:
+    def _before_step_sharded(self) -> dict | None:
         """The method's `before_step` on an FSDP model, which cannot take new parameters once sharded.
 
-        The model is gathered (a full state_dict on every rank, once per run), built again unsharded, given
-        the method's new parameters, sharded again; the optimizer state of the old parameters moves over
-        by name (same shapes, same shards). Chosen over adapters made up front and frozen: see
-        docs/distributed.md for the measurement.
+        The model is gathered (a full state_dict on every rank, once per structure change), built again
+        unsharded with the structure changes before this step replayed, given the method's new parameters,
+        sharded again; the optimizer state of the old parameters moves over by name where the shapes
+        still match (same shards); a replaced parameter (a pruned weight) starts fresh. Chosen over
+        adapters made up front and frozen: see docs/distributed.md for the measurement.
         """
         cfg = self.cfg
         old_model, old_optimizer = self.model, self.optimizer
@@ -335,8 +355,12 @@ class Trainer:
             full = distributed.full_state_dict(old_model)
         with torch.random.fork_rng(devices=[]):  # a fresh init must not move the RNG a single process would not
             model = self._build_model()
+            scratch = build_optimizer(model, cfg, self.device)
+            for step in self.method.structure_steps(cfg.train.max_steps):
+                if step < self.step:  # e.g. adapters after a prune: the pruned structure first
+                    self.method.before_step(step, cfg.train.max_steps, model, scratch, self._adapter_group(),
+                                            replay=True)
         model.load_state_dict(full, strict=True)
-        scratch = build_optimizer(model, cfg, self.device)
         event = self.method.before_step(self.step, cfg.train.max_steps, model, scratch, self._adapter_group())
         if event is None:
             return None  # the method added nothing this step; the rebuilt copy is dropped
@@ -346,8 +370,9 @@ class Trainer:
         optimizer = distributed.regroup(model, scratch, groups)
         old_params = dict(old_model.named_parameters())
         for name, param in model.named_parameters():
-            if name in old_params and old_params[name] in old_optimizer.state:
-                optimizer.state[param] = old_optimizer.state[old_params[name]]
+            old = old_params.get(name)
+            if old is not None and old in old_optimizer.state and old.shape == param.shape:
+                optimizer.state[param] = old_optimizer.state[old]
         for _, layer in slope_layers(model):
             layer._seen_version = None  # the loaded values are not an optimizer step (see quiet_step_observer)
         distributed.note_optimizer_steps(model, optimizer)
@@ -359,10 +384,9 @@ class Trainer:
     def _before_step(self) -> dict | None:
         """The method's hook before each step; new parameters join the wrapper and the optimizer."""
         cfg = self.cfg
-        if self.dist.mode == "fsdp":
-            if self.method.adapter_step(cfg.train.max_steps) != self.step:
-                return None  # before_step would do nothing: skip the gather (the slope method adds only here)
-            return self._add_adapters_sharded()
+        if self.dist.mode == "fsdp" and self.step in self.method.structure_steps(cfg.train.max_steps):
+            return self._before_step_sharded()
+        # other steps change no parameters (wanda's calibration hooks), so the sharded model itself will do
         event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
                                         self._adapter_group())
         if event and self.dist.mode == "ddp":
@@ -427,6 +451,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        self.method.load_state_dict(state.get("method", {}), self.device)
         self.step, self.tokens_seen, self.train_seconds = step, state["tokens_seen"], state["train_seconds"]
         log.info("resumed from %s (step %d)", ckpt, step)
 
@@ -442,6 +467,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
             "sampler": self.sampler.state_dict(), "rng": rng_state(),
             "scaler": self.scaler.state_dict(), "world_size": self.dist.world, "global_batch": self.global_batch,
+            "method": self.method.state_dict(),
         }
         if self.dist.mode != "fsdp":  # FSDP: the optimizer state is sharded in dcp/
             state["optimizer"] = self.optimizer.state_dict()
@@ -557,8 +583,7 @@ class Trainer:
                 while self.step < cfg.train.max_steps:
                     event = self._before_step()
                     if event:
-                        log.info("before step %d: added adapters (%s parameters, ranks %s); optimizer now has %d groups",
-                                 self.step + 1, f"{event['params']:,}", event["ranks"], event["param_groups"])
+                        log.info("before step %d: %s", self.step + 1, self.method.event_message(event))
                         metrics.write({"kind": "event", **event})
                     t0 = time.perf_counter()
                     try:
@@ -656,7 +681,7 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir), "method": self.method.name, "model": type(self.model).__name__,
             "parameters": params, "steps": self.step, "tokens": self.tokens_seen,
-            "adapter_step": self.adapter_step,
+            "adapter_step": self.adapter_step, "method_options": self.method.summary_options(),
             "final_train_loss": last_loss, "train_seconds": self.train_seconds,
             "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
             "wall_seconds": time.perf_counter() - start_wall, "device": str(self.device),

@@ -1,0 +1,59 @@
+"""Tiny `slope train` runs of the methods (tests/train/test_methods_*.py, test_controls.py): ~60 kB of
+Shakespeare, a 2-layer 64-wide LLaMA, 8 steps, checkpoints every 2 steps, no extra evaluation sets."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from slope import cli
+from slope.io import checkpoint
+from slope.train import corpus
+from slope.train.logs import read_metrics
+
+
+def write_corpus(root):
+    works = dict(corpus.embedded_documents("shakespeare"))
+    (root / "train.txt").write_text(works["shakespeare:macbeth_gut.txt"][:60_000])
+    return root / "train.txt"
+
+
+def train(text, run_dir, *extra) -> None:
+    args = ["train", "--config", "tiny", "--no-progress", f"--data.train={text}", "--data.val=",
+            "--data.val_fraction=0.1", "--eval.sets=", "--tokenizer.vocab_size=320", "--eval.every=0",
+            "--checkpoint.every=2", "--checkpoint.keep_last=4", "--run-dir", str(run_dir), *extra]
+    assert cli.main(args) == 0
+
+
+def train_records(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in train_records(run_dir)]
+
+
+def assert_loss_falls(run_dir) -> None:
+    values = [loss for _, loss in losses(run_dir)]
+    assert len(values) == 8 and values[-1] < values[0] - 0.5, values
+
+
+def resume_from(run_dir, step: int, into) -> None:
+    """Copy the run, keep its checkpoints up to `step`, resume it to the end."""
+    shutil.copytree(run_dir, into)
+    for ckpt in checkpoint.list_checkpoints(into):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    (into / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    assert cli.main(["train", "--resume", str(into), "--no-progress"]) == 0
+
+
+def assert_same_end(run_a, run_b) -> None:
+    """Bit for bit: the losses logged and every tensor of the final checkpoint."""
+    assert losses(run_a) == losses(run_b)
+    a = load_file(checkpoint.latest_checkpoint(run_a) / "model.safetensors")
+    b = load_file(checkpoint.latest_checkpoint(run_b) / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])], "weights differ bitwise"

@@ -1,0 +1,150 @@
+"""`--method srste`: the layer's maths against float64 references, the dynamic mask, the decay, and a
+tiny run whose checkpoints every reader sees pruned and whose resume is bit-exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _method_runs import assert_loss_falls, assert_same_end, resume_from, train, write_corpus
+from safetensors.torch import load_file
+
+import slope
+from slope import cli
+from slope.io import checkpoint
+from slope.srste import SrsteLinear, srste_layers
+from slope.train import models, runconfig
+from slope.train.data import TokenFile
+from slope.train.evaluation import evaluate
+from slope.train.methods import get_method
+
+
+def reference_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M by hand: in every group of m along `in`, the n largest |w|, ties to the lower index."""
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], m):
+            group = [(-abs(float(w[row, start + i])), i) for i in range(m)]
+            for _, i in sorted(group)[:n]:
+                mask[row, start + i] = True
+    return mask
+
+
+def layer_of(w: torch.Tensor, b: torch.Tensor | None, decay: float) -> SrsteLinear:
+    dense = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if b is not None:
+            dense.bias.copy_(b)
+    return SrsteLinear.from_dense(dense, 2, 4, decay)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_and_backward_match_the_float64_formulas(dtype):
+    torch.manual_seed(0)
+    w, b = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    w[0, :4] = torch.tensor([0.5, -0.5, 0.5, 0.1], dtype=torch.float64)  # a tie: the lower two indices win
+    x, dy = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    decay = 0.1
+    layer = layer_of(w.to(dtype), b.to(dtype), decay)
+    xs = x.to(dtype).requires_grad_()
+    y = layer(xs)
+    y.backward(dy.to(dtype))
+
+    mask = reference_mask(w)
+    assert mask[0, :4].tolist() == [True, True, False, False]
+    wm = w * mask
+    x2, dy2 = x.reshape(-1, 16), dy.reshape(-1, 8)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), x @ wm.t() + b, **tol)
+    torch.testing.assert_close(xs.grad.double(), dy @ wm, **tol)  # through W ⊙ M, not W
+    torch.testing.assert_close(layer.weight.grad.double(), dy2.t() @ x2 + decay * (~mask) * w, **tol)
+    torch.testing.assert_close(layer.bias.grad.double(), dy2.sum(0), **tol)
+
+
+def test_decay_acts_on_the_pruned_weights_only():
+    torch.manual_seed(1)
+    w = torch.randn(8, 16)
+    layer = layer_of(w, None, 0.25)
+    (layer(torch.randn(4, 16)) * 0).sum().backward()  # dy = 0: the gradient is the decay alone
+    mask = reference_mask(w)
+    expected = (0.25 * w.double() * (~mask)).float()
+    assert torch.equal(layer.weight.grad[mask], torch.zeros(int(mask.sum())))  # kept: no decay at all
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=1e-7)
+    assert (layer.weight.grad[~mask] != 0).all()
+
+
+def test_the_mask_follows_the_weights_between_steps():
+    torch.manual_seed(2)
+    layer = layer_of(torch.randn(8, 16), None, 2e-4)
+    target = torch.randn(8, 16)  # a dense target: the weights must move across the mask's boundary
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, weight_decay=0.0)
+    first = layer.mask()
+    x = torch.randn(64, 16)
+    for _ in range(20):
+        loss = (layer(x) - x @ target.t()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    now = layer.mask()
+    assert not torch.equal(now, first)
+    assert torch.equal(now, reference_mask(layer.weight.detach()))
+    # the forward multiplies with the current mask, not the one it started with
+    torch.testing.assert_close(layer(x), x @ (layer.weight.detach() * now).t(), rtol=0, atol=1e-6)
+
+
+def test_the_method_converts_what_sparsify_converts_and_splits_the_decay_over_micro_batches():
+    cfg = runconfig.resolve("tiny")
+    config = models.model_config(cfg.model, vocab_size=128, seq_len=32)
+    torch.manual_seed(0)
+    reference = slope.sparsify(models.build_model(config), cfg.slope)
+    torch.manual_seed(0)
+    model = models.build_model(config)
+    get_method("srste", cfg.slope, {"srste_decay": 1e-3, "grad_accum": 4}).apply(model)
+    assert [name for name, _ in srste_layers(model)] == reference.slope_report.converted
+    assert {layer.decay for _, layer in srste_layers(model)} == {1e-3 / 4}
+    assert not slope.slope_layers(model) and "slope" not in model.config.to_dict()
+
+
+@pytest.fixture(scope="module")
+def srste_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("srste")
+    run_dir = root / "run"
+    train(write_corpus(root), run_dir, "--method=srste", "--method.srste_decay=1e-3")
+    return run_dir
+
+
+def test_srste_trains_and_records_its_decay(srste_run):
+    assert_loss_falls(srste_run)
+    summary = json.loads((srste_run / "summary.json").read_text())
+    assert summary["method"] == "srste" and summary["method_options"] == {"srste_decay": 1e-3}
+    info = json.loads((checkpoint.latest_checkpoint(srste_run) / "slope.json").read_text())
+    assert info["prune_on_load"] is True and info["srste_decay"] == 1e-3 and info["slope_config"]["n"] == 2
+
+
+def test_every_reader_sees_the_pruned_model(srste_run, tmp_path, capsys):
+    ckpt = checkpoint.latest_checkpoint(srste_run)
+    dense = load_file(ckpt / "model.safetensors")
+    model, _, _ = checkpoint.load_checkpoint(srste_run)
+    layers = slope.slope_layers(model)
+    assert len(layers) == 11
+    for name, layer in layers:  # the stored dense weight through its magnitude mask: W ⊙ M
+        w = dense[f"{name}.weight"]
+        assert torch.equal(layer.dense_weight(), w * reference_mask(w))
+    # the final evaluation of the run (the training layers) is the loaded model's, to the last bit
+    summary = json.loads((srste_run / "summary.json").read_text())
+    tokens = TokenFile(srste_run / "data" / "val")
+    result = evaluate(model, tokens, seq_len=64, batch_size=8, max_tokens=1024, progress=False)
+    assert result == summary["eval"]["val"]
+    # export (compressed, 2:4) and generate read it too
+    capsys.readouterr()
+    assert cli.main(["export", str(srste_run), "--out", str(tmp_path / "export")]) == 0
+    assert cli.main(["generate", str(tmp_path / "export"), "--prompt", "The", "--max-new-tokens", "3"]) == 0
+    assert cli.main(["generate", str(srste_run), "--prompt", "The", "--max-new-tokens", "3"]) == 0
+
+
+def test_resume_is_bit_exact(srste_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    resume_from(srste_run, 4, resumed)
+    assert_same_end(srste_run, resumed)
