@@ -3,31 +3,21 @@ one real tiny run end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from _benchmarks import BENCH, benchmark_module
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SETTINGS = {"scale": "test", "config": "tiny", "model": [], "steps": 2, "train_data": "shakespeare",
             "eval_every": 1, "extra": [], "warmup": []}
 
 
 @pytest.fixture(scope="module")
 def acc():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy", BENCH / "accuracy.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["accuracy"] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
+    with benchmark_module("accuracy") as module:
         yield module
-    finally:
-        sys.modules.pop("accuracy", None)
-        sys.path.remove(str(BENCH))
 
 
 def record(arm, lr, seed, val_loss, sh_bpb=2.5, milton_bpb=3.5, milton_ppl=1000.0, status="ok"):

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _benchmarks import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def gpu_profile():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_profile", BENCH / "gpu_profile.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("gpu_profile") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.parametrize(
