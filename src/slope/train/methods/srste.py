@@ -1,0 +1,56 @@
+"""SR-STE extended to AdamW: dense weights through a dynamic N:M magnitude mask, sparse-refined decay."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from slope.convert import (
+    HF_CONFIG_KEY,
+    replace_module,
+)
+from slope.srste import SrsteLinear, srste_layers
+from slope.train.methods.base import Method
+from slope.train.methods.slope_method import sparsify_keeping_dense
+
+log = logging.getLogger("slope")
+
+
+class SrsteMethod(Method):
+    """SR-STE (Zhou et al. 2021) extended to AdamW: a dynamic N:M magnitude mask, recomputed from the
+    dense weight at every forward, straight-through backward plus λ (1 − M) ⊙ W on the pruned weights.
+
+    Stores: every weight dense while training (the mask is derived), like dense training. Accelerates
+    in training: nothing on its own (the mask changes every step, so a 2:4 kernel would need the
+    weight compressed at every step, and the weight gradient is dense); the trained model is an
+    ordinary N:M model, accelerated at inference like SLoPe's. Checkpoints hold the dense weights
+    (`prune_on_load`), so resume continues the dense weights exactly and every reader sees the pruned model.
+    """
+
+    name = "srste"
+
+    @property
+    def decay(self) -> float:
+        return float(self.options.get("srste_decay", 2e-4))
+
+    def apply(self, model: nn.Module) -> None:
+        cfg = self.slope_config
+        # per micro-batch: the k backwards of one step with gradient accumulation add λ once in all
+        per_backward = self.decay / int(self.options.get("grad_accum", 1))
+        dense = sparsify_keeping_dense(model, cfg)
+        for name, module in dense.items():
+            replace_module(model, name, SrsteLinear.from_dense(module, cfg.n, cfg.m, per_backward))
+        # the model trains dense weights: its config.json must not claim stored sparse layers
+        if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
+            delattr(model.config, HF_CONFIG_KEY)
+        log.info("srste: those %d layers train dense weights through a dynamic %d:%d magnitude mask, "
+                 "sparse-refined decay %g", len(dense), cfg.n, cfg.m, self.decay)
+
+    def checkpoint_info(self, model):
+        # prune_on_load: the weights file is a dense model; its readers sparsify it with slope_config
+        return {"method": self.name, "slope_config": self.slope_config.to_dict(), "adapters": False,
+                "adapter_rank": None, "prune_on_load": bool(srste_layers(model)), "srste_decay": self.decay}
+
+    def summary_options(self):
+        return {"srste_decay": self.decay}
