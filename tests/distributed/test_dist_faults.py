@@ -43,14 +43,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def start_until_checkpoint(command: list[str], run_dir: Path, step: int, log) -> subprocess.Popen:
+    """Start `command` in its own session, writing to `log`; return once checkpoint `step` is complete
+    (or the job ended, or RUN_TIMEOUT passed)."""
+    done = run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json"
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def kill_after_checkpoint(command: list[str], run_dir: Path, step: int) -> None:
     """Start `command` (in its own session), SIGKILL the whole job once checkpoint `step` is complete."""
     done = run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json"
     with open(log_of(run_dir), "a") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        proc = start_until_checkpoint(command, run_dir, step, log)
         # torchrun and every worker, no handler runs (torchrun puts its workers in sessions of their own)
         for pid in [proc.pid, *descendants(proc.pid)]:
             with contextlib.suppress(ProcessLookupError):
@@ -144,12 +152,8 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(prepared, referen
     run_dir = tmp_path / "run"
     command = [*torchrun(2), *train_args(run_dir, prepared, f"--train.batch_size={PER_RANK_BATCH}",
                                          "--run.parallel=ddp")]
-    first = run_dir / "checkpoints" / f"step_{2:08d}" / "manifest.json"
     with open(log_of(run_dir), "a") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        proc = start_until_checkpoint(command, run_dir, 2, log)
         for pid in descendants(proc.pid):  # the workers, not torchrun
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
