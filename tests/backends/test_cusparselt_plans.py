@@ -391,16 +391,20 @@ def test_each_thread_gets_its_own_handle_and_plans(fake):
     a, b = two_four(32, 64), torch.randn(8, 64).bfloat16()
     want = (b.double() @ a.double().t()).bfloat16()
     results = {}
+    # every thread stays alive until all three have their handle: a finished thread's handle is freed,
+    # and a new one could then reuse its address, which would look like a shared handle
+    all_built = threading.Barrier(3, timeout=60)
 
     def work(name):  # autograd's backward thread does exactly this: the same shapes, another thread
         results[name] = [cache.mm_t(a, 32, 64, b) for _ in range(2)]
+        all_built.wait()
 
     threads = [threading.Thread(target=work, args=(n,)) for n in ("backward", "other")]
     for t in threads:
         t.start()
+    work("main")
     for t in threads:
         t.join()
-    work("main")
     assert all(torch.equal(y, want) for ys in results.values() for y in ys)
     assert fake.counts["init"] == 3 and len(set(fake.handles)) == 3  # one handle per thread
     assert cache.built == 3 and len(cache) == 1  # one plan per thread, len() counts this thread's
