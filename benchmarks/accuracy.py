@@ -1,31 +1,73 @@
-"""A fair quality study: dense, SLoPe 2:4 and their controls, each LR-swept and over several seeds.
+"""A fair quality study: SLoPe 2:4 against the dense model of the same shape and against the same
+inference cost reached another way, each arm LR-swept and over several seeds.
 
     python benchmarks/accuracy.py --scale 8m                   # 8.4M parameters (the default run's model)
     python benchmarks/accuracy.py --scale 30m                  # ~29.5M parameters
     python benchmarks/accuracy.py --scale gpt2-small --train-data CORPUS   # GPT-2 small, on a GPU
-    python benchmarks/accuracy.py --scale 8m --estimate        # runs left and the time they should take
+    python benchmarks/accuracy.py --scale 8m --estimate        # the plan, runs left and their time
     python benchmarks/accuracy.py --scale 8m --report-only     # rewrite the report from the finished runs
+    python benchmarks/accuracy.py --scale 8m --jobs 2 --threads 1   # two runs at a time, one thread each
     python benchmarks/accuracy.py --quick                      # smoke test: tiny model, about a minute
+
+It answers two questions: (1) how much quality does a 2:4 model lose against the dense model of the same
+shape, and (2) is it better than the same inference cost reached another way: a dense model with as many
+non-zero weights (half the blocks, the paper's "GPT2-Half"), or another sparse method. The default study:
+
+| arm | LRs (seed 0) | what it answers |
+|---|---|---|
+| dense | grid | the dense model at its default init |
+| dense-init0.71 | grid | the FAIR dense baseline (`--model.linear_init_scale=0.7071`): it beats default-init dense |
+| slope | grid | the paper's recipe (init 1, adapters for the last 1 % of steps) |
+| slope-init0.71 | grid | does SLoPe gain from the same init? |
+| dense-half | follows dense-init0.71 | `--model.num_layers=` half the blocks at init 0.7071: the 2:4 model's non-zero weights |
+| adapters0.9@winning-init | follows the winner | `--slope.adapter_start=0.9`: do adapters close part of the gap? |
+| srste@winning-init | follows the winner | SR-STE, the other sparse-from-scratch method |
+| wanda@winning-init | follows the winner | Wanda: dense for half the steps, then pruned to 2:4 |
+
+"The winner" is the SLoPe init arm (slope or slope-init0.71) with the lower final validation loss at its
+chosen LR, decided once both sweeps have finished; each @winning-init slot then runs one concrete arm,
+`slope-adapters0.9` / `slope-init0.71-adapters0.9`, `srste` / `srste-init0.71`, `wanda` / `wanda-init0.71`,
+so every run JSON names exactly what it ran. Every arm in ARMS is also runnable by name (`--arms`), including
+the controls dropped from the default study: dense-init0.93, dense-noclip and slope-nodp. An arm listed
+without the arm it follows runs the full grid itself.
 
 The rules, so that no arm is favoured:
 - every arm trains on the same number of tokens (same steps, batch and sequence length);
-- each arm gets its own learning rate: a sweep (seed 0) picks the LR with the lowest final validation
-  loss, where validation is the held-out last 5 % of the TRAINING corpus (`--data.val=`), never a set
-  that is reported; the other seeds then run at that LR (seed 0 is reused from the sweep);
+- each arm gets its own learning rate, chosen by the lowest final validation loss at seed 0, where
+  validation is the held-out last 5 % of the TRAINING corpus (`--data.val=`), never a set that is reported.
+  The four family heads (dense, dense-init0.71, slope, slope-init0.71) sweep the scale's whole grid
+  (8m: 1e-3, 2e-3, 4e-3). A follower sweeps two LRs: its head's best and ONE grid neighbour of it (at the
+  grid's edge its only neighbour, else the neighbour with the lower head validation loss at seed 0);
+  dense-half follows dense-init0.71, the @winning-init arms follow the winning SLoPe init arm;
+- the other seeds then run at the chosen LR (seed 0 is reused from the sweep): seeds 0, 1, 2 at 8m;
 - the reported sets, Shakespeare's held-out works and Milton, are evaluated once, at the end of each run,
-  and only summarised (mean ± std over seeds), never used to choose anything.
+  and only summarised (mean ± std over seeds; Δ bits per byte against the fair dense baseline and against
+  dense-half, ± the standard error), never used to choose anything.
 
-The study is resumable and meant to span several sessions (the 8m study is many hours on 2 CPU cores):
-every finished run leaves one small JSON under --out/runs/, a rerun of the same command skips those, and
-each run directory (checkpoints, tokens) lives in --work and is deleted once its JSON is written, so a
-killed study loses at most the run in progress. The report (benchmarks/results/accuracy_<scale>.{json,md,png})
-is rewritten after every run from whatever has finished, naming the runs still missing. Run one study per
---out at a time (two processes on the same --out would train the same runs).
+Runs: 4 heads x (3 LRs + 2 more seeds) + 4 followers x (2 LRs + 2 more seeds) = 20 + 16 = 36 at 8m and 30m.
+Fewer would mean dropping an LR point, a seed or an arm: a follower's second LR is what tells whether the
+arm moved the optimum away from its head's, the three seeds are what the standard errors come from, and
+each arm answers one of the two questions.
 
-Time, measured on 2 shared CPU cores (load about 5) with 40-step 8m runs: 453 s dense, 371 s SLoPe, of
-which about 180 s was start-up, tokenizer training and evaluation and the rest 4.6-6.8 s a step. On an
-idle machine an 8m step takes about 1 s (docs/training.md), so an 800-step run is about 15 minutes and
-the 40 runs of the 8m study about 10 hours; a 30m step is about 3.5x the compute (about 32 hours).
+The study is resumable and meant to span several sessions: every finished run leaves one small JSON under
+--out/runs/ (written atomically), a rerun of the same command skips those, and each run directory
+(checkpoints, tokens) lives in --work and is deleted once its JSON is written, so a killed study loses at
+most the runs in progress. The report (benchmarks/results/accuracy_<scale>.{json,md,png}) is rewritten after
+every run from whatever has finished, naming the runs still missing. Run one study per --out at a time (two
+processes on the same --out would train the same runs).
+
+Threads and concurrency: `--threads N` (default: $OMP_NUM_THREADS if set, else torch's default) is passed
+to every run as OMP_NUM_THREADS and MKL_NUM_THREADS and recorded in its JSON ("threads", with "jobs"); it is
+not part of the settings, so runs at any thread count belong to one study. `--jobs N` (default 1) trains up
+to N runs at once, in the same dependency order (a follower starts only once its head's sweep has finished;
+an arm's seeds only once its own sweep has). Owed measurement: whether two 1-thread runs at a time
+(`--jobs 2 --threads 1`) finish the study sooner than one 2-thread run (`--jobs 1 --threads 2`) on a 2-core
+machine has not been measured (the machine was busy with this study): compare runs finished per hour, i.e.
+jobs / wall_seconds of runs recorded at each setting, on an otherwise idle machine.
+
+Time: the first five 8m runs (dense and dense-init0.71, 800 steps, on 2 shared CPU cores alongside other
+work) took 640-958 s each, median 669 s (about 11 minutes), so the 36 runs are about 7 hours one at a time
+(dense-half, with half the blocks, should be quicker). A 30m step is about 3.5x the compute.
 `--estimate` projects from the runs already finished on the machine at hand.
 """
 
@@ -34,13 +76,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _report
 
 # arm -> (slope train --method, the overrides that make the arm). The srste and wanda values are their
-# defaults, written out so each run's record says what it ran with.
+# defaults, written out so each run's record says what it ran with. "{half_layers}" is half the scale's blocks.
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense": ("dense", ()),
     # Init-scale controls. sqrt(n/m) = 0.7071 is the output scale of dropping half the weights at random;
@@ -57,12 +102,42 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense-init0.71": ("dense", ("--model.linear_init_scale=0.7071",)),
     "dense-init0.93": ("dense", ("--model.linear_init_scale=0.93",)),
     "dense-noclip": ("dense", ("--optim.grad_clip=0",)),  # does gradient clipping favour one arm?
+    # the paper's GPT2-Half: half the blocks, about the non-zero weights of the 2:4 model, at the fair init
+    "dense-half": ("dense", ("--model.num_layers={half_layers}", "--model.linear_init_scale=0.7071")),
     "slope": ("slope", ()),  # adapters for the last 1 % of steps (the default)
+    "slope-init0.71": ("slope", ("--model.linear_init_scale=0.7071",)),
     "slope-adapters0.9": ("slope", ("--slope.adapter_start=0.9",)),
+    "slope-init0.71-adapters0.9": ("slope", ("--model.linear_init_scale=0.7071", "--slope.adapter_start=0.9")),
     "slope-nodp": ("slope", ("--slope.double_prune=false",)),
     "srste": ("srste", ("--method.srste_decay=2e-4",)),
+    "srste-init0.71": ("srste", ("--method.srste_decay=2e-4", "--model.linear_init_scale=0.7071")),
     "wanda": ("wanda", ("--method.wanda_dense_fraction=0.5",)),
+    "wanda-init0.71": ("wanda", ("--method.wanda_dense_fraction=0.5", "--model.linear_init_scale=0.7071")),
 }
+# follower -> the family head whose seed-0 sweep picks its two LRs (the head's best and one neighbour).
+# A follower only follows when its head is part of the study; listed alone it sweeps the whole grid.
+FOLLOWS: dict[str, str] = {
+    "dense-half": "dense-init0.71",
+    "slope-adapters0.9": "slope", "slope-init0.71-adapters0.9": "slope-init0.71",
+    "srste": "slope", "srste-init0.71": "slope-init0.71",
+    "wanda": "slope", "wanda-init0.71": "slope-init0.71",
+}
+# Conditional slots: once the SLoPe init contest (the keys, each a head) is decided by validation loss at
+# each one's chosen LR, the slot runs the arm of the winner.
+SLOTS: dict[str, dict[str, str]] = {
+    "adapters0.9@winning-init": {"slope": "slope-adapters0.9", "slope-init0.71": "slope-init0.71-adapters0.9"},
+    "srste@winning-init": {"slope": "srste", "slope-init0.71": "srste-init0.71"},
+    "wanda@winning-init": {"slope": "wanda", "slope-init0.71": "wanda-init0.71"},
+}
+STUDY = ("dense", "dense-init0.71", "slope", "slope-init0.71", "dense-half",
+         "adapters0.9@winning-init", "srste@winning-init", "wanda@winning-init")
+FAIR_DENSE, DENSE_HALF = "dense-init0.71", "dense-half"  # the two references of every Δ
+# Earlier hand-run 8m results the study's own runs must reproduce, to the digits given:
+# (arm, lr, seed, final val loss, held-out Shakespeare ppl, Milton ppl)
+REPRODUCTION = (
+    ("slope", 2e-3, 0, "4.854", "134.4", "714"),
+    ("slope-init0.71", 2e-3, 0, "4.813", "128.9", "697"),
+)
 TEST_SETS = ("shakespeare-heldout", "milton")
 VAL_FRACTION = 0.05
 
@@ -74,19 +149,20 @@ class Scale:
     steps: int
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
-    arms: tuple[str, ...]
+    arms: tuple[str, ...]  # arms and conditional slots
     train_data: str | None  # None: --train-data must be given
+    layers: int  # the model's blocks (dense-half trains half of them)
 
 
 _MODEL_30M = ("--model.hidden_size=512", "--model.num_layers=8", "--model.num_heads=8",
               "--model.intermediate_size=1376")
 SCALES = {
     # 800 steps x 8 x 256 = 1.64M tokens, about 1.2 epochs of the 1.32M training tokens
-    "8m": Scale(None, (), 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), tuple(ARMS), "shakespeare"),
-    "30m": Scale(None, _MODEL_30M, 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), tuple(ARMS), "shakespeare"),
+    "8m": Scale(None, (), 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), STUDY, "shakespeare", 8),
+    "30m": Scale(None, _MODEL_30M, 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), STUDY, "shakespeare", 8),
     # 131,072 tokens a step: 2,000 steps are 262M tokens, so it needs a real corpus (--train-data)
-    "gpt2-small": Scale("gpu-gpt2-small", (), 2000, (3e-4, 6e-4, 1.2e-3), (0, 1), tuple(ARMS), None),
-    "quick": Scale("tiny", (), 4, (1e-2,), (0, 1), ("dense", "slope"), "shakespeare"),
+    "gpt2-small": Scale("gpu-gpt2-small", (), 2000, (3e-4, 6e-4, 1.2e-3), (0, 1), STUDY, None, 12),
+    "quick": Scale("tiny", (), 4, (1e-2,), (0, 1), ("dense", "slope"), "shakespeare", 2),
 }
 
 
@@ -107,9 +183,21 @@ class StudyError(RuntimeError):
     """A run failed for a reason other than divergence (a bad override, a crash): the study stops."""
 
 
+def arm_overrides(arm: str, settings: dict | None = None) -> tuple[str, ...]:
+    """The arm's overrides, with "{half_layers}" filled in from the scale's block count."""
+    overrides = ARMS[arm][1]
+    if settings is None or not any("{half_layers}" in o for o in overrides):
+        return overrides
+    scale = SCALES.get(settings["scale"])
+    if scale is None:
+        raise StudyError(f"arm {arm} needs the model's block count; scale {settings['scale']!r} is not one of "
+                         f"{', '.join(SCALES)}")
+    return tuple(o.replace("{half_layers}", str(max(1, scale.layers // 2))) for o in overrides)
+
+
 def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path) -> list[str]:
     """The `slope train` command of one run: the scale's settings, then the arm's overrides, then --extra."""
-    method, arm_overrides = ARMS[arm]
+    method = ARMS[arm][0]
     steps = settings["steps"]
     command = [sys.executable, "-m", "slope", "train"]
     if settings["config"]:
@@ -123,9 +211,27 @@ def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path)
         "--train.log_every=1",
         # one checkpoint, at the end (the run directory is deleted anyway); no TensorBoard files
         f"--checkpoint.every={steps}", "--checkpoint.keep_last=1", "--run.logger=none",
-        *settings["model"], *settings["warmup"], *arm_overrides, *settings["extra"],
+        *settings["model"], *settings["warmup"], *arm_overrides(arm, settings), *settings["extra"],
     ]
     return command
+
+
+def run_env(threads: int | None, base: dict | None = None) -> dict[str, str]:
+    """The environment of one run: this one's, with OMP_NUM_THREADS and MKL_NUM_THREADS set to `threads`."""
+    env = dict(os.environ if base is None else base)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when it is set (to a positive integer), else torch's default."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    import torch
+
+    return torch.get_num_threads()
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -159,7 +265,22 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
-def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path) -> dict:
+# the `slope train` processes running now, so a study stopped by a signal can end them (with --jobs the
+# signal's exception reaches the main thread, not the threads waiting on the processes)
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set while a study is being stopped: a run starting just then ends at once
+
+
+def _kill_live_runs() -> None:
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        procs = list(_LIVE)
+    for proc in procs:
+        proc.kill()
+
+
+def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path, threads: int | None = None) -> dict:
     """Train one run in `work`, read its results, delete its directory. A divergence (the loss became
     NaN or infinite) is a result, recorded so it is not retried; any other failure stops the study."""
     name = run_name(arm, lr, seed)
@@ -169,7 +290,20 @@ def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path) -> dic
     command = train_command(settings, arm, lr, seed, run_dir)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(threads))
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+            if _STOPPING.is_set():
+                proc.kill()
+        try:
+            code = proc.wait()
+        except BaseException:  # interrupted in this thread (--jobs 1): end the run too
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
     seconds = time.perf_counter() - start
     output = log_path.read_text(errors="replace")
     if code != 0:
@@ -211,59 +345,243 @@ def choose_lr(arm: str, lrs: tuple[float, ...], sweep_seed: int, results: dict) 
     return min(losses, key=losses.get) if losses else None
 
 
+def follower_lrs(head: str, lrs: tuple[float, ...], sweep_seed: int, results: dict) -> tuple[float, ...] | None:
+    """A follower's two sweep LRs: its head's best and one grid neighbour of it (at the grid's edge its only
+    neighbour, else the one whose head validation loss at `sweep_seed` was lower; a diverged LR counts as
+    worst, a tie goes to the smaller LR). None until the head's sweep has finished; () when it all diverged."""
+    if any((head, lr, sweep_seed) not in results for lr in lrs):
+        return None
+    best = choose_lr(head, lrs, sweep_seed, results)
+    if best is None:
+        return ()
+    grid = sorted(lrs)
+    if len(grid) == 1:
+        return (best,)
+    i = grid.index(best)
+    if i == 0:
+        neighbour = grid[1]
+    elif i == len(grid) - 1:
+        neighbour = grid[-2]
+    else:
+        def loss(lr: float) -> float:
+            r = results[(head, lr, sweep_seed)]
+            return r["val_loss"] if r["status"] == "ok" else math.inf
+
+        below, above = grid[i - 1], grid[i + 1]
+        neighbour = below if loss(below) <= loss(above) else above
+    return tuple(sorted((best, neighbour)))
+
+
+def init_winner(contest: tuple[str, ...], lrs: tuple[float, ...], sweep_seed: int,
+                results: dict) -> tuple[bool, str | None]:
+    """(decided, winner) of the SLoPe init contest: once every contestant's sweep has finished, the one with
+    the lowest final VALIDATION loss at its chosen LR (never a test set; a tie goes to the first listed).
+    The winner is None when every contestant diverged at every LR."""
+    best = {}
+    for arm in contest:
+        if any((arm, lr, sweep_seed) not in results for lr in lrs):
+            return False, None
+        lr = choose_lr(arm, lrs, sweep_seed, results)
+        if lr is not None:
+            best[arm] = results[(arm, lr, sweep_seed)]["val_loss"]
+    return True, (min(best, key=best.get) if best else None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One entry of the study as the finished runs resolve it now."""
+    entry: str  # as listed: an arm or a conditional slot
+    arm: str | None  # the arm it runs; None while a slot waits for its contest (or has nothing to run)
+    head: str | None  # the arm whose sweep it follows; None: it sweeps the whole grid
+    sweep: tuple[float, ...] | None  # its seed-0 LRs; None while unknown, () when nothing will run
+    note: str = ""  # why it waits, or why nothing runs
+
+
+def resolve(entries, lrs, seeds, results: dict) -> list[Plan]:
+    """Each entry's arm and sweep LRs, as far as the finished runs decide them."""
+    plans = []
+    for entry in entries:
+        arm = entry
+        if entry in SLOTS:
+            options = SLOTS[entry]
+            decided, winner = init_winner(tuple(options), lrs, seeds[0], results)
+            contest = " vs ".join(options)
+            if not decided:
+                plans.append(Plan(entry, None, None, None, f"waits for the SLoPe init contest ({contest})"))
+                continue
+            if winner is None:
+                plans.append(Plan(entry, None, None, (), f"every LR of {contest} diverged"))
+                continue
+            arm = options[winner]
+        head = FOLLOWS.get(arm)
+        if head is None or head not in entries:
+            plans.append(Plan(entry, arm, None, tuple(lrs)))
+            continue
+        sweep = follower_lrs(head, lrs, seeds[0], results)
+        note = f"waits for {head}'s LR sweep" if sweep is None else f"every LR of {head} diverged" if not sweep else ""
+        plans.append(Plan(entry, arm, head, sweep, note))
+    return plans
+
+
+def follower_sweep_size(lrs) -> int:
+    return min(2, len(lrs))
+
+
+def plan_lr(plan: Plan, seeds, results: dict) -> float | None:
+    """The plan's chosen LR; None until its sweep has finished (or when all of it diverged)."""
+    return choose_lr(plan.arm, plan.sweep, seeds[0], results) if plan.sweep else None
+
+
+def plan_runs(plan: Plan, seeds, results: dict) -> list[tuple[str, float, int]]:
+    """The plan's runs known so far: its sweep, and its other seeds once the LR is chosen."""
+    if not plan.sweep:
+        return []
+    runs = [(plan.arm, lr, seeds[0]) for lr in plan.sweep]
+    lr = plan_lr(plan, seeds, results)
+    return runs + ([(plan.arm, lr, s) for s in seeds[1:]] if lr is not None else [])
+
+
+def runs_left(plan: Plan, lrs, seeds, results: dict) -> int:
+    """The plan's runs still to do, counting those not known yet (a pending slot or follower: its two sweep
+    runs and its other seeds; an arm mid-sweep: its other seeds)."""
+    later = len(seeds) - 1
+    if plan.sweep is None:
+        return follower_sweep_size(lrs) + later
+    if not plan.sweep:
+        return 0
+    missing = sum((plan.arm, lr, seeds[0]) not in results for lr in plan.sweep)
+    lr = plan_lr(plan, seeds, results)
+    if lr is None:
+        return missing + (later if missing else 0)  # swept and all diverged: no seeds follow
+    return sum((plan.arm, lr, s) not in results for s in seeds[1:])
+
+
 def pending(arms, lrs, seeds, results: dict) -> list[tuple[str, float, int]]:
-    """The runs that can start now, in order: every arm's sweep first, then seed by seed across the arms,
-    so a study stopped early still has every arm at the same number of seeds (give or take one)."""
-    todo = [(arm, lr, seeds[0]) for arm in arms for lr in lrs if (arm, lr, seeds[0]) not in results]
+    """The runs that can start now, in order: every sweep whose LRs are known first (heads before followers),
+    then seed by seed across the arms, so a study stopped early still has every arm at the same number of
+    seeds (give or take one). A follower's runs appear only once its head's sweep has finished."""
+    plans = resolve(arms, lrs, seeds, results)
+    todo = [(p.arm, lr, seeds[0]) for p in plans for lr in (p.sweep or ()) if (p.arm, lr, seeds[0]) not in results]
     for seed in seeds[1:]:
-        for arm in arms:
-            lr = choose_lr(arm, lrs, seeds[0], results)
-            if lr is not None and (arm, lr, seed) not in results:
-                todo.append((arm, lr, seed))
-    return todo
+        for p in plans:
+            lr = plan_lr(p, seeds, results)
+            if lr is not None and (p.arm, lr, seed) not in results:
+                todo.append((p.arm, lr, seed))
+    return list(dict.fromkeys(todo))
 
 
 def remaining(arms, lrs, seeds, results: dict) -> int:
-    """Runs still to do, counting the seeds of arms whose LR is not chosen yet."""
-    count = 0
-    for arm in arms:
-        count += sum((arm, lr, seeds[0]) not in results for lr in lrs)
-        lr = choose_lr(arm, lrs, seeds[0], results)
-        if lr is None and all((arm, x, seeds[0]) in results for x in lrs):
-            continue  # every LR diverged: no seed runs will follow
-        count += sum(lr is None or (arm, lr, seed) not in results for seed in seeds[1:])
-    return count
+    """Runs still to do, counting the runs of slots and followers whose LRs are not known yet."""
+    return sum(runs_left(p, lrs, seeds, results) for p in resolve(arms, lrs, seeds, results))
+
+
+def planned(arms, lrs, seeds) -> int:
+    """The study's runs before anything has run: a head len(lrs) + len(seeds) - 1, a follower or slot 2 + that."""
+    return remaining(arms, lrs, seeds, {})
+
+
+def finished(arms, lrs, seeds, results: dict) -> int:
+    """The study's runs that have finished (runs of other arms or LRs in the same folder do not count)."""
+    return sum(key in results for p in resolve(arms, lrs, seeds, results) for key in plan_runs(p, seeds, results))
+
+
+def _write_record(runs_dir: Path, record: dict) -> None:
+    path = runs_dir / f"{run_name(record['arm'], record['lr'], record['seed'])}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)  # a kill while writing leaves no half-written result
 
 
 def run_study(arms, lrs, seeds, settings: dict, runs_dir: Path, work: Path,
-              runner: Callable[..., dict] = train_run, after_each: Callable[[dict], None] | None = None) -> dict:
-    """Run every pending run, writing each one's JSON as soon as it finishes; returns all results."""
+              runner: Callable[..., dict] = train_run, after_each: Callable[[dict], None] | None = None,
+              threads: int | None = None, jobs: int = 1) -> dict:
+    """Run every pending run, up to `jobs` at a time, writing each one's JSON as soon as it finishes;
+    returns all results. `runner(settings, arm, lr, seed, work, threads=threads)` trains one run. A run
+    that fails stops the study once the runs in progress have finished (and been saved)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     results = load_results(runs_dir, settings)
-    while todo := pending(arms, lrs, seeds, results):
-        arm, lr, seed = todo[0]
-        print(f"[{run_name(arm, lr, seed)}] starting; {remaining(arms, lrs, seeds, results)} run(s) left",
-              flush=True)
-        record = {"arm": arm, "method": ARMS[arm][0], "lr": lr, "seed": seed, "settings": settings,
-                  **runner(settings, arm, lr, seed, work)}
-        path = runs_dir / f"{run_name(arm, lr, seed)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)  # a kill while writing leaves no half-written result
-        results[(arm, lr, seed)] = record
-        val = "diverged" if record["status"] != "ok" else f"val loss {record['val_loss']:.4f}"
-        print(f"[{run_name(arm, lr, seed)}] done in {record['wall_seconds']:.0f} s: {val}", flush=True)
-        if after_each:
-            after_each(results)
+    _STOPPING.clear()
+    running: dict = {}  # future -> (arm, lr, seed), in start order
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        try:
+            while True:
+                if error is None:
+                    for key in pending(arms, lrs, seeds, results):
+                        if len(running) >= max(1, jobs):
+                            break
+                        if key in running.values():
+                            continue
+                        others = f", {len(running)} other(s) running" if running else ""
+                        print(f"[{run_name(*key)}] starting; {remaining(arms, lrs, seeds, results)} run(s) left"
+                              f"{others}", flush=True)
+                        running[pool.submit(runner, settings, *key, work, threads=threads)] = key
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in [f for f in running if f in done]:
+                    arm, lr, seed = running.pop(future)
+                    try:
+                        outcome = future.result()
+                    except BaseException as exc:  # raised once the runs in progress are saved
+                        error = error or exc
+                        continue
+                    record = {"arm": arm, "method": ARMS[arm][0], "lr": lr, "seed": seed, "settings": settings,
+                              "threads": threads, "jobs": jobs, **outcome}
+                    _write_record(runs_dir, record)
+                    results[(arm, lr, seed)] = record
+                    val = "diverged" if record["status"] != "ok" else f"val loss {record['val_loss']:.4f}"
+                    print(f"[{run_name(arm, lr, seed)}] done in {record['wall_seconds']:.0f} s: {val}", flush=True)
+                    if after_each:
+                        after_each(results)
+        except BaseException:  # a signal or Ctrl-C in this thread: end the runs in progress too
+            _kill_live_runs()
+            raise
+    if error is not None:
+        raise error
     return results
 
 
-def estimate(arms, lrs, seeds, results: dict) -> tuple[int, float | None]:
-    """(runs left, seconds they should take from the median wall time of the finished runs, or None)."""
+def estimate(arms, lrs, seeds, results: dict, jobs: int = 1) -> tuple[int, float | None]:
+    """(runs left, seconds they should take from the median wall time of the finished runs / jobs, or None)."""
     left = remaining(arms, lrs, seeds, results)
     walls = [r["wall_seconds"] for r in results.values() if r.get("wall_seconds")]
-    return left, (left * statistics.median(walls) if walls else None)
+    return left, (left * statistics.median(walls) / max(1, jobs) if walls else None)
+
+
+def _nominal(plan: Plan, arms, lrs, seeds) -> int:
+    """A plan's runs before anything has run: a head's grid, or a follower's 2 LRs, plus the other seeds."""
+    follows = plan.entry in SLOTS or FOLLOWS.get(plan.arm) in arms
+    return (follower_sweep_size(lrs) if follows else len(lrs)) + len(seeds) - 1
+
+
+def breakdown(arms, lrs, seeds) -> str:
+    """The planned total as a sum, e.g. "4 heads x 5 + 4 followers x 4"."""
+    counts: dict[tuple[str, int], int] = {}
+    for p in resolve(arms, lrs, seeds, {}):
+        kind = "heads" if p.head is None and p.entry not in SLOTS else "followers"
+        counts[kind, _nominal(p, arms, lrs, seeds)] = counts.get((kind, _nominal(p, arms, lrs, seeds)), 0) + 1
+    return " + ".join(f"{n} {kind} x {runs}" for (kind, runs), n in counts.items())
+
+
+def plan_table(arms, lrs, seeds, results: dict) -> str:
+    """The study's arms as the finished runs resolve them: what each follows, its LRs, runs done and left."""
+    lines = ["| entry | arm | LRs at seed 0 | chosen LR | runs planned | finished | left |",
+             "|---|---|---|---|---|---|---|"]
+    for p in resolve(arms, lrs, seeds, results):
+        nominal = _nominal(p, arms, lrs, seeds)
+        if p.sweep is None:
+            sweep = f"2: best of {p.head or 'the winner'} + a neighbour ({p.note})"
+        elif not p.sweep:
+            sweep = f"none ({p.note})"
+        else:
+            sweep = ", ".join(f"{x:g}" for x in p.sweep) + (f" (follows {p.head})" if p.head else " (grid)")
+        lr = plan_lr(p, seeds, results)
+        done = sum(key in results for key in plan_runs(p, seeds, results))
+        lines.append(f"| {p.entry} | {p.arm or '(pending)'} | {sweep} | {'—' if lr is None else f'{lr:g}'} "
+                     f"| {nominal} | {done} | {runs_left(p, lrs, seeds, results)} |")
+    return "\n".join(lines)
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -277,27 +595,42 @@ def stats(values: list[float]) -> dict | None:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def aggregate(arms, lrs, seeds, results: dict) -> list[dict]:
-    """One row per arm: the sweep, the chosen LR and the seeds' statistics at it, and what is missing."""
+def aggregate(arms, lrs, seeds, results: dict, settings: dict | None = None) -> list[dict]:
+    """One row per study entry: the sweep, the chosen LR and the seeds' statistics at it, what is missing,
+    and the Δ bits per byte against the fair dense baseline and against dense-half."""
     rows = []
-    for arm in arms:
-        lr = choose_lr(arm, lrs, seeds[0], results)
+    later = len(seeds) - 1
+    for p in resolve(arms, lrs, seeds, results):
+        arm = p.arm
+        lr = plan_lr(p, seeds, results)
         sweep = {}
-        for x in lrs:
+        for x in p.sweep or ():
             r = results.get((arm, x, seeds[0]))
             sweep[f"{x:g}"] = None if r is None else (r["val_loss"] if r["status"] == "ok" else "diverged")
         runs = {s: results.get((arm, lr, s)) for s in seeds} if lr is not None else {}
         done = {s: r for s, r in runs.items() if r is not None and r["status"] == "ok"}
+        if p.sweep is None:  # a slot or follower whose LRs are not known yet
+            missing = [f"{arm or p.entry}: {follower_sweep_size(lrs)} sweep runs + {later} seeds ({p.note})"]
+        elif not p.sweep:
+            missing = []
+        else:
+            missing = [run_name(arm, x, seeds[0]) for x in p.sweep if sweep[f"{x:g}"] is None]
+            if lr is not None:
+                missing += [run_name(arm, lr, s) for s in seeds if runs.get(s) is None]
+            elif missing:
+                missing += [f"{arm} seed {s} (after the sweep)" for s in seeds[1:]]
         row = {
-            "arm": arm, "method": ARMS[arm][0], "overrides": list(ARMS[arm][1]), "lr": lr,
-            "lr_at_edge": lr is not None and len(lrs) > 1 and lr in (min(lrs), max(lrs)),
+            "arm": arm or p.entry, "entry": p.entry, "follows": p.head, "note": p.note,
+            "method": ARMS[arm][0] if arm else None,
+            "overrides": list(arm_overrides(arm, settings)) if arm else [],
+            "sweep_lrs": list(p.sweep) if p.sweep is not None else None,
+            "lr": lr, "lr_at_edge": lr is not None and len(lrs) > 1 and lr in (min(lrs), max(lrs)),
             "sweep_val_loss": sweep,
             "seeds_done": sorted(done),
             "seeds_diverged": sorted(s for s, r in runs.items() if r is not None and r["status"] != "ok"),
             "seeds_missing": [s for s in seeds if runs.get(s) is None],
-            "missing_runs": [run_name(arm, x, seeds[0]) for x in lrs if sweep[f"{x:g}"] is None]
-            + ([run_name(arm, lr, s) for s in seeds if runs.get(s) is None] if lr is not None
-               else [f"{arm} seed {s} (after the sweep)" for s in seeds[1:]]),
+            "missing_runs": missing,
+            "parameters": next(iter(done.values()))["parameters"] if done else None,
         }
         for name in TEST_SETS:
             for key in ("ppl", "bpb"):
@@ -307,11 +640,17 @@ def aggregate(arms, lrs, seeds, results: dict) -> list[dict]:
         row["grad_norm_mean"] = stats([r["grad_norm_mean"] for r in done.values() if r["grad_norm_mean"] is not None])
         row["clip_rate"] = stats([r["clip_rate"] for r in done.values() if r["clip_rate"] is not None])
         rows.append(row)
-    dense = next((row for row in rows if row["arm"] == "dense"), None)
+    by_arm = {row["arm"]: row for row in rows}
+    # the fair dense baseline; a study without it (e.g. --quick) compares against default-init dense
+    fair = by_arm.get(FAIR_DENSE) or by_arm.get("dense")
+    half = by_arm.get(DENSE_HALF)
     for row in rows:
+        row["fair_dense"] = fair["arm"] if fair else None
         for name in TEST_SETS:
-            reference = dense[f"{name}_bpb"] if dense is not None and row is not dense else None
-            row[f"{name}_bpb_vs_dense"] = difference(row[f"{name}_bpb"], reference)
+            row[f"{name}_bpb_vs_fair_dense"] = (
+                difference(row[f"{name}_bpb"], fair[f"{name}_bpb"]) if fair and row is not fair else None)
+            row[f"{name}_bpb_vs_dense_half"] = (
+                difference(row[f"{name}_bpb"], half[f"{name}_bpb"]) if half and row is not half else None)
     return rows
 
 
@@ -326,6 +665,24 @@ def difference(a: dict | None, b: dict | None) -> dict | None:
     return {"diff": a["mean"] - b["mean"], "se": se}
 
 
+def reproduction(results: dict) -> list[dict]:
+    """The study's own runs against the earlier hand-run results (REPRODUCTION), rounded to the same digits."""
+    checks = []
+    for arm, lr, seed, val, sh_ppl, milton_ppl in REPRODUCTION:
+        r = results.get((arm, lr, seed))
+        expected = {"val_loss": val, "shakespeare-heldout_ppl": sh_ppl, "milton_ppl": milton_ppl}
+        got, match = None, None
+        if r is not None and r["status"] == "ok":
+            values = {"val_loss": r["val_loss"], "shakespeare-heldout_ppl": r["eval"]["shakespeare-heldout"]["ppl"],
+                      "milton_ppl": r["eval"]["milton"]["ppl"]}
+            got = {k: f"{values[k]:.{len(e.partition('.')[2])}f}" for k, e in expected.items()}
+            match = got == expected
+        elif r is not None:
+            got, match = "diverged", False
+        checks.append({"run": run_name(arm, lr, seed), "expected": expected, "got": got, "reproduced": match})
+    return checks
+
+
 def _fmt(s: dict | None, digits: int) -> str:
     if not s:
         return "—"
@@ -336,23 +693,27 @@ def _fmt(s: dict | None, digits: int) -> str:
 def _fmt_diff(d: dict | None) -> str:
     if not d:
         return "—"
-    return f"{d['diff']:+.4f}" + (f" ± {d['se']:.4f}" if d["se"] is not None else "")
+    return f"{d['diff']:+.4f}" + (f" ± {d['se']:.4f}" if d["se"] is not None else " (no s.e.: < 2 seeds)")
 
 
-def tables(rows: list[dict]) -> str:
+def tables(rows: list[dict], checks: list[dict]) -> str:
+    fair = rows[0]["fair_dense"] if rows else None
     quality = [
-        "| arm | LR | seeds | Shakespeare held-out ppl | Shakespeare bpb | Milton ppl | Milton bpb "
-        "| Δ Shakespeare bpb vs dense | Δ Milton bpb vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | follows | LR | seeds | Shakespeare held-out ppl | Shakespeare bpb | Milton ppl | Milton bpb "
+        f"| Δ Shakespeare bpb vs {fair} | Δ Milton bpb vs {fair} | Δ Shakespeare bpb vs dense-half "
+        "| Δ Milton bpb vs dense-half |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         seeds = len(row["seeds_done"]) + len(row["seeds_missing"]) + len(row["seeds_diverged"])
         lr = "—" if row["lr"] is None else f"{row['lr']:g}" + (" (edge)" if row["lr_at_edge"] else "")
+        arm = row["arm"] if row["entry"] == row["arm"] else f"{row['arm']} ({row['entry']})"
         quality.append(
-            f"| {row['arm']} | {lr} | {len(row['seeds_done'])}/{seeds} "
+            f"| {arm} | {row['follows'] or '—'} | {lr} | {len(row['seeds_done'])}/{seeds} "
             f"| {_fmt(row['shakespeare-heldout_ppl'], 2)} | {_fmt(row['shakespeare-heldout_bpb'], 4)} "
             f"| {_fmt(row['milton_ppl'], 2)} | {_fmt(row['milton_bpb'], 4)} "
-            f"| {_fmt_diff(row['shakespeare-heldout_bpb_vs_dense'])} | {_fmt_diff(row['milton_bpb_vs_dense'])} |")
+            f"| {_fmt_diff(row['shakespeare-heldout_bpb_vs_fair_dense'])} | {_fmt_diff(row['milton_bpb_vs_fair_dense'])} "
+            f"| {_fmt_diff(row['shakespeare-heldout_bpb_vs_dense_half'])} | {_fmt_diff(row['milton_bpb_vs_dense_half'])} |")
     training = [
         "| arm | validation loss per LR (seed 0; chosen in bold) | final val loss | best val loss "
         "| mean grad norm | clip rate | missing runs |",
@@ -366,11 +727,23 @@ def tables(rows: list[dict]) -> str:
         missing = ", ".join(row["missing_runs"]) or "none"
         if row["seeds_diverged"]:
             missing += f"; diverged seeds: {row['seeds_diverged']}"
-        training.append(f"| {row['arm']} | {'; '.join(cells)} | {_fmt(row['val_loss'], 4)} "
+        if row["note"] and row["sweep_lrs"] == []:
+            missing += f" ({row['note']}: nothing runs)"
+        training.append(f"| {row['arm']} | {'; '.join(cells) or '—'} | {_fmt(row['val_loss'], 4)} "
                         f"| {_fmt(row['best_val_loss'], 4)} | {_fmt(row['grad_norm_mean'], 3)} "
                         f"| {_fmt(row['clip_rate'], 3)} | {missing} |")
-    return "\n".join(["## Held-out quality (mean ± std over seeds, at each arm's chosen LR)", "", *quality, "",
-                      "## LR sweep and training", "", *training])
+    out = ["## Held-out quality (mean ± std over seeds, at each arm's chosen LR)", "", *quality, "",
+           "## LR sweep and training", "", *training]
+    if checks:
+        out += ["", "## Reproduction check (earlier hand-run results; the study's own runs, same digits)", "",
+                "| run | final val loss expected / got | Shakespeare ppl expected / got | Milton ppl expected / got "
+                "| reproduced |", "|---|---|---|---|---|"]
+        for c in checks:
+            got = c["got"] if isinstance(c["got"], dict) else {k: c["got"] or "not run yet" for k in c["expected"]}
+            verdict = {None: "not run yet", True: "yes", False: "**no**"}[c["reproduced"]]
+            out.append(f"| {c['run']} | " + " | ".join(f"{c['expected'][k]} / {got[k]}" for k in c["expected"])
+                       + f" | {verdict} |")
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], results: dict, path: Path, scale: str) -> bool:
@@ -380,22 +753,27 @@ def plot(rows: list[dict], results: dict, path: Path, scale: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab20").colors
     drawn = False
-    for row in rows:
+    for i, row in enumerate(rows):
+        if row["lr"] is None:
+            continue
         curves = [dict(map(tuple, results[(row["arm"], row["lr"], s)]["val_curve"])) for s in row["seeds_done"]]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = [[c[step] for c in curves] for step in steps]
-        line, = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{row['arm']} (lr {row['lr']:g}, "
-                        f"{len(curves)} seed{'s' if len(curves) > 1 else ''})")
-        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+        color = colors[(2 * i) % len(colors)]
+        style = "--" if row["method"] == "dense" else "-"
+        ax.plot(steps, [statistics.fmean(v) for v in values], style, color=color,
+                label=f"{row['arm']} (lr {row['lr']:g}, {len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
         drawn = True
     if drawn:
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (held-out 5 % of the training corpus)")
-        ax.set_title(f"accuracy study {scale}: validation loss, mean over seeds, band = min–max")
+        ax.set_title(f"accuracy study {scale}: validation loss, mean over seeds, band = min–max (dense dashed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -404,43 +782,81 @@ def plot(rows: list[dict], results: dict, path: Path, scale: str) -> bool:
     return drawn
 
 
+def contest_text(arms, lrs, seeds, results: dict) -> str | None:
+    """The SLoPe init contest's state, for the report; None when the study has no conditional slot."""
+    slot = next((e for e in arms if e in SLOTS), None)
+    if slot is None:
+        return None
+    contest = tuple(SLOTS[slot])
+    decided, winner = init_winner(contest, lrs, seeds[0], results)
+    if not decided:
+        return (f"SLoPe init contest ({' vs '.join(contest)}): not decided yet (it needs both seed-0 sweeps); "
+                f"the @winning-init arms wait for it.")
+    if winner is None:
+        return f"SLoPe init contest ({' vs '.join(contest)}): every LR diverged; the @winning-init arms do not run."
+    parts = []
+    for arm in contest:
+        lr = choose_lr(arm, lrs, seeds[0], results)
+        parts.append(f"{arm} {results[(arm, lr, seeds[0])]['val_loss']:.4f} at lr {lr:g}" if lr is not None
+                     else f"{arm} diverged")
+    return (f"SLoPe init contest, by final validation loss at seed 0 and each arm's chosen LR: {'; '.join(parts)}. "
+            f"Winner: {winner}; the @winning-init slots run its arms.")
+
+
 def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, runs_dir: Path, report_dir: Path) -> Path:
-    rows = aggregate(arms, lrs, seeds, results)
+    rows = aggregate(arms, lrs, seeds, results, settings)
     name = f"accuracy_{scale}"
     report_dir.mkdir(parents=True, exist_ok=True)
     has_plot = plot(rows, results, report_dir / f"{name}.png", scale)
-    planned = len(arms) * (len(lrs) + len(seeds) - 1)
-    left = remaining(arms, lrs, seeds, results)
-    finished = [r for r in results.values() if r["arm"] in arms and r.get("status") == "ok"]
-    metrics = {"runs_planned": planned, "runs_left": left,
+    total, left = planned(arms, lrs, seeds), remaining(arms, lrs, seeds, results)
+    by_arm = {row["arm"]: row for row in rows}
+    fair = by_arm.get(rows[0]["fair_dense"]) if rows else None
+    sized = fair if fair and fair["parameters"] else next((r for r in rows if r["parameters"]), None)
+    first = next((r for r in results.values() if r["arm"] in by_arm and r.get("status") == "ok"), None)
+    slot = next((e for e in arms if e in SLOTS), None)
+    winner = init_winner(tuple(SLOTS[slot]), lrs, seeds[0], results)[1] if slot else None
+    metrics = {"runs_planned": total, "runs_finished": finished(arms, lrs, seeds, results), "runs_left": left,
                "steps_per_run": settings["steps"],
-               "tokens_per_run": finished[0]["tokens"] if finished else None,
-               "parameters": finished[0]["parameters"]["dense_equivalent"] if finished else None}
-    slope_row = next((r for r in rows if r["arm"] == "slope"), None)
-    for set_name in TEST_SETS:
-        d = slope_row and slope_row[f"{set_name}_bpb_vs_dense"]
-        metrics[f"{set_name}_bpb_slope_minus_dense"] = d["diff"] if d else None
-        metrics[f"{set_name}_bpb_slope_minus_dense_se"] = d["se"] if d else None
+               "tokens_per_run": first["tokens"] if first else None,
+               "parameters": sized["parameters"]["dense_equivalent"] if sized else None,
+               "fair_dense_arm": rows[0]["fair_dense"] if rows else None,
+               "slope_init_winner": winner}
+    for arm in ("slope", "slope-init0.71"):
+        row = by_arm.get(arm)
+        for set_name in TEST_SETS:
+            for ref, key in (("fair_dense", "vs_fair_dense"), ("dense_half", "vs_dense_half")):
+                d = row and row[f"{set_name}_bpb_{key}"]
+                metrics[f"{set_name}_bpb_{arm}_minus_{ref}"] = d["diff"] if d else None
+                metrics[f"{set_name}_bpb_{arm}_minus_{ref}_se"] = d["se"] if d else None
+    checks = reproduction(results) if scale == "8m" else []
+    for c in checks:
+        metrics[f"reproduced_{c['run']}"] = c["reproduced"]
     status = ("complete" if left == 0 else
-              f"PARTIAL: {left} of {planned} runs still missing (listed per arm in the table above); rerun the same command to continue")
-    notes = "\n\n".join([
+              f"PARTIAL: {left} of {total} runs still missing (listed per arm in the table above); rerun the same command to continue")
+    contest = contest_text(arms, lrs, seeds, results)
+    threads = sorted({str(r.get("threads", "not recorded")) for r in results.values() if r["arm"] in by_arm})
+    notes = "\n\n".join(filter(None, [
         f"Study status: {status}.",
+        contest,
         f"Scale `{scale}`: `slope train{' --config ' + settings['config'] if settings['config'] else ''}` with "
         f"{' '.join(settings['model']) or 'its default model'}, {settings['steps']} steps for every arm "
         f"(the same tokens for all), trained on `{settings['train_data']}`. LR grid {', '.join(f'{x:g}' for x in lrs)} "
-        f"at seed {seeds[0]}; seeds {', '.join(map(str, seeds))} at the chosen LR.",
+        f"at seed {seeds[0]} for the family heads; a follower (\"follows\") sweeps its head's best LR and one grid "
+        f"neighbour of it; seeds {', '.join(map(str, seeds))} at the chosen LR. Threads per run: {', '.join(threads) or '—'}.",
         "The LR is chosen by the final loss on the held-out last 5 % of the training corpus (`--data.val=`, "
         f"`--data.val_fraction={VAL_FRACTION}`); the reported sets (Shakespeare's held-out works, Milton) are evaluated "
         "once at the end of each run and never used to choose anything. \"(edge)\": the chosen LR is the smallest "
         "or largest of the grid, so a wider grid might do better.",
-        "Std is the sample standard deviation over seeds (n − 1). Δ vs dense: the arm's mean minus dense's, ± the "
-        "standard error of that difference from the two seed spreads; a Δ within about two standard errors is "
-        "not a difference the seeds can tell apart. Grad norms are before clipping, over every step; the clip rate is "
+        f"Std is the sample standard deviation over seeds (n − 1). Δ vs {rows[0]['fair_dense'] if rows else 'dense'} "
+        "(the fair dense baseline: same shape, init ×0.7071) and Δ vs dense-half (half the blocks: about the 2:4 "
+        "model's non-zero weights): the arm's mean minus the reference's, ± the standard error of that difference "
+        "from the two seed spreads; a Δ within about two standard errors is not a difference the seeds can tell "
+        "apart. Negative is better for the arm. Grad norms are before clipping, over every step; the clip rate is "
         "the share of steps clipped (at optim.grad_clip = 1.0, except dense-noclip).",
         "Per-run results (including each run's exact `slope train` command): "
         f"`{_report._repo_relative(str(runs_dir))}/`." + (f" Plot: `{name}.png`." if has_plot else ""),
-    ])
-    path = _report.write(name, metrics, rows, tables(rows), notes, out_dir=report_dir)
+    ]))
+    path = _report.write(name, metrics, rows, tables(rows, checks), notes, out_dir=report_dir)
     return path
 
 
@@ -455,10 +871,34 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _hours(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def check_arms(arms: tuple[str, ...]) -> str | None:
+    """Why a list of arms and slots is not a study, or None."""
+    unknown = [a for a in arms if a not in ARMS and a not in SLOTS]
+    if unknown:
+        return f"unknown arm(s) {', '.join(unknown)}; arms are {', '.join(ARMS)}; slots are {', '.join(SLOTS)}"
+    if len(set(arms)) != len(arms):
+        return "an arm is listed twice"
+    for slot in (a for a in arms if a in SLOTS):
+        absent = [c for c in SLOTS[slot] if c not in arms]
+        if absent:
+            return f"{slot} needs its contest's arms in the study too: add {', '.join(absent)}"
+        listed = [a for a in SLOTS[slot].values() if a in arms]
+        if listed:
+            return f"{slot} runs one of {', '.join(SLOTS[slot].values())}: list the slot or the arm(s), not both"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -467,7 +907,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=[s for s in SCALES if s != "quick"], default="8m")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny model, dense and slope, 1 LR, 2 seeds, 4 steps; outputs under --work")
-    parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", help=f"comma-separated subset of the arms {', '.join(ARMS)} and the slots "
+                        f"{', '.join(SLOTS)}")
     parser.add_argument("--lrs", type=_floats, help="comma-separated LR grid (default: the scale's)")
     parser.add_argument("--seeds", type=_ints, help="comma-separated seeds; the first one runs the LR sweep")
     parser.add_argument("--steps", type=int, help="training steps of every run (default: the scale's)")
@@ -477,25 +918,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="scratch space for run directories, deleted run by run (default /tmp)")
     parser.add_argument("--report-dir", type=Path, help="where accuracy_<scale>.{json,md,png} go "
                         "(default benchmarks/results)")
-    parser.add_argument("--estimate", action="store_true", help="print the runs left and their time, run nothing")
+    parser.add_argument("--threads", type=_positive, help="OMP_NUM_THREADS and MKL_NUM_THREADS of every run "
+                        "(default: $OMP_NUM_THREADS if set, else torch's default); recorded in each run's JSON")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="runs trained at once, in dependency order (default 1)")
+    parser.add_argument("--estimate", action="store_true", help="print the plan, the runs left and their time; run nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, run nothing")
     parser.add_argument("extra", nargs="*", help="overrides passed to every run after `--`, e.g. -- --run.compile=false")
     args = parser.parse_args(argv)
-    # `timeout` and job schedulers stop a study with SIGTERM: turned into an exception, it makes
-    # subprocess.run kill the run in progress too, instead of leaving it training as an orphan
+    # `timeout` and job schedulers stop a study with SIGTERM: turned into an exception, it makes the study
+    # kill the runs in progress too, instead of leaving them training as orphans
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     scale_name = "quick" if args.quick else args.scale
     scale = SCALES[scale_name]
     arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else scale.arms
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arm(s) {', '.join(unknown)}; arms are {', '.join(ARMS)}")
+    if problem := check_arms(arms):
+        parser.error(problem)
     lrs, seeds = args.lrs or scale.lrs, args.seeds or scale.seeds
     steps = args.steps or scale.steps
     train_data = args.train_data or scale.train_data
     if train_data is None:
         parser.error(f"--scale {scale_name} needs --train-data: a corpus large enough for its token budget")
+    threads = args.threads or default_threads()
     work = args.work / f"slope-accuracy-{scale_name}"
     # a smoke test's outputs are not results: they stay in the scratch space
     out = args.out or (work / "study" if args.quick else _report.RESULTS / "accuracy" / scale_name)
@@ -511,24 +956,36 @@ def main(argv: list[str] | None = None) -> None:
               f"{llama_parameters(512, 8, 1376):,} parameters")
 
     runs_dir = out / "runs"
-    results = load_results(runs_dir, settings) if runs_dir.is_dir() else {}
-    left, seconds = estimate(arms, lrs, seeds, results)
-    planned = len(arms) * (len(lrs) + len(seeds) - 1)
-    when = f"about {_hours(seconds)} at the median of the finished runs" if seconds is not None else \
-        "time unknown until one run has finished"
-    print(f"accuracy study {scale_name}: {planned - left} of {planned} runs finished, {left} left ({when}); "
-          f"results in {runs_dir}. Interrupt at any time: the same command continues where it stopped.", flush=True)
+    try:
+        results = load_results(runs_dir, settings) if runs_dir.is_dir() else {}
+    except StudyError as err:
+        sys.exit(f"accuracy: error: {err}")
+    left, seconds = estimate(arms, lrs, seeds, results, args.jobs)
+    total = planned(arms, lrs, seeds)
+    when = (f"about {_hours(seconds)} at the median of the finished runs, {args.jobs} at a time"
+            if seconds is not None else "time unknown until one run has finished")
+    print(f"accuracy study {scale_name}: {total} runs planned ({breakdown(arms, lrs, seeds)}), "
+          f"{finished(arms, lrs, seeds, results)} finished, "
+          f"{left} left ({when}); {threads} thread(s) a run; results in {runs_dir}. Interrupt at any time: "
+          "the same command continues where it stopped.", flush=True)
     if args.estimate:
+        print(plan_table(arms, lrs, seeds, results))
+        if contest := contest_text(arms, lrs, seeds, results):
+            print(contest)
         return
+    if not args.report_only and args.jobs * threads > (os.cpu_count() or 1):
+        print(f"note: {args.jobs} job(s) x {threads} thread(s) is more than the {os.cpu_count()} CPU(s) here",
+              flush=True)
     try:
         if not args.report_only:
             def progress(results: dict) -> None:
                 write_report(scale_name, arms, lrs, seeds, settings, results, runs_dir, report_dir)
-                left, seconds = estimate(arms, lrs, seeds, results)
+                left, seconds = estimate(arms, lrs, seeds, results, args.jobs)
                 if left:
                     print(f"{left} run(s) left, about {_hours(seconds)}", flush=True)
 
-            results = run_study(arms, lrs, seeds, settings, runs_dir, work, after_each=progress)
+            results = run_study(arms, lrs, seeds, settings, runs_dir, work, after_each=progress,
+                                threads=threads, jobs=args.jobs)
         path = write_report(scale_name, arms, lrs, seeds, settings, results, runs_dir, report_dir)
     except StudyError as err:
         sys.exit(f"accuracy: error: {err}")

@@ -1,11 +1,14 @@
-"""benchmarks/accuracy.py: LR selection by validation only, the seed statistics, resume, missing runs, and
-one real tiny run end to end."""
+"""benchmarks/accuracy.py: LR selection by validation only, followers and the SLoPe init contest, the seed
+statistics and the Δ against the fair dense baseline and dense-half, resume, --jobs, --threads, missing runs,
+and one real tiny run end to end."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from _benchmarks import BENCH, benchmark_module
@@ -72,7 +75,9 @@ def test_seed_statistics_match_hand_arithmetic(acc):
     # dense: mean 2.133333; squares 0.017778 + 0.001111 + 0.027778 = 0.046667; / 2 = 0.023333; sqrt = 0.152753
     assert dense["shakespeare-heldout_bpb"]["std"] == pytest.approx(0.152753, abs=1e-6)
     # difference 2.266667 - 2.133333 = 0.133333; s.e. sqrt(0.093333 / 3 + 0.023333 / 3) = sqrt(0.038889) = 0.197203
-    d = sparse["shakespeare-heldout_bpb_vs_dense"]
+    # no dense-init0.71 in this study: the fair baseline falls back to default-init dense
+    assert sparse["fair_dense"] == "dense"
+    d = sparse["shakespeare-heldout_bpb_vs_fair_dense"]
     assert d["diff"] == pytest.approx(0.133333, abs=1e-6)
     assert d["se"] == pytest.approx(0.197203, abs=1e-6)
     one_seed = acc.stats([3.0])
@@ -83,7 +88,7 @@ def test_resume_skips_finished_runs(acc, tmp_path):
     arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3), (0, 1, 2)
     calls, kill_at = [], [3]
 
-    def runner(settings, arm, lr, seed, work):
+    def runner(settings, arm, lr, seed, work, threads=None):
         calls.append((arm, lr, seed))
         assert len(calls) <= 8, "the study trains runs that have finished"  # rather than loop for ever
         if len(calls) == kill_at[0]:
@@ -138,12 +143,13 @@ def test_missing_runs_are_reported_as_missing(acc, tmp_path):
 def test_one_real_tiny_run_end_to_end(acc, tmp_path):
     """1 arm x 1 LR x 1 seed x 2 steps of the tiny config, through `slope train` in a subprocess."""
     command = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--arms", "dense", "--seeds", "0",
-               "--steps", "2", "--work", str(tmp_path)]
+               "--steps", "2", "--threads", "1", "--work", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     study = tmp_path / "slope-accuracy-quick"
     saved = json.loads((study / "study" / "runs" / "dense-lr0.01-seed0.json").read_text())
     assert saved["status"] == "ok" and saved["settings"]["steps"] == 2
+    assert saved["threads"] == 1 and "threads" not in saved["settings"]
     assert set(saved["eval"]) == {"val", "shakespeare-heldout", "milton"}
     assert "--data.val=" in saved["command"] and "--data.val_fraction=0.05" in saved["command"]
     # the LR sweep compares the final loss on the training corpus' held-out split, nothing else
@@ -153,3 +159,268 @@ def test_one_real_tiny_run_end_to_end(acc, tmp_path):
     report = json.loads((study / "study" / "accuracy_quick.json").read_text())
     assert report["metrics"]["runs_left"] == 0
     assert report["rows"][0]["milton_bpb"]["n"] == 1
+
+
+# ---- the 8m study's design: followers, the SLoPe init contest, counts, Δs, --jobs, --threads ----------
+
+GRID = (1e-3, 2e-3, 4e-3)
+SETTINGS_8M = {"scale": "8m", "config": None, "model": [], "steps": 800, "train_data": "shakespeare",
+               "eval_every": 50, "extra": [], "warmup": []}  # exactly as the 8m study's first runs recorded it
+
+
+def sweep(arm, losses, **test_sets):
+    """Seed-0 records of `arm` at GRID with the given validation losses (test-set numbers as given)."""
+    return {(arm, lr, 0): record(arm, lr, 0, val_loss=loss, **test_sets) for lr, loss in zip(GRID, losses, strict=True)}
+
+
+@pytest.mark.parametrize("head_losses, follower_lrs", [
+    ((4.8, 4.9, 5.0), (1e-3, 2e-3)),  # best at the low edge: its only neighbour
+    ((5.0, 4.9, 4.8), (2e-3, 4e-3)),  # best at the high edge
+    ((4.95, 4.8, 4.9), (2e-3, 4e-3)),  # interior: the neighbour with the lower head validation loss (4e-3)...
+    ((4.9, 4.8, 4.95), (1e-3, 2e-3)),  # ...or 1e-3
+])
+def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_losses, follower_lrs):
+    # the test sets prefer the other neighbour every time: they must play no part
+    worse_first = head_losses[0] > head_losses[2]
+    results = {(a, lr, 0): record(a, lr, 0, val_loss=loss, sh_bpb=1.0 if (lr == 1e-3) == worse_first else 3.0,
+                                  milton_bpb=1.0 if (lr == 1e-3) == worse_first else 3.0)
+               for a in ("dense-init0.71",) for lr, loss in zip(GRID, head_losses, strict=True)}
+    arms, seeds = ("dense-init0.71", "dense-half"), (0, 1, 2)
+    assert acc.follower_lrs("dense-init0.71", GRID, 0, results) == follower_lrs
+    todo = acc.pending(arms, GRID, seeds, results)
+    assert [k for k in todo if k[0] == "dense-half"] == [("dense-half", lr, 0) for lr in follower_lrs]
+    # the follower's own choice between its two LRs is by its validation loss, then the seeds run there
+    low, high = follower_lrs
+    results[("dense-half", low, 0)] = record("dense-half", low, 0, val_loss=5.2, sh_bpb=1.0)
+    results[("dense-half", high, 0)] = record("dense-half", high, 0, val_loss=5.1, sh_bpb=3.0)
+    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "dense-half"] == [
+        ("dense-half", high, 1), ("dense-half", high, 2)]
+    (_, half) = acc.aggregate(arms, GRID, seeds, results)
+    assert half["lr"] == high and half["follows"] == "dense-init0.71" and half["sweep_lrs"] == list(follower_lrs)
+
+
+def test_a_follower_waits_for_its_heads_whole_sweep(acc):
+    results = {k: v for k, v in sweep("dense-init0.71", (4.8, 4.9, 5.0)).items() if k[1] != 4e-3}
+    arms = ("dense-init0.71", "dense-half")
+    assert acc.follower_lrs("dense-init0.71", GRID, 0, results) is None
+    assert acc.pending(arms, GRID, (0, 1, 2), results) == [("dense-init0.71", 4e-3, 0)]
+    # listed without its head, a follower sweeps the whole grid itself
+    assert acc.pending(("dense-half",), GRID, (0,), {}) == [("dense-half", lr, 0) for lr in GRID]
+
+
+@pytest.mark.parametrize("winner", ["slope", "slope-init0.71"])
+def test_the_slope_init_contest_is_decided_by_validation_loss_only(acc, winner):
+    loser = "slope-init0.71" if winner == "slope" else "slope"
+    # the winner's best validation loss is lower; the test sets strongly prefer the loser
+    results = {**sweep(winner, (4.9, 4.85, 5.0), sh_bpb=3.0, milton_bpb=4.0, milton_ppl=2000.0),
+               **sweep(loser, (4.95, 4.88, 5.0), sh_bpb=1.0, milton_bpb=2.0, milton_ppl=100.0)}
+    assert acc.init_winner(("slope", "slope-init0.71"), GRID, 0, results) == (True, winner)
+    arms = ("slope", "slope-init0.71", "adapters0.9@winning-init", "srste@winning-init", "wanda@winning-init")
+    plans = {p.entry: p for p in acc.resolve(arms, GRID, (0, 1, 2), results)}
+    suffix = "" if winner == "slope" else "-init0.71"
+    assert plans["srste@winning-init"].arm == f"srste{suffix}"
+    assert plans["wanda@winning-init"].arm == f"wanda{suffix}"
+    assert plans["adapters0.9@winning-init"].arm == f"slope{suffix}-adapters0.9"
+    # it follows the winner's sweep: best 2e-3, interior, the neighbour with the lower loss is 1e-3
+    assert plans["srste@winning-init"].head == winner and plans["srste@winning-init"].sweep == (1e-3, 2e-3)
+    assert (f"srste{suffix}", 1e-3, 0) in acc.pending(arms, GRID, (0, 1, 2), results)
+
+
+def test_conditional_slots_count_as_pending_runs_before_the_winner_is_known(acc):
+    arms, seeds = acc.SCALES["8m"].arms, (0, 1, 2)
+    results = {**sweep("dense", (5.0, 4.9, 5.2)), **sweep("slope", (4.9, 4.85, 5.0))}  # slope-init0.71 not run
+    plans = {p.entry: p for p in acc.resolve(arms, GRID, seeds, results)}
+    for slot in ("adapters0.9@winning-init", "srste@winning-init", "wanda@winning-init"):
+        assert plans[slot].arm is None and plans[slot].sweep is None
+        assert acc.runs_left(plans[slot], GRID, seeds, results) == 4  # 2 sweep runs + 2 more seeds
+    assert not any(k[0].startswith(("srste", "wanda")) or "adapters" in k[0]
+                   for k in acc.pending(arms, GRID, seeds, results))
+    # dense 2 seeds, dense-init0.71 5, slope 2 seeds, slope-init0.71 5, dense-half 4, 3 slots x 4
+    assert acc.remaining(arms, GRID, seeds, results) == 2 + 5 + 2 + 5 + 4 + 3 * 4
+    results.update(sweep("slope-init0.71", (4.8, 4.9, 5.0)))  # now the winner is known: still 4 runs each
+    plans = {p.entry: p for p in acc.resolve(arms, GRID, seeds, results)}
+    assert plans["srste@winning-init"].arm == "srste-init0.71"
+    assert acc.runs_left(plans["srste@winning-init"], GRID, seeds, results) == 4
+
+
+def test_the_8m_study_plans_at_most_36_runs_and_keeps_its_settings(acc, tmp_path):
+    scale = acc.SCALES["8m"]
+    assert scale.arms == acc.STUDY
+    assert acc.planned(scale.arms, scale.lrs, scale.seeds) == 4 * 5 + 4 * 4 == 36
+    # the dropped controls stay runnable by name, as heads with the whole grid
+    assert acc.planned(("dense-init0.93", "dense-noclip", "slope-nodp"), scale.lrs, scale.seeds) == 15
+    # a run recorded with the 8m study's original settings still belongs to the study (run name and
+    # settings unchanged), and --estimate prints the planned total
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old = {**record("dense", 1e-3, 0, 5.0), "settings": SETTINGS_8M}
+    (runs / "dense-lr0.001-seed0.json").write_text(json.dumps(old))
+    assert acc.run_name("dense-init0.71", 1e-3, 0) == "dense-init0.71-lr0.001-seed0"
+    done = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--scale", "8m", "--estimate",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "36 runs planned (4 heads x 5 + 4 followers x 4), 1 finished, 35 left" in done.stdout
+    # dense-half is half the 8m model's 8 blocks, at the fair baseline's init
+    command = acc.train_command(SETTINGS_8M, "dense-half", 2e-3, 1, tmp_path / "run")
+    assert "--model.num_layers=4" in command and "--model.linear_init_scale=0.7071" in command
+    assert command[command.index("--method") + 1] == "dense"
+
+
+def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithmetic(acc):
+    seeds = (0, 1, 2)
+    bpb = {"dense-init0.71": (2.0, 2.1, 2.3), "dense-half": (2.4, 2.5, 2.9), "slope": (2.0, 2.2, 2.6),
+           "dense": (9.0, 9.0, 9.0)}  # default-init dense is not the reference
+    results = {(arm, 1e-3, s): record(arm, 1e-3, s, 5.0, sh_bpb=b, milton_bpb=b + 1)
+               for arm, values in bpb.items() for s, b in zip(seeds, values, strict=True)}
+    rows = {r["arm"]: r for r in acc.aggregate(("dense", "dense-init0.71", "slope", "dense-half"), (1e-3,),
+                                                seeds, results)}
+    slope = rows["slope"]
+    assert slope["fair_dense"] == "dense-init0.71"
+    # slope mean 2.266667, std 0.305505 (var 0.093333); dense-init0.71 mean 2.133333, var 0.023333;
+    # Δ = 0.133333, s.e. sqrt(0.093333 / 3 + 0.023333 / 3) = 0.197203
+    d = slope["shakespeare-heldout_bpb_vs_fair_dense"]
+    assert d["diff"] == pytest.approx(0.133333, abs=1e-6) and d["se"] == pytest.approx(0.197203, abs=1e-6)
+    # dense-half: mean 2.6; deviations -0.2, -0.1, 0.3; squares 0.04 + 0.01 + 0.09 = 0.14; / 2 = 0.07
+    # slope - dense-half = 2.266667 - 2.6 = -0.333333; s.e. sqrt(0.093333 / 3 + 0.07 / 3) = sqrt(0.054444) = 0.233333
+    h = slope["shakespeare-heldout_bpb_vs_dense_half"]
+    assert h["diff"] == pytest.approx(-0.333333, abs=1e-6) and h["se"] == pytest.approx(0.233333, abs=1e-6)
+    # Milton is bpb + 1 everywhere: the same differences
+    assert slope["milton_bpb_vs_fair_dense"]["diff"] == pytest.approx(0.133333, abs=1e-6)
+    # dense-half against the fair baseline: 2.6 - 2.133333 = 0.466667, s.e. sqrt(0.07 / 3 + 0.023333 / 3) = 0.176383
+    assert rows["dense-half"]["shakespeare-heldout_bpb_vs_fair_dense"]["diff"] == pytest.approx(0.466667, abs=1e-6)
+    assert rows["dense-half"]["shakespeare-heldout_bpb_vs_fair_dense"]["se"] == pytest.approx(0.176383, abs=1e-6)
+    assert rows["dense-half"]["shakespeare-heldout_bpb_vs_dense_half"] is None
+    assert rows["dense-init0.71"]["shakespeare-heldout_bpb_vs_fair_dense"] is None
+
+
+def test_the_reproduction_check_compares_to_the_digit(acc):
+    assert [c["reproduced"] for c in acc.reproduction({})] == [None, None]  # not run yet
+    good = record("slope", 2e-3, 0, val_loss=4.85412)
+    good["eval"]["shakespeare-heldout"]["ppl"], good["eval"]["milton"]["ppl"] = 134.42, 713.6
+    off = record("slope-init0.71", 2e-3, 0, val_loss=4.8127)
+    off["eval"]["shakespeare-heldout"]["ppl"], off["eval"]["milton"]["ppl"] = 129.06, 697.2  # 129.1 != 128.9
+    slope, init = acc.reproduction({("slope", 2e-3, 0): good, ("slope-init0.71", 2e-3, 0): off})
+    assert slope["reproduced"] is True and slope["got"]["milton_ppl"] == "714"
+    assert init["reproduced"] is False and init["got"]["shakespeare-heldout_ppl"] == "129.1"
+
+
+def _fake_study(acc, tmp_path, jobs, slow=None):
+    """The whole 8m study with a fake runner that checks, as each run starts, that what it depends on has
+    finished and been saved; returns (results, the most runs seen at once). The run `slow` (arm, lr) takes
+    0.5 s, the others 0.02 s, so with 2 jobs the other runs overtake it: a scheduler that started a run
+    depending on it early would do it then."""
+    runs_dir = tmp_path / f"jobs{jobs}-{slow}" / "runs"
+    started, lock, live = set(), threading.Lock(), [0, 0]
+    # validation losses that make slope-init0.71 win and put dense-init0.71's best at 2e-3
+    base = {"dense": 5.0, "dense-init0.71": 4.9, "slope": 4.95, "slope-init0.71": 4.85}
+
+    def saved(arm, lr, seed):
+        return (runs_dir / f"{acc.run_name(arm, lr, seed)}.json").exists()
+
+    def runner(settings, arm, lr, seed, work, threads=None):
+        with lock:
+            assert (arm, lr, seed) not in started, "a run was started twice"
+            started.add((arm, lr, seed))
+            live[0] += 1
+            live[1] = max(live)
+        head = acc.FOLLOWS.get(arm)
+        if head:
+            assert all(saved(head, x, 0) for x in GRID), f"{arm} started before {head}'s sweep finished"
+        if arm in ("srste-init0.71", "wanda-init0.71", "slope-init0.71-adapters0.9"):
+            assert all(saved(c, x, 0) for c in ("slope", "slope-init0.71") for x in GRID), "before the contest"
+        if seed != 0:  # its whole sweep: the grid for a head, 2 LRs for a follower
+            swept = sum(saved(arm, x, 0) for x in GRID)
+            assert swept == (2 if head else 3), f"{arm} seed {seed} started before its sweep finished"
+        time.sleep(0.5 if (arm, lr) == slow else 0.02)
+        with lock:
+            live[0] -= 1
+        loss = base.get(arm, 5.1) + {1e-3: 0.03, 2e-3: 0.0, 4e-3: 0.05}[lr] + 0.001 * seed
+        return {k: v for k, v in record(arm, lr, seed, val_loss=loss).items()
+                if k not in ("arm", "method", "lr", "seed", "settings")}
+
+    results = acc.run_study(acc.STUDY, GRID, (0, 1, 2), SETTINGS, runs_dir, tmp_path / "work", runner=runner,
+                            threads=1, jobs=jobs)
+    return results, live[1]
+
+
+def test_jobs_2_finishes_the_same_runs_as_jobs_1_in_dependency_order(acc, tmp_path):
+    one, most_one = _fake_study(acc, tmp_path, jobs=1)
+    assert most_one == 1 and len(one) == 36
+    # slow: the end of dense-half's head's sweep, then of the losing and of the winning contestant's sweep
+    for slow in (("dense-init0.71", 4e-3), ("slope", 4e-3), ("slope-init0.71", 4e-3)):
+        two, most_two = _fake_study(acc, tmp_path, jobs=2, slow=slow)
+        assert most_two == 2 and set(two) == set(one)
+    assert {k[0] for k in one} == {"dense", "dense-init0.71", "slope", "slope-init0.71", "dense-half",
+                                  "slope-init0.71-adapters0.9", "srste-init0.71", "wanda-init0.71"}
+    assert acc.remaining(acc.STUDY, GRID, (0, 1, 2), two) == 0
+
+
+def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch):
+    assert acc.run_env(3, base={"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert acc.default_threads() == 3
+    seen = {}
+
+    class FakePopen:  # `slope train` as a process that diverges at once, so nothing trains
+        def __init__(self, command, stdout, stderr, env):
+            seen.update(command=command, env=env)
+            stdout.write("training...\nthe loss became nan at step 1\n")
+            stdout.flush()
+
+        def wait(self):
+            return 1
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(acc.subprocess, "Popen", FakePopen)
+    runs_dir = tmp_path / "runs"
+    acc.run_study(("dense",), (1e-3,), (0,), SETTINGS, runs_dir, tmp_path / "work", threads=2)
+    assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["MKL_NUM_THREADS"] == "2"
+    saved = json.loads((runs_dir / "dense-lr0.001-seed0.json").read_text())
+    assert saved["status"] == "diverged" and saved["threads"] == 2 and saved["settings"] == SETTINGS
+
+
+def test_a_failed_run_stops_the_study_once_the_runs_in_progress_are_saved(acc, tmp_path):
+    def runner(settings, arm, lr, seed, work, threads=None):
+        if lr == 1e-3:
+            raise acc.StudyError("run failed")
+        time.sleep(0.2)  # still running when its neighbour fails
+        return {k: v for k, v in record(arm, lr, seed, val_loss=5.0).items()
+                if k not in ("arm", "method", "lr", "seed", "settings")}
+
+    with pytest.raises(acc.StudyError, match="run failed"):
+        acc.run_study(("dense",), GRID, (0,), SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner, jobs=2)
+    # the run in progress was saved; nothing was started after the failure
+    assert [p.name for p in (tmp_path / "runs").glob("*.json")] == ["dense-lr0.002-seed0.json"]
+
+
+def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
+    """SIGTERM or Ctrl-C reaches the main thread, not the threads waiting on the runs: the study must end
+    the `slope train` processes itself (here `sleep`), rather than leave them training as orphans."""
+    procs = []
+
+    def runner(settings, arm, lr, seed, work, threads=None):
+        if lr == 2e-3:  # a long run, registered like train_run's
+            proc = subprocess.Popen(["sleep", "30"])
+            procs.append(proc)
+            with acc._LIVE_LOCK:
+                acc._LIVE.add(proc)
+            try:
+                proc.wait()
+            finally:
+                with acc._LIVE_LOCK:
+                    acc._LIVE.discard(proc)
+            raise acc.StudyError("killed")
+        time.sleep(0.3)
+        return {k: v for k, v in record(arm, lr, seed, val_loss=5.0).items()
+                if k not in ("arm", "method", "lr", "seed", "settings")}
+
+    def stop(results):  # the signal arrives in the main thread once the short run is saved
+        raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        acc.run_study(("dense",), GRID, (0,), SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner,
+                      after_each=stop, jobs=2)
+    assert time.monotonic() - start < 10 and procs and procs[0].poll() is not None
