@@ -1,6 +1,7 @@
 """Per-layer SLoPe products on sparse tensor cores vs dense bf16 (cuBLAS), side by side in one run.
 
     python benchmarks/gpu_layers.py --out DIR [--tokens 2048 8192 16384] [--backend cusparselt]
+    python benchmarks/gpu_layers.py --out DIR --device cpu --tokens 64 --sweep 64 128 --no-models   # rehearsal
 
 For each linear shape (out, in) of LLaMA-3-8B, OPT-13B/30B/66B and a square hidden-size sweep,
 and each token count T, times (median of CUDA-event timings):
@@ -12,7 +13,9 @@ and separately the per-step refresh cost of the compressed operands (in-place va
 re-compression, column-mask refresh). With cuSPARSELt the sparse products run as the library runs
 them (cached plans where `slope info` says they are on); `*_torch_call_ms` times the same product
 through torch._cslt_sparse_mm, which builds its plan on every call, for comparison.
-Writes gpu_layers.json/.md into DIR.
+Writes gpu_layers.json/.md into DIR after every row (the sweep first: the plot needs it), so a run
+stopped by its time limit keeps what it finished. With --device cpu the emulated 2:4 library runs
+in fp32 (a rehearsal of the command and its files, whose numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common as bench
 from gpu_common import md_table, time_ms, write
 
 from slope.backends import cusparselt_plans
@@ -59,7 +63,7 @@ SWEEP = [1024, 2048, 4096, 8192, 16384]
 
 
 def bench_shape(kind: str, out_f: int, in_f: int, tokens: int, dtype=torch.bfloat16) -> dict:
-    dev = torch.device("cuda")
+    dev = bench.DEVICE
     w = torch.randn(out_f, in_f, device=dev)
     row_mask = nm_mask(w, 2, 4, dim=1)
     w_r = w * row_mask
@@ -164,10 +168,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    p.add_argument("--backend", default="cusparselt", choices=CUDA_BACKENDS)
+    p.add_argument("--backend", default=None, choices=[*CUDA_BACKENDS, "emulated"],
+                   help="the 2:4 library (default: cusparselt on a GPU, emulated on a CPU)")
     p.add_argument("--sweep", type=int, nargs="*", default=SWEEP)
     p.add_argument("--no-models", action="store_true", help="only the hidden-size sweep")
+    bench.add_device_args(p)
     ARGS = p.parse_args(argv)
+    bench.use_device(ARGS.device)
+    ARGS.backend = ARGS.backend or bench.library_name()
+    dtype = bench.compute_dtype()
     # the sweep first: the plot needs it, and a run cut short keeps what was measured
     shapes = [(f"sweep h={h}", h, h) for h in ARGS.sweep]
     shapes += [] if ARGS.no_models else model_shapes()
@@ -179,14 +188,14 @@ def main(argv=None) -> int:
             if key in done:
                 row = dict(next(r for r in rows if (r["out"], r["in"], r["tokens"]) == key), layer=name)
             else:
-                row = {"layer": name, **bench_shape(ARGS.backend, out_f, in_f, tokens)}
+                row = {"layer": name, **bench_shape(ARGS.backend, out_f, in_f, tokens, dtype)}
                 done.add(key)
-                torch.cuda.empty_cache()
+                bench.empty_cache()
             rows.append(row)
             print(f"{name:20s} {out_f:6d}x{in_f:<6d} T={tokens:6d}  output {row['output_speedup']:.2f}x  "
                   f"grad_input {row['grad_input_speedup']:.2f}x  grad_weight {row['grad_weight_speedup']:.2f}x  "
                   f"fwd+bwd {row['fwd_bwd_speedup']:.2f}x", flush=True)
-        write(ARGS.out, "gpu_layers", summarize(rows), rows, rows_table(rows), NOTES)  # incremental
+            write(ARGS.out, "gpu_layers", summarize(rows), rows, rows_table(rows), NOTES)  # after every row
     return 0
 
 

@@ -1,6 +1,7 @@
 """The fused per-step kernels against today's torch paths, at LLaMA-3-8B layer shapes (bf16 compute).
 
     python benchmarks/gpu_step_kernels.py [--out DIR]
+    python benchmarks/gpu_step_kernels.py --out DIR --device cpu --shapes tiny   # rehearsal
 
 For each shape (out, in) times (median of CUDA-event timings, `gpu_common.time_ms`):
     refresh   fused: `step_kernels.refresh_operands`, both prefixes in one launch
@@ -11,7 +12,9 @@ For each shape (out, in) times (median of CUDA-event timings, `gpu_common.time_m
     column    fused: `step_kernels.column_refresh` writing W_RCᵀ's values too
               today: W_R (fp32 scatter) + `nm_bits(W_R, dim=0)` + a new index map + index_select
 and checks that both give the same tensors. The compression of the new mask (the same in both) is
-not timed. Writes gpu_step_kernels.{json,md} (benchmarks/_report.py) into DIR.
+not timed. Writes gpu_step_kernels.{json,md} (benchmarks/_report.py) into DIR after every shape, so a
+run stopped by its time limit keeps the shapes it finished. With --device cpu (the rehearsal) the
+"fused" calls run the plain-torch references (Triton runs on CUDA tensors only).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # benchmarks/ is not a package: found through the path entry above
+import gpu_common as bench
 from gpu_common import time_ms
 
 from slope.backends import step_kernels
@@ -39,7 +43,11 @@ from slope.masks import (
     unpack_group_bits,
 )
 
-SHAPES = [("llama3-8b q/o", 4096, 4096), ("llama3-8b gate/up", 14336, 4096), ("llama3-8b down", 4096, 14336)]
+SHAPE_SETS = {
+    "llama3-8b": [("llama3-8b q/o", 4096, 4096), ("llama3-8b gate/up", 14336, 4096), ("llama3-8b down", 4096, 14336)],
+    "tiny": [("tiny", 64, 128), ("tiny transposed", 128, 64)],  # the CPU rehearsal
+}
+SHAPES = SHAPE_SETS["llama3-8b"]
 DTYPE = torch.bfloat16
 
 
@@ -110,34 +118,48 @@ def _col_mask(col_bits: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="result folder (default benchmarks/results)")
+    p.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="llama3-8b")
+    bench.add_device_args(p)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_step_kernels: needs a CUDA GPU (none found); nothing measured")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_step_kernels: needs a CUDA GPU (none found); nothing measured (--device cpu rehearses it)")
         return 2
+    dev = bench.use_device(args.device)
     rows = []
-    for name, out_f, in_f in SHAPES:
-        row = {"layer": name, **bench_shape(out_f, in_f, torch.device("cuda"), time_ms)}
+    for name, out_f, in_f in SHAPE_SETS[args.shapes]:
+        row = {"layer": name, **bench_shape(out_f, in_f, dev, time_ms)}
         rows.append(row)
-        torch.cuda.empty_cache()
+        bench.empty_cache()
         print(f"{name:18s} {row['shape']:>11s}  refresh {row['refresh_speedup']:.2f}x  compact {row['compact_speedup']:.2f}x  "
               f"column {row['column_speedup']:.2f}x  exact: {row['refresh_exact']}/{row['compact_exact']}/{row['column_exact']}",
               flush=True)
+        path = _report.write("gpu_step_kernels", summarize(rows), rows, table(rows), NOTES, out_dir=args.out)
+    print(path)
+    return 0
+
+
+def summarize(rows: list[dict]) -> dict:
     metrics = {}
     for k in ("refresh", "compact", "column"):
         speedups = torch.tensor([r[f"{k}_speedup"] for r in rows])
         metrics[f"{k}_speedup_gmean"] = float(speedups.log().mean().exp())
     metrics["all_exact"] = all(r[f"{k}_exact"] for r in rows for k in ("refresh", "compact", "column"))
     metrics["all_triton"] = all(v for r in rows for k, v in r.items() if k.startswith("triton_"))
-    cols = ["layer", "shape", "refresh_today_ms", "refresh_fused_ms", "refresh_speedup", "compact_today_ms",
-            "compact_fused_ms", "compact_speedup", "column_today_ms", "column_fused_ms", "column_speedup"]
-    table = "\n".join([
-        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-        *["| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows],
+    return metrics
+
+
+COLUMNS = ["layer", "shape", "refresh_today_ms", "refresh_fused_ms", "refresh_speedup", "compact_today_ms",
+           "compact_fused_ms", "compact_speedup", "column_today_ms", "column_fused_ms", "column_speedup"]
+NOTES = ("speedup = today's time / the fused kernel's. `all_triton` False means a kernel failed its "
+         "self-check and the 'fused' column timed the reference.")
+
+
+def table(rows: list[dict]) -> str:
+    return "\n".join([
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+        *["| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |"
+          for r in rows],
     ])
-    notes = ("speedup = today's time / the fused kernel's. `all_triton` False means a kernel failed its "
-             "self-check and the 'fused' column timed the reference.")
-    print(_report.write("gpu_step_kernels", metrics, rows, table, notes, out_dir=args.out))
-    return 0
 
 
 if __name__ == "__main__":

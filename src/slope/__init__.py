@@ -19,6 +19,8 @@ _OWNERS = {
     "SparsifyReport": "slope.convert",
     "add_adapters": "slope.convert",
     "densify": "slope.convert",
+    "for_inference": "slope.convert",
+    "estimate_memory": "slope.train.memory_estimate",
     "slope_layers": "slope.convert",
     "sparsify": "slope.convert",
     "column_mask": "slope.masks",
@@ -44,6 +46,8 @@ __all__ = [
     "column_mask",
     "densify",
     "double_prune",
+    "estimate_memory",
+    "for_inference",
     "get_peft_model",
     "load",
     "load_tokenizer",
@@ -72,7 +76,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from slope.config import SlopeConfig
-    from slope.convert import SparsifyReport, add_adapters, densify, slope_layers, sparsify
+    from slope.convert import SparsifyReport, add_adapters, densify, for_inference, slope_layers, sparsify
     from slope.io.export import save_compressed, save_dense
     from slope.io.format import FormatError
     from slope.io.load import load, load_tokenizer
@@ -80,3 +84,4 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from slope.io.serve import save_serving
     from slope.linear import SlopeLinear
     from slope.masks import column_mask, double_prune, nm_mask
+    from slope.train.memory_estimate import estimate_memory

@@ -185,6 +185,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def for_inference(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with every parameter frozen, in place; returns it.
+
+    Frozen SlopeLinear values let a 2:4 GPU backend keep them inside the compressed operand it
+    multiplies with, so a served model stores each kept value once, and the column masks, which only
+    a backward uses, are dropped (docs/gpu.md, "Memory").
+    """
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for _, layer in slope_layers(model):
+        layer.release_training_state()
+    return model
+
+
 def dense_equivalent_params(model: nn.Module) -> int:
     """Parameters of `model` counting each SlopeLinear as its full (out, in) weight, adapters included."""
     stored = sum(p.numel() for p in model.parameters())

@@ -28,7 +28,7 @@ from slope.config import ADAPTER_INITS, SlopeConfig
 from slope.masks import (
     apply_group_bits,
     bits_dtype,
-    gather_values,
+    gather_kept,
     kept_positions,
     nm_bits,
     nm_mask,
@@ -74,9 +74,10 @@ class SlopeLinear(nn.Module):
     def _setup_from_dense(self, weight: torch.Tensor, bias, config: SlopeConfig, source: str) -> None:
         # weight: (out, in), whatever the source layout
         _check_shape(*weight.shape, config)
-        mask = nm_mask(weight, config.n, config.m, dim=1)  # (out, in) M_R
-        values = gather_values(weight, mask).contiguous()  # (out, in·n/m)
-        self._setup(values, pack_group_bits(mask, config.m, dim=1), weight.shape[1], bias, config, source)
+        row_bits = pack_group_bits(nm_mask(weight, config.n, config.m, dim=1), config.m, dim=1)  # M_R packed
+        # (out, in·n/m), gathered by position (not by a boolean mask) so the shape never depends on data
+        values = gather_kept(weight, kept_positions(row_bits, config.n, config.m)).contiguous()
+        self._setup(values, row_bits, weight.shape[1], bias, config, source)
 
     @classmethod
     def empty(
@@ -133,12 +134,12 @@ class SlopeLinear(nn.Module):
         return 0 if self.adapter_a is None else self.adapter_a.shape[1]
 
     def row_mask(self) -> torch.Tensor:
-        """M_R as a dense bool (out, in)."""
-        return unpack_group_bits(self.row_bits, self.config.m, dim=1)
+        """M_R as a dense bool (out, in), on the values' device."""
+        return unpack_group_bits(self.row_bits.to(self.weight.device), self.config.m, dim=1)
 
     def kept_positions(self) -> torch.Tensor:
-        """(out, in/m, n) int64 positions of the kept values inside their groups."""
-        return kept_positions(self.row_bits, self.config.n, self.config.m)
+        """(out, in/m, n) int64 positions of the kept values inside their groups, on the values' device."""
+        return kept_positions(self.row_bits.to(self.weight.device), self.config.n, self.config.m)
 
     def dense_weight(self) -> torch.Tensor:
         """W_R, the row-pruned weight, as a dense (out, in) tensor (detached)."""
@@ -205,6 +206,29 @@ class SlopeLinear(nn.Module):
             else:
                 self._refresh_column_mask(w_r())
         return ColumnMask(self.col_bits, self.column_mask_step, self.config.m)
+
+    def store_values_in(self, values: torch.Tensor) -> None:
+        """Keep the kept values in `values` from now on: same shape, dtype and contents, e.g. the value
+        prefix of a compressed operand (the runtime does this at inference so the values are stored
+        once). The parameter object stays the same, so optimizers and state_dicts are unaffected."""
+        if values.shape != self.weight.shape or values.dtype != self.weight.dtype:
+            raise ValueError(f"store_values_in: expected a {tuple(self.weight.shape)} {self.weight.dtype} tensor, "
+                             f"got {tuple(values.shape)} {values.dtype}")
+        self.weight.data = values
+        self._seen_version = self.weight._version  # moving the values is not an optimizer step
+
+    def move_row_mask(self, device: torch.device) -> None:
+        """Keep M_R's bits on `device`: the host once the layer's compressed operand carries the
+        positions at inference (the runtime moves them), back on the values' device to train."""
+        if self.row_bits.device != torch.device(device):
+            self.row_bits = self.row_bits.to(device)
+
+    def release_training_state(self) -> None:
+        """Drop M_C (out/4·in bytes), which only a backward multiplies with: for a model that will only
+        run inference (`slope.convert.for_inference`). A later training step computes it again."""
+        if self.col_bits is not None:
+            self.col_bits = None
+            self.column_mask_step = -1  # due again at the next training forward
 
     # ---- backend ----------------------------------------------------------------------------
 

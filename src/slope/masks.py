@@ -7,6 +7,7 @@ group (at most `MAX_M`), never over groups, so a 4096x4096 mask costs a few elem
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from slope.config import MAX_M
 
@@ -187,13 +188,18 @@ def _positions_table(n: int, m: int, device: torch.device) -> torch.Tensor:
     """(2**m, n) int64: row b lists the set bits of b in ascending order (rows with != n bits unused)."""
     key = (n, m, device)
     if key not in _POSITION_TABLES:
-        table = torch.zeros(2**m, n, dtype=torch.int64)
-        for b in range(2**m):
-            pos = [i for i in range(m) if b >> i & 1]
-            if len(pos) == n:
-                table[b] = torch.tensor(pos)
-        _POSITION_TABLES[key] = table.to(device)
+        with unset_fake_temporarily():  # a real constant even when first asked for under fake tensors
+            _POSITION_TABLES[key] = _build_positions_table(n, m, device)
     return _POSITION_TABLES[key]
+
+
+def _build_positions_table(n: int, m: int, device: torch.device) -> torch.Tensor:
+    table = torch.zeros(2**m, n, dtype=torch.int64)
+    for b in range(2**m):
+        pos = [i for i in range(m) if b >> i & 1]
+        if len(pos) == n:
+            table[b] = torch.tensor(pos)
+    return table.to(device)
 
 
 _POSITION_TABLES: dict[tuple, torch.Tensor] = {}

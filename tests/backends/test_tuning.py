@@ -9,7 +9,7 @@ import pytest
 import torch
 from _backend_helpers import emulated_backend
 
-from slope.backends import tuning
+from slope.backends import sparselib, tuning
 from slope.backends.select import Selector
 from slope.backends.sparselib import Emulated, Kernel
 from slope.backends.tuning import Measured, Tuner, TuningCache, measure_products, tuning_key
@@ -158,3 +158,128 @@ def test_a_transposed_result_is_timed_with_the_copy_its_consumer_makes():
     measure_products(emulated_backend(torch.float32, lib=Lib()), "cpu", 16, timer=timer)
     # per product: the default ("tr"), the "nt" candidate (copied), dense
     assert contiguous == [True, True, True] * 2
+
+
+# ---- search limits from the environment (benchmarks/gpu_check.sh narrows the search with them) --------
+
+LIMIT_VARS = (tuning.ENV_TUNE_DTYPES, tuning.ENV_TUNE_MAX_ALG_ID, tuning.ENV_TUNE_SPLIT_K, tuning.ENV_TUNE_TIMEOUT)
+
+
+@pytest.fixture
+def no_limits(monkeypatch):
+    for name in LIMIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_search_limits_default_to_the_whole_search_space(no_limits):
+    limits = tuning.SearchLimits.from_env()
+    assert limits == tuning.SearchLimits(None, sparselib.MAX_TUNED_ALG_ID, sparselib.SPLIT_K, tuning.CHILD_TIMEOUT_S)
+    assert limits.searches(torch.float16) and limits.key_suffix(torch.float16) == ""
+
+
+def test_search_limits_are_read_from_the_environment(no_limits):
+    env = {tuning.ENV_TUNE_DTYPES: "bfloat16, torch.float32", tuning.ENV_TUNE_MAX_ALG_ID: "3",
+           tuning.ENV_TUNE_SPLIT_K: "2,1,2", tuning.ENV_TUNE_TIMEOUT: "45.5"}
+    limits = tuning.SearchLimits.from_env(env)
+    assert limits == tuning.SearchLimits(("bfloat16", "float32"), 3, (1, 2), 45.5)
+    assert limits.searches(torch.bfloat16) and not limits.searches(torch.float16)
+    assert limits.allows(Kernel("nt", 3, 2)) and not limits.allows(Kernel("tr", 4, 1))
+    assert not limits.allows(Kernel("tr", 0, 4))
+    assert tuning.SearchLimits.from_env({tuning.ENV_TUNE_DTYPES: "none"}).dtypes == ()
+    assert tuning.SearchLimits.from_env({tuning.ENV_TUNE_MAX_ALG_ID: " "}) == tuning.SearchLimits()  # blank: unset
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (tuning.ENV_TUNE_DTYPES, "fp16", "a comma-separated list of float16, bfloat16, float32, float64, or none"),
+        (tuning.ENV_TUNE_DTYPES, "bfloat16,", "a comma-separated list of"),
+        (tuning.ENV_TUNE_MAX_ALG_ID, "-1", "a whole number >= 0"),
+        (tuning.ENV_TUNE_MAX_ALG_ID, "three", "a whole number >= 0"),
+        (tuning.ENV_TUNE_SPLIT_K, "0,1", "a comma-separated list of whole numbers >= 1"),
+        (tuning.ENV_TUNE_SPLIT_K, "1;2", "a comma-separated list of whole numbers >= 1"),
+        (tuning.ENV_TUNE_TIMEOUT, "0", "a number of seconds > 0"),
+        (tuning.ENV_TUNE_TIMEOUT, "soon", "a number of seconds > 0"),
+        (tuning.ENV_TUNE_TIMEOUT, "inf", "a number of seconds > 0"),
+    ],
+)
+def test_a_bad_limit_is_one_line_naming_the_variable_the_value_and_what_is_allowed(name, value, expected):
+    with pytest.raises(ValueError) as err:
+        tuning.SearchLimits.from_env({name: value})
+    message = str(err.value)
+    assert message.startswith(f"{name}={value!r} is invalid: expected ") and expected in message
+    assert "\n" not in message
+
+
+def test_a_bad_limit_stops_tuning_before_anything_is_measured(no_limits):
+    no_limits.setenv(tuning.ENV_TUNE_SPLIT_K, "x")
+    measure = Counting()
+    with pytest.raises(ValueError, match="SLOPE_TUNE_SPLIT_K='x' is invalid"):
+        Tuner(cache=None, child=False, measure=measure)(emulated_backend(torch.bfloat16), "cpu", 256)
+    assert measure.calls == []
+
+
+class Offering(Emulated):
+    """A library offering candidates inside and outside the limits; records which products ran."""
+
+    def __init__(self):
+        self.ran = []
+
+    def tuning_kernels(self, a, b):
+        yield from (Kernel("nt", 0, 1), Kernel("tr", 5, 1), Kernel("tr", 1, 4), Kernel("tr", 2, 2))
+
+    def mm_t(self, b, a, kernel):
+        self.ran.append(Kernel.of(kernel))
+        return super().mm_t(b, a, kernel)
+
+
+def call_once(fn) -> float:
+    """A timer that runs the candidate once and measures nothing."""
+    fn()
+    return 1.0
+
+
+def test_candidates_outside_the_limits_are_not_run():
+    lib = Offering()
+    limits = tuning.SearchLimits(max_alg_id=2, split_k=(1, 2))
+    measure_products(emulated_backend(torch.float32, lib=lib), "cpu", 16, timer=call_once, limits=limits)
+    assert set(lib.ran) == {Kernel(), Kernel("nt", 0, 1), Kernel("tr", 2, 2)}
+
+
+def test_a_dtype_left_out_of_the_search_times_the_default_kernel_only(no_limits):
+    lib = Offering()
+    limits = tuning.SearchLimits(dtypes=("bfloat16",))
+    measure_products(emulated_backend(torch.float32, lib=lib), "cpu", 16, timer=call_once, limits=limits)
+    assert set(lib.ran) == {Kernel()}
+    # and the tuner starts no search process for it ("false" would fail if it did)
+    no_limits.setenv(tuning.ENV_TUNE_DTYPES, "bfloat16")
+    measure = Counting()
+    found = Tuner(cache=None, child=True, measure=measure, command=["false"])(emulated_backend(torch.float16), "cpu", 256)
+    assert measure.calls == [((32, 64), "cpu", 256, False)] and found.search_failed is None
+
+
+def test_a_narrowed_search_is_kept_under_its_own_key(no_limits, tmp_path):
+    be = emulated_backend(torch.bfloat16, shape=(32, 64))
+    full = tuning_key(be, torch.device("cpu"), 256)
+    no_limits.setenv(tuning.ENV_TUNE_MAX_ALG_ID, "3")
+    no_limits.setenv(tuning.ENV_TUNE_SPLIT_K, "1,2")
+    assert tuning_key(be, torch.device("cpu"), 256) == full + " | search alg<=3 split-K 1,2"
+    no_limits.setenv(tuning.ENV_TUNE_DTYPES, "float16")
+    assert tuning_key(be, torch.device("cpu"), 256) == full + " | no search"
+    # so a full search later on the same machine does not take the narrowed result for its own
+    path, measure = tmp_path / "tuning.json", Counting()
+    Tuner(TuningCache(path), persist_on=("cpu",), child=False, measure=measure)(be, "cpu", 256)
+    for name in LIMIT_VARS:
+        no_limits.delenv(name, raising=False)
+    Tuner(TuningCache(path), persist_on=("cpu",), child=False, measure=measure)(be, "cpu", 256)
+    assert len(measure.calls) == 2
+
+
+def test_the_child_timeout_comes_from_the_environment(no_limits, caplog):
+    no_limits.setenv(tuning.ENV_TUNE_TIMEOUT, "0.5")
+    measure = Counting()
+    tuner = Tuner(cache=None, child=True, measure=measure, command=[sys.executable, "-c", "import time; time.sleep(30)"])
+    with caplog.at_level("WARNING", logger="slope"):
+        found = tuner(emulated_backend(torch.bfloat16), "cpu", 256)
+    assert found.search_failed == "the search process ran past 0.5 s"

@@ -58,6 +58,7 @@ def test_unknown_attribute_is_an_attribute_error():
     (["generate", "--prompt", "Once", "MODEL", "--top-k", "3"], {"model": "MODEL", "prompt": "Once", "top_k": 3}),
     (["check", "-v", "RUN"], {"path": "RUN", "verbose": True}),
     (["info", "--json", "-v"], {"json": True, "verbose": True}),
+    (["memory", "--mode", "prefill", "llama3-8b", "--world", "2"], {"model": "llama3-8b", "mode": "prefill", "world": 2}),
 ])
 def test_options_before_between_and_after_positionals(argv, expected):
     args, extra = build_parser().parse_known_args(argv)
@@ -66,7 +67,7 @@ def test_options_before_between_and_after_positionals(argv, expected):
 
 
 def test_every_command_is_covered_by_the_option_order_cases():
-    covered = {"eval", "prepare", "export", "generate", "check", "info", "train"}
+    covered = {"eval", "prepare", "export", "generate", "check", "info", "train", "memory"}
     assert {name for name, _, _ in COMMANDS} == covered
 
 

@@ -54,3 +54,27 @@ def test_generate_on_cuda(exported):
     inputs = tokenizer("From fairest", return_tensors="pt").to("cuda")
     out = model.generate(**inputs, max_new_tokens=16, do_sample=True, top_k=20, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 16
+
+
+def test_inference_load_stores_values_once_and_matches(exported):
+    # inference=True: each 2:4 layer's values live inside its compressed W_R, M_R goes to the host, M_C is
+    # dropped; the logits are those of the plain load (same operands, same products)
+    plain = load(exported, device="cuda", backend="cusparselt")
+    lean = load(exported, device="cuda", backend="cusparselt", inference=True)
+    ids = torch.randint(1, 320, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits.float()
+        got = lean(input_ids=ids).logits.float()
+        again = lean(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got, again)
+    for _, layer in slope.slope_layers(lean):
+        (lane,) = layer.runtime.lanes()
+        packed = lane.store.tensors()[0]
+        assert layer.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+        assert layer.row_bits.device.type == "cpu" and layer.col_bits is None
+    del plain, want, got, again
+    torch.cuda.synchronize()
+    print("allocated after the two loads' first forwards:", torch.cuda.memory_allocated() - before)

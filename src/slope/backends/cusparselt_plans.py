@@ -40,10 +40,12 @@ Safety rules, each one a failure seen or documented for the library:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import site
 import sys
 import threading
 from collections import OrderedDict
@@ -145,13 +147,28 @@ def _bind(lib) -> None:
     lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
 
 
+# Where pip wheels put libcusparseLt under site-packages: nvidia-cusparselt-cu12 in nvidia/cusparselt/lib;
+# the newer per-CUDA-major wheels (torch +cu130 pulls nvidia-cusparselt-cu13) in nvidia/cu13/lib or
+# nvidia/cu12/lib; some torch builds bundle it in torch/lib.
+WHEEL_LIB_DIRS = ("nvidia/cusparselt/lib", "nvidia/cu13/lib", "nvidia/cu12/lib", "torch/lib")
+
+
+def _site_dirs() -> list[str]:
+    """sys.path, then the interpreter's site-packages folders (a venv may not list them all)."""
+    dirs = list(sys.path)
+    with contextlib.suppress(AttributeError, OSError):  # some embedded interpreters lack `site` helpers
+        dirs += [*site.getsitepackages(), site.getusersitepackages()]
+    return list(dict.fromkeys(d for d in dirs if d))
+
+
 def _library_candidates() -> list[str]:
     # The copy torch loaded comes first: dlopen of its soname returns the object already in the process.
     names = ["libcusparseLt.so.0"]
-    for entry in sys.path:
-        lib = Path(entry) / "nvidia" / "cusparselt" / "lib" / "libcusparseLt.so.0"
-        if lib.is_file():
-            names.append(str(lib))
+    for entry in _site_dirs():
+        for sub in WHEEL_LIB_DIRS:
+            lib = Path(entry) / sub / "libcusparseLt.so.0"
+            if lib.is_file() and str(lib) not in names:
+                names.append(str(lib))
     found = ctypes.util.find_library("cusparseLt")
     if found:
         names.append(found)

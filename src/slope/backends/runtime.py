@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import torch
 
 from slope.autograd import StepOperands
-from slope.backends import step_kernels
+from slope.backends import simulate, step_kernels
 from slope.backends.fused import FusedAdapterInference, fused_is_faster, two_path_inference
 from slope.backends.select import SELECTOR, Selector
 from slope.backends.semistructured import OperandCache, SemiStructuredBackend
+from slope.backends.sparselib import Compressed
 from slope.backends.timing import time_ms
 from slope.backends.weights import ColumnMask, StepWeights
 from slope.config import SlopeConfig
@@ -46,6 +47,12 @@ class RuntimeLayer(Protocol):
 
     def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
         """M_C for a training step, recomputed from w_r() when due; None without double pruning."""
+
+    def store_values_in(self, values: torch.Tensor) -> None:
+        """Keep the kept values in `values` (same shape, dtype and contents) from now on."""
+
+    def move_row_mask(self, device: torch.device) -> None:
+        """Keep M_R's bits on `device`."""
 
 
 class OperandStore(Protocol):
@@ -102,6 +109,11 @@ class LayerRuntime:
             )
             # index maps (2 bytes per weight) pay off only while a column mask lasts several steps
             store = backend.operand_store(index_maps=cfg.backward_mask_interval > 1)
+            for other in self._lanes.values():
+                # one dtype's operands at a time per device: a model evaluated in fp32 and trained
+                # under bf16 autocast must not keep both (the other's are rebuilt if it runs again)
+                if other.device == device and hasattr(other.store, "release"):
+                    other.store.release()
             lane = self._lanes[(device, dtype)] = Lane(device, dtype, backend, store)
         return lane
 
@@ -114,12 +126,16 @@ class LayerRuntime:
         """
         lane = self.lane(layer, dtype, tokens)
         cfg = layer.config
+        if training:  # a layer that served inference keeps M_R on the host; the step kernels need it here
+            layer.move_row_mask(layer.weight.device)
         weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
         col = layer.step_column_mask(weights.dense) if training else None
         if isinstance(lane.store, OperandCache):
             output = lane.store.output(weights, col)  # may refresh W_RCᵀ's values in the same launch
         else:
             output = lane.store.output(weights)
+        if not training:
+            self._share_values(layer, lane, weights, output)
         if not lane.backend.keeps_step_weights:
             # The weight gradient's positions are then built again in backward from the packed M_R
             # (1 byte per group), or not at all where the fused compaction runs: held from forward to
@@ -129,6 +145,32 @@ class LayerRuntime:
         grad_input = functools.partial(lane.store.grad_input, weights, col) if training else None
         compact = self._compact_grad(lane, layer) if training else None
         return StepOperands(lane.backend, weights.positions, output, grad_input, compact)
+
+    @staticmethod
+    def _share_values(layer: RuntimeLayer, lane: Lane, weights: StepWeights, operand: object) -> bool:
+        """At inference, store the layer's values inside the compressed output operand, whose prefix
+        holds exactly those values: one copy of them instead of two (the paper's inference memory).
+        The operand's metadata then carries M_R's positions too, so the packed M_R moves to the host
+        (kept for state_dicts, exports and a rebuild of the operand, off the GPU).
+
+        Only for frozen values (`requires_grad=False`, as `slope.load(..., inference=True)` and
+        `slope.convert.for_inference` leave them) in the operand's own dtype, on an operand whose
+        layout takes in-place updates, and never for a sharded (DTensor) parameter. Returns whether the
+        values moved now.
+        """
+        values = layer.weight
+        if not (isinstance(operand, Compressed) and operand.inplace and not values.requires_grad
+                and operand.packed.dtype == values.dtype and type(values.data) is not _dtensor_type()):
+            return False
+        view = operand.value_view()
+        host = simulate.host_device()
+        if values.untyped_storage() is view.untyped_storage() and layer.row_bits.device == host:
+            return False  # shared already
+        layer.store_values_in(view)
+        layer.move_row_mask(host)
+        cfg = layer.config
+        lane.store.values_moved(StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m))
+        return True
 
     @staticmethod
     def _compact_grad(lane: Lane, layer: RuntimeLayer) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
@@ -152,6 +194,8 @@ class LayerRuntime:
             return None
         cfg = layer.config
         weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
+        if self._share_values(layer, lane, weights, lane.store.output(weights)):
+            weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)  # the values' new place
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         a, b = layer.adapter_a.detach(), layer.adapter_b.detach()
         a_c, b_c, scale = a.to(dtype), b.to(dtype), layer.adapter_scale
@@ -185,6 +229,14 @@ class LayerRuntime:
     def __reduce__(self):
         # Copies and pickles of a layer start without caches: they are derived state.
         return (LayerRuntime, (self.selector,))
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return None
+    return DTensor
 
 
 def backend_summary(layers) -> str:

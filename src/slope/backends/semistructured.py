@@ -184,6 +184,15 @@ class OperandCache:
         self._gi_index: torch.Tensor | None = None  # (in*out/2,) int32 into values.reshape(-1) ++ [0]
         self.rebuilds = {"output": 0, "output_inplace": 0, "grad_input": 0, "grad_input_inplace": 0}
 
+    def release(self) -> None:
+        """Drop every kept operand (another dtype now runs on this device; rebuilt if this one returns)."""
+        self._out = self._out_key = self._gi = self._gi_key = self._gi_index = None
+
+    def values_moved(self, weights: StepWeights) -> None:
+        """The layer's values now live inside the output operand (`LayerRuntime` at inference): that
+        operand is current for the values' new place."""
+        self._out_key = (weights.layout_key, weights.version)
+
     def tensors(self) -> list[torch.Tensor]:
         """What this cache keeps between steps (for `slope.memory`): compressed operands, the index map."""
         kept = [self._gi_index]

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
+from slope.backends import simulate
 from slope.backends.numerics import HALF_DTYPES
 from slope.masks import gather_values, nm_mask, pack_group_bits, scatter_values, unpack_group_bits
 
@@ -53,6 +54,8 @@ TOKEN_ALIGN = 8
 # smaller products are dominated by the per-call overhead.
 TUNE_MIN_DIM = 1024
 # The cuSPARSELt search space timed per product: algorithm ids up to this one, these split-K factors.
+# These are the defaults: $SLOPE_TUNE_MAX_ALG_ID and $SLOPE_TUNE_SPLIT_K narrow them, and
+# `tuning.measure_products` skips the candidates outside (see `tuning.SearchLimits`).
 MAX_TUNED_ALG_ID = 15
 SPLIT_K = (1, 2, 4)
 
@@ -121,7 +124,10 @@ class SparseLib(ABC):
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device; None for any other device or without CUDA."""
+    """(major, minor) of a CUDA device (or of the simulated GPU); None for any other device or without CUDA."""
+    gpu = simulate.active()
+    if gpu is not None:
+        return gpu.capability
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
@@ -142,7 +148,7 @@ class _TensorCoreLib(SparseLib):
         self.capability = capability
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type != "cuda":
+        if device.type != "cuda" and simulate.active() is None:
             return f"device {device} is not a CUDA device"
         cap = self.capability(device)
         if cap is None:
@@ -170,15 +176,21 @@ class CusparseLt(_TensorCoreLib):
         self.has_library = has_library
 
     def device_reason(self, device, cap):
-        if not self.has_library():
+        if simulate.active() is None and not self.has_library():
             return f"this torch build ({torch.__version__}) has no cuSPARSELt"
         return None
 
     def compress(self, dense):
-        return Compressed(dense.shape[0], dense.shape[1], torch._cslt_compress(dense), None)
+        rows, cols = dense.shape
+        if simulate.active() is not None:  # the buffer's size only (see slope.backends.simulate)
+            packed = dense.new_empty(simulate.cusparselt_compressed_numel(rows, cols, dense.dtype))
+            return Compressed(rows, cols, packed, None)
+        return Compressed(rows, cols, torch._cslt_compress(dense), None)
 
     def mm_t(self, b, a, kernel):
         layout, alg_id, split_k = Kernel.of(kernel)
+        if simulate.active() is not None:  # the product's output, as the library allocates it
+            return b.new_empty(b.shape[0], a.rows) if layout == "tr" else b.new_empty(a.rows, b.shape[0]).t()
         plans = self.plans_module().plan_cache(b.device)
         if plans is not None:  # one launch with a plan built once per shape (see cusparselt_plans)
             y = plans.mm_t(a.packed, a.rows, a.cols, b, layout, alg_id, split_k)

@@ -36,6 +36,7 @@ from types import ModuleType
 
 import torch
 
+from slope.backends import simulate
 from slope.masks import gather_kept, kept_positions, nm_bits, nm_mask, pack_group_bits, scatter_kept
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,11 @@ def triton_wanted(device: torch.device) -> bool:
 
 def uses_triton(kernel: str, device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether `kernel` runs in Triton for these dtypes on `device`: wanted and its self-check passed
-    (run here at the first call per key). False means the dispatcher runs the reference."""
+    (run here at the first call per key). False means the dispatcher runs the reference. On a
+    simulated GPU (`slope.backends.simulate`) the answer is the GPU's, with no self-check."""
+    gpu = simulate.active()
+    if gpu is not None:
+        return gpu.triton and os.environ.get(ENV_SWITCH, "").strip() != "0"
     if not triton_wanted(device):
         return False
     key = (kernel, str(torch.device(device)), in_dtype, out_dtype)
@@ -117,6 +122,8 @@ def _give_up(kernel: str, device: torch.device, in_dtype, out_dtype, why: str) -
 def _dispatch(kernel: str, device, in_dtype, out_dtype, launch: Callable[[ModuleType], object], reference: Callable[[], object]):
     """Run `launch` with the kernel module where Triton is in use, else (or on any error) `reference`."""
     if uses_triton(kernel, device, in_dtype, out_dtype):
+        if simulate.active() is not None:  # the launch code allocates its outputs; no kernel runs
+            return launch(simulate.SimulatedKernels())
         try:
             return launch(kernels())
         except Exception as e:  # never fail training over a kernel

@@ -41,12 +41,16 @@ class StepWeights:
 
     def positions(self) -> torch.Tensor:
         if self._positions is None:
-            self._positions = kept_positions(self.row_bits, self.n, self.m)
+            self._positions = kept_positions(self._bits(), self.n, self.m)
         return self._positions
 
     def row_mask(self) -> torch.Tensor:
         """M_R as a dense bool (out, in): 1 byte per weight, so built only where an operand is rebuilt."""
-        return unpack_group_bits(self.row_bits, self.m, dim=1)
+        return unpack_group_bits(self._bits(), self.m, dim=1)
+
+    def _bits(self) -> torch.Tensor:
+        # M_R on the values' device (an inference layer keeps it on the host: see LayerRuntime)
+        return self.row_bits.to(self.values.device)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W_R (out, in) in `dtype` (default: the values' own dtype).

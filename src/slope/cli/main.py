@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -26,6 +27,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "export", "write a compressed SLoPe checkpoint or a dense Hugging Face model"),
     ("generate", "generate", "sample text from an exported model"),
     ("check", "check", "verify a run, checkpoint or export: checksums and mask invariants"),
+    ("memory", "memory", "estimate training and inference memory on a GPU, dense and SLoPe side by side"),
 ]
 
 
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slope {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`slope memory | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush at exit onto the closed pipe
+        return 0
     except Exception as err:
         # Every mistake in the input is a UserError; anything else is slope's fault, so show where.
         traceback.print_exc()

@@ -23,6 +23,7 @@ from slope.convert import (
     HF_CONFIG_KEY,
     SparsifyReport,
     dense_equivalent_params,
+    for_inference,
     replace_module,
     slope_layers,
 )
@@ -93,6 +94,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = "auto",
     backend: str = "auto",
+    inference: bool = False,
 ) -> nn.Module:
     """A ready transformers model (eval mode) from an export, a training run/checkpoint or a HF directory.
 
@@ -102,6 +104,8 @@ def load(
         dtype (slope.devices.half_dtype), the precision the 2:4 sparse kernels need; None always keeps
         the stored dtype.
     backend: SlopeConfig.backend for the sparse layers; "auto" picks the best one for the device.
+    inference: freeze every parameter (`slope.convert.for_inference`), so that on a 2:4 GPU backend each
+        sparse layer stores its values once, inside its compressed operand; for serving and evaluation.
     """
     device = resolve_device(device)
     source = resolve_model_dir(path)
@@ -116,7 +120,8 @@ def load(
         for _, layer in slope_layers(model):  # a sparsified model's save_pretrained, or a serving export
             layer.set_backend(backend)
     target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
-    return model.to(device=device, dtype=target).eval()
+    model = model.to(device=device, dtype=target).eval()
+    return for_inference(model) if inference else model
 
 
 def _load_huggingface(path: Path) -> nn.Module:

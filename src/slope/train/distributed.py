@@ -189,14 +189,15 @@ def ddp(model: nn.Module, state: Dist) -> nn.Module:
     return wrapped
 
 
-def fully_shard(model: nn.Module) -> nn.Module:
-    """FSDP2 in place: each decoder block is one unit (gathered just before it runs), the rest the root."""
+def fully_shard(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 in place: each decoder block is one unit (gathered just before it runs), the rest the root.
+    mesh: the device mesh (default: FSDP's, over the whole world)."""
     from torch.distributed.fsdp import fully_shard as shard
 
     blocks = decoder_blocks(model)
     for block in blocks if blocks is not None else []:
-        shard(block)
-    shard(model)
+        shard(block, mesh=mesh)
+    shard(model, mesh=mesh)
     return model
 
 

@@ -109,7 +109,7 @@ def run_lm_eval(
 
     if not tasks:
         raise LmEvalError("no lm-eval tasks given")
-    model = load(model_dir, device=device)
+    model = load(model_dir, device=device, inference=True)
     tokenizer = load_tokenizer(model_dir)
     specs = [local_task_config(jsonl) if task == LOCAL_TASK else task for task in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -94,7 +94,7 @@ def run(args) -> int:
     try:
         model_dir = resolve_model_dir(args.model).path  # a run: its latest checkpoint, named in the output
         # Stored precision; on a GPU the forward runs under autocast, as in training.
-        model = load(model_dir, device=device, dtype=None)
+        model = load(model_dir, device=device, dtype=None, inference=True)
         tokenizer = load_tokenizer(model_dir)
         seq_len = args.seq_len or _default_seq_len(model_dir, model.config)
         limit = max_positions(model.config)

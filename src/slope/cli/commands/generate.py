@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(f"--device: {err}") from None
     try:
-        model = load(args.model, device=device)
+        model = load(args.model, device=device, inference=True)
         tokenizer = load_tokenizer(args.model)
     except (FileNotFoundError, FormatError) as err:
         raise UserError(str(err)) from err
