@@ -60,8 +60,37 @@ def local_task_config(jsonl: str | Path | None = None) -> dict:
         data = Path(jsonl).expanduser().resolve()
         if not data.is_file():
             raise LmEvalError(f"{LOCAL_TASK}: data file {data} does not exist")
+        check_task_data(data)
     config["dataset_kwargs"]["data_files"] = {"test": str(data)}
     return config
+
+
+def check_task_data(path: Path) -> None:
+    """The local task's data must be JSONL with a string `text` in every object: checked line by line
+    here, so a wrong file is one line naming where it goes wrong, not a failure deep inside lm-eval."""
+    expected = 'one JSON object per line with a string "text" field'
+    count = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise LmEvalError(f"--tasks-data {path}: line {number} is not UTF-8 text (is it a Parquet or "
+                                  f"other binary file?); expected {expected}") from None
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LmEvalError(f"--tasks-data {path}: line {number} is not JSON ({err.msg}); expected "
+                                  f"{expected}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise LmEvalError(f"--tasks-data {path}: line {number} has no string \"text\" field (found "
+                                  f"{found}); expected {expected}")
+            count += 1
+    if count == 0:
+        raise LmEvalError(f"--tasks-data {path}: no documents; expected {expected}")
 
 
 @contextlib.contextmanager
