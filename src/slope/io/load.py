@@ -127,7 +127,7 @@ def load(
 def _load_huggingface(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    marker = _slope_marker(path)
+    marker = slope_marker(path)
     try:
         if marker is not None and marker["format"] == HF_CONFIG_FORMAT:
             return _load_sparse_state_dict(path, marker)
@@ -141,7 +141,7 @@ def _load_huggingface(path: Path) -> nn.Module:
         raise FormatError(f"{path}: cannot load this Hugging Face model directory ({one_line(err)})") from err
 
 
-def _slope_marker(path: Path) -> dict | None:
+def slope_marker(path: Path) -> dict | None:
     """config.json's `slope` entry when `model.save_pretrained` wrote a sparsified model or `slope export --serve`
     wrote the folder, else None."""
     try:

@@ -1,5 +1,11 @@
 """`slope check PATH`: is a run, checkpoint or export intact? Checksums first, then the mask invariants.
 
+PATH: a run directory (every checkpoint), one checkpoint, a compressed export, a Trainer `checkpoint-N/`
+(its SlopeCallback export), a serving export (`slope export --serve`) or a sparsified model's
+`save_pretrained` folder. A serving export stores its base dense: every sparse layer must keep at
+most n nonzero of every m along `in` (else serving it would not be the trained model), and its PEFT
+adapter must load onto those layers.
+
 Integrity: a format-2 checkpoint against its manifest, an export against the checksums of its
 slope_model.json (format-1 checkpoints predate the manifest; they are only loaded). Then the model
 is built exactly as `slope.load` builds it, and every sparse layer's stored masks are checked:
@@ -20,7 +26,8 @@ from slope.cli.errors import UserError
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     p.add_argument("path", metavar="RUN_OR_CKPT_OR_EXPORT",
-                   help="a run directory (every checkpoint), one checkpoint directory, or a compressed export")
+                   help="a run directory (every checkpoint), one checkpoint directory, a compressed export, a "
+                        "Trainer checkpoint-N/, a serving export or a sparsified model's save_pretrained folder")
     p.set_defaults(func=run)
 
 
@@ -61,16 +68,55 @@ def layer_findings(name: str, layer) -> list[str]:
     return found
 
 
+def _marked(path: Path, slope_marker, format_error) -> bool:
+    """Whether config.json has a slope entry (a damaged one counts: the check reports it)."""
+    try:
+        return slope_marker(path) is not None
+    except format_error:
+        return True
+
+
+def serving_findings(path: Path, marker: dict) -> list[str]:
+    """What is wrong with a serving export's base: a sparse layer keeping more than n of m nonzero."""
+    from transformers import AutoModelForCausalLM
+
+    from slope.linear import dense_weight_of
+
+    n, m = marker["slope_config"]["n"], marker["slope_config"]["m"]
+    base = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)  # the weights as vLLM reads them
+    found = []
+    for name in marker["sparse_layers"]:
+        try:
+            weight, _ = dense_weight_of(base.get_submodule(name))  # (out, in)
+        except (AttributeError, TypeError):
+            found.append(f"{name}: named as a sparse layer, but the base has no linear layer there")
+            continue
+        if weight.shape[1] % m:
+            found.append(f"{name}: in={weight.shape[1]} is not a multiple of m={m}")
+            continue
+        nonzero = (weight.detach().reshape(weight.shape[0], -1, m) != 0).sum(-1)  # (out, in/m)
+        bad = int((nonzero > n).sum())
+        if bad:
+            found.append(f"{name}: {bad} group(s) keep more than {n} nonzero of {m} (not {n}:{m} sparse)")
+    return found
+
+
 def check_model_dir(path: Path, kind: str) -> list[str]:
     """Findings for one checkpoint or export: its checksums, then (if those pass) its masks."""
-    from slope.convert import slope_layers
+    from slope.convert import HF_CONFIG_FORMAT, slope_layers
     from slope.io import checkpoint
     from slope.io.format import FormatError
-    from slope.io.load import load_compressed
+    from slope.io.load import load, load_compressed, slope_marker
 
-    try:  # both loaders check the checksums before they build anything
+    try:  # every loader checks what it can (checksums, shapes, the adapter) before it builds anything
         if kind == "export":
             model = load_compressed(path, backend="reference")
+        elif kind == "huggingface":
+            marker = slope_marker(path)
+            found = [] if marker["format"] == HF_CONFIG_FORMAT else serving_findings(path, marker)
+            if found:
+                return found
+            model = load(path, device="cpu", dtype=None, backend="reference")
         else:
             model, _, _ = checkpoint.load_checkpoint(path)
     except FormatError as err:
@@ -80,13 +126,23 @@ def check_model_dir(path: Path, kind: str) -> list[str]:
 
 def run(args) -> int:
     from slope.io import checkpoint
-    from slope.io.format import CHECKPOINTS_DIR, INFO_FILE, LATEST_FILE, META_FILE
+    from slope.io.format import (
+        CHECKPOINTS_DIR,
+        HF_CONFIG_FILE,
+        INFO_FILE,
+        LATEST_FILE,
+        META_FILE,
+        FormatError,
+    )
+    from slope.io.load import TRAINER_EXPORT_DIR, slope_marker
 
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if (path / META_FILE).is_file():
         kind_of_path, targets = "export", [(path, "export")]
+    elif (path / TRAINER_EXPORT_DIR / META_FILE).is_file():  # a Trainer checkpoint-N/ with SlopeCallback
+        kind_of_path, targets = "export", [(path / TRAINER_EXPORT_DIR, "export")]
     elif (path / INFO_FILE).is_file():
         kind_of_path, targets = "checkpoint", [(path, "checkpoint")]
     elif (path / CHECKPOINTS_DIR).is_dir():
@@ -96,9 +152,13 @@ def run(args) -> int:
             print(f"{path}: no complete checkpoint under {CHECKPOINTS_DIR}/")
             print(f"FAILED: {path}: 1 finding(s), 0 checkpoints checked")
             return 1
+    elif (path / HF_CONFIG_FILE).is_file() and _marked(path, slope_marker, FormatError):
+        kind_of_path, targets = "Hugging Face folder", [(path, "huggingface")]
     else:
         raise UserError(
-            f"{path} is not a run directory ({CHECKPOINTS_DIR}/), a checkpoint ({INFO_FILE}) or an export ({META_FILE})"
+            f"{path} is not a run directory ({CHECKPOINTS_DIR}/), a checkpoint ({INFO_FILE}), an export ({META_FILE}), "
+            f"a Trainer checkpoint-N/ ({TRAINER_EXPORT_DIR}/{META_FILE}) or a folder slope wrote with "
+            f"save_pretrained or `slope export --serve` ({HF_CONFIG_FILE} with a slope entry)"
         )
     findings = []
     if kind_of_path == "run":
@@ -114,7 +174,8 @@ def run(args) -> int:
         for finding in found:
             print(finding)
         findings += found
-    checked = f"{len(targets)} {targets[0][1]}{'s' if len(targets) > 1 else ''} checked"
+    what = {"huggingface": "folder"}.get(targets[0][1], targets[0][1])
+    checked = f"{len(targets)} {what}{'s' if len(targets) > 1 else ''} checked"
     if findings:
         print(f"FAILED: {path}: {len(findings)} finding(s), {checked}")
         return 1
