@@ -40,6 +40,7 @@ from slope.io.format import (
 )
 from slope.io.load import load, load_tokenizer
 from slope.io.packing import code_bits, pack_positions, uses_combinations
+from slope.io.tokenizers import for_export
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
@@ -111,6 +112,7 @@ def save_compressed(
         metadata={"format": EXPORT_FORMAT_NAME, "format_version": str(EXPORT_FORMAT_VERSION)},
     )
     if tokenizer is not None:
+        tokenizer = for_export(tokenizer, model)
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
         tokenizer.save_pretrained(out)  # also at the top, where AutoTokenizer (and lm-eval's HFLM) look
 
@@ -166,7 +168,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: tor
         dense.to(dtype)
     dense.save_pretrained(out)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        for_export(tokenizer, model).save_pretrained(out)
     return out
 
 

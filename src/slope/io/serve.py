@@ -27,6 +27,7 @@ from torch import nn
 from slope.convert import HF_CONFIG_KEY, densify, slope_layers
 from slope.io.format import SERVE_FORMAT
 from slope.io.peft import save_peft_adapter, strip_adapters
+from slope.io.tokenizers import for_export
 
 ADAPTER_DIR = "adapter"
 
@@ -77,5 +78,5 @@ def save_serving(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: t
     })
     base.save_pretrained(out)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        for_export(tokenizer, model).save_pretrained(out)
     return out
