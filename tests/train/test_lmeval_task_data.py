@@ -33,3 +33,18 @@ def test_bad_task_data_is_one_line_and_exit_2(exported, tmp_path, capsys, conten
     err = capsys.readouterr().err
     assert message in err and str(data) in err
     assert "Traceback" not in err and "bug in slope" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_git_noise_outside_a_repository(exported, tmp_path):
+    # lm-eval looks up the git commit of the current directory; outside a repository git's
+    # "fatal: not a git repository" reached the terminal on every evaluation
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: nothing would print")
+    done = subprocess.run([sys.executable, "-m", "slope", "eval", str(exported), "--tasks", LOCAL_TASK, "--limit", "1",
+                           "--device", "cpu", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "not a git repository" not in done.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,33 @@ def _quiet_hub_retries():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _quiet_git_lookup():
+    """lm-eval records the git commit of the current directory by running `git describe`, whose
+    "fatal: not a git repository" reached the terminal on every evaluation outside a repository. The
+    lookup keeps its answer (or None); only git's own stderr is held back while it runs."""
+    import lm_eval.evaluator as evaluator
+
+    lookup = evaluator.get_git_commit_hash
+
+    def quiet_lookup():
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                return lookup()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    evaluator.get_git_commit_hash = quiet_lookup
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = lookup
+
+
 def run_lm_eval(
     model_dir: str | Path,
     tasks: list[str],
@@ -143,7 +171,7 @@ def run_lm_eval(
     specs = [local_task_config(jsonl) if task == LOCAL_TASK else task for task in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        with _quiet_hub_retries():
+        with _quiet_hub_retries(), _quiet_git_lookup():
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, log_samples=False,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
