@@ -41,7 +41,7 @@ def build(method: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = LlamaForCausalLM(model_config())
     if method == "slope":
         slope.sparsify(model)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, slope.track_steps(torch.optim.AdamW(model.parameters(), lr=1e-3))
 
 
 def step(model, opt, batch) -> None:

@@ -115,6 +115,7 @@ def _frozen_adapter_overhead(trainer, add_adapters) -> float:
     import torch
 
     from slope.convert import slope_layers
+    from slope.linear import track_steps
 
     plain = copy.deepcopy(trainer.model)  # the adapters joined mid-run: measure copies without and with them
     for _, layer in slope_layers(plain):
@@ -122,7 +123,8 @@ def _frozen_adapter_overhead(trainer, add_adapters) -> float:
     frozen = copy.deepcopy(plain)
     for p in add_adapters(frozen):
         p.requires_grad_(False)
-    pairs = [(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)) for m in (plain, frozen)]
+    pairs = [(m, track_steps(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)))
+             for m in (plain, frozen)]
     times: list[list[float]] = [[], []]
     for i in range(40):
         for which, (model, optimizer) in enumerate(pairs):

@@ -94,7 +94,7 @@ def train_row(width, layers, variant, batch, seq) -> dict:
     bench.reset_peak_memory()
     base = bench.allocated_bytes()
     model = build(width, layers, variant)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=bench.DEVICE.type == "cuda")
+    opt = slope.track_steps(torch.optim.AdamW(model.parameters(), lr=1e-5, fused=bench.DEVICE.type == "cuda"))
     ids = torch.randint(0, 8192, (batch, seq), device=bench.DEVICE)
 
     def step():

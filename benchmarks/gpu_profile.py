@@ -112,7 +112,9 @@ def build(width: str, layers: int, sparse: bool):
 
 
 def train_step_fn(model, tokens: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=bench.DEVICE.type == "cuda")
+    from slope.linear import track_steps
+
+    opt = track_steps(torch.optim.AdamW(model.parameters(), lr=1e-5, fused=bench.DEVICE.type == "cuda"))
     seq = min(SEQ, tokens)
     ids = torch.randint(0, 8192, (max(1, tokens // seq), seq), device=bench.DEVICE)
 

@@ -168,10 +168,13 @@ def _train_peak(model, request, device) -> int | None:
     import torch
     import torch.nn.functional as F
 
+    from slope.linear import track_steps
+
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=1e-4, fused=True)
+    track_steps(optimizer)  # the second step refreshes the operands as a training run's does
     tokens = torch.randint(0, model.config.vocab_size, (request.batch, request.seq_len + 1), device=device)
     autocast = request.precision.endswith("autocast")
     for step in range(2):

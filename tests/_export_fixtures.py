@@ -1,8 +1,8 @@
 """Tiny models, an in-test tokenizer and training-checkpoint directories for the export/inference tests.
 
 The checkpoint layout is the one `slope train` writes (RUN_DIR/checkpoints/latest naming
-step_XXXXXXXX/ with model.safetensors, config.json, slope.json, tokenizer/); it is built here by hand
-so these tests do not depend on the training code.
+step_XXXXXXXX/ with model.safetensors, config.json, slope.json, tokenizer/, the trainer state and
+manifest.json), written by slope.io's one writer, so these tests do not depend on the training code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
 import slope
 
@@ -99,26 +98,63 @@ def tiny_model(
     return model.eval()
 
 
-def write_training_checkpoint(run_dir: Path, model, tokenizer, step: int = 10) -> Path:
-    """The run-directory layout of `slope train`; returns the run directory."""
-    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-    ckpt.mkdir(parents=True)
-    save_model(model, str(ckpt / "model.safetensors"))
-    model.config.save_pretrained(ckpt)
+def write_training_checkpoint(run_dir: Path, model, tokenizer, step: int = 10, run_config: str | None = None) -> Path:
+    """The run-directory layout of `slope train`, one checkpoint; returns the run directory.
+
+    run_config: the checkpoint's config.toml; None leaves it out (so readers fall back to the model's own
+    settings, e.g. `slope eval`'s window), and the manifest lists the files that are there.
+    """
+    from slope.io.checkpoint import save_checkpoint
+    from slope.io.format import RUN_CONFIG_FILE
+
     layers = slope.slope_layers(model)
     ranks = {layer.rank for _, layer in layers}
-    meta = {
-        "format": 1,
+    info = {
         "method": "slope" if layers else "dense",
         "slope_config": layers[0][1].config.to_dict() if layers else None,
         "adapters": bool(layers) and max(ranks) > 0,
         "adapter_rank": max(ranks) if layers and max(ranks) else None,
-        "step": step,
     }
-    (ckpt / "slope.json").write_text(json.dumps(meta))
-    tokenizer.save_pretrained(ckpt / "tokenizer")
-    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    ckpt = save_checkpoint(run_dir, step, model, tokenizer, info, run_config or "", {"step": step}, keep_last=1)
+    if run_config is None:
+        (ckpt / RUN_CONFIG_FILE).unlink()
+        reseal(ckpt)
     return run_dir
+
+
+class _Payload:
+    """Unpickling this creates the marker file: what a crafted trainer_state.pt would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def format1_run(run: Path, source: Path, marker: Path) -> Path:
+    """A copy of the run `source` as slope 0.1 wrote it: slope.json format 1, no manifest, the trainer state
+    pickled in trainer_state.pt (here a payload that creates `marker` if it is ever unpickled)."""
+    import pickle
+    import shutil
+
+    shutil.copytree(source, run)
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        for name in ("manifest.json", "trainer_state.json", "trainer_state.safetensors"):
+            (ckpt / name).unlink()
+        (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 3, "x": _Payload(marker)}))
+        info = json.loads((ckpt / "slope.json").read_text())
+        (ckpt / "slope.json").write_text(json.dumps({**info, "format": 1}))
+    return run
+
+
+def reseal(checkpoint_dir: Path) -> None:
+    """Write a checkpoint's manifest.json again for the files now there: a file changed on purpose then
+    passes the checksums, so the checks behind them (the loader's own) are what a test reaches."""
+    from slope.io.format import CHECKPOINT_FORMAT, MANIFEST_FILE, file_digests
+
+    files = file_digests(checkpoint_dir, skip=(MANIFEST_FILE,))
+    (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "files": files}, indent=1))
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Tiny `slope train` runs of the methods (tests/train/test_methods_*.py, test_controls.py): ~60 kB of
-Shakespeare, a 2-layer 64-wide LLaMA, 8 steps, checkpoints every 2 steps, no extra evaluation sets."""
+"""Tiny `slope train` runs of the methods (tests/train/test_methods_*.py, test_controls.py): the shared
+~60 kB of Shakespeare (the text_corpus fixture, tests/conftest.py), a 2-layer 64-wide LLaMA, 8 steps,
+checkpoints every 2 steps, no extra evaluation sets."""
 
 from __future__ import annotations
 
@@ -10,14 +11,7 @@ from safetensors.torch import load_file
 
 from slope import cli
 from slope.io import checkpoint
-from slope.train import corpus
 from slope.train.logs import read_metrics
-
-
-def write_corpus(root):
-    works = dict(corpus.embedded_documents("shakespeare"))
-    (root / "train.txt").write_text(works["shakespeare:macbeth_gut.txt"][:60_000])
-    return root / "train.txt"
 
 
 def train(text, run_dir, *extra) -> None:
@@ -33,6 +27,30 @@ def train_records(run_dir) -> list[dict]:
 
 def losses(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in train_records(run_dir)]
+
+
+def assert_losses_match_up_to_summation_order(run_a, run_b) -> None:
+    """The two runs' losses, step by step, within what summation order alone can move them
+    (tests/_tolerances.training_loss_rtol, from the model's reduction chains): for the same training
+    on 2 processes and on 1 with the same global batch."""
+    import json
+    import math
+
+    from _tolerances import gradient_reductions, loss_reductions, training_loss_rtol
+    from transformers import AutoConfig
+
+    from slope.train import runconfig
+
+    cfg = runconfig.resolve(str(run_b / "config.toml"))
+    config = AutoConfig.from_pretrained(checkpoint.latest_checkpoint(run_b))
+    seq = cfg.train.seq_len
+    tokens = seq * json.loads((run_b / "summary.json").read_text())["global_batch"]
+    forward_n, backward_n = loss_reductions(config, seq, tokens), gradient_reductions(config, seq, tokens)
+    a, b = dict(losses(run_a)), dict(losses(run_b))
+    assert sorted(a) == sorted(b)
+    for step in b:
+        tol = training_loss_rtol(step, forward_n, backward_n)
+        assert math.isclose(a[step], b[step], rel_tol=tol), f"step {step}: {a[step]} vs {b[step]} (relative {tol:.3g})"
 
 
 def assert_loss_falls(run_dir) -> None:

@@ -1,4 +1,5 @@
-"""Shared by every test folder: pytest puts this folder on sys.path, so `_export_fixtures` imports anywhere."""
+"""Shared by every test folder: pytest puts this folder on sys.path, so `_export_fixtures`, `_oracles`
+and `_tolerances` import anywhere."""
 
 import os
 
@@ -17,3 +18,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- the training text every `slope train` in the tests reads ------------------------------------------
+
+
+def shakespeare_text(chars: int) -> str:
+    """The first `chars` characters of Macbeth, from the corpus shipped in the package."""
+    from slope.train import corpus
+
+    return dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:chars]
+
+
+def milton_text(chars: int) -> str:
+    """The first `chars` characters of the first Milton work shipped in the package (out of domain)."""
+    from slope.train import corpus
+
+    return next(text for _, text in corpus.embedded_documents("milton"))[:chars]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """text_corpus(train_chars=60_000, ood_chars=0): a folder holding train.txt (the first train_chars
+    characters of Macbeth: ~60 kB trains a tokenizer in a few seconds) and, with ood_chars, ood.txt
+    (Milton, an extra evaluation set). Written once per size in the session; tests only read it (a run's
+    token cache goes to its own run directory)."""
+    made = {}
+
+    def folder(train_chars: int = 60_000, ood_chars: int = 0):
+        if (train_chars, ood_chars) not in made:
+            root = tmp_path_factory.mktemp(f"corpus-{train_chars}-{ood_chars}")
+            (root / "train.txt").write_text(shakespeare_text(train_chars))
+            if ood_chars:
+                (root / "ood.txt").write_text(milton_text(ood_chars))
+            made[train_chars, ood_chars] = root
+        return made[train_chars, ood_chars]
+
+    return folder

@@ -7,7 +7,7 @@ Layers, lowest first (docs/architecture.md draws the same map):
     io        slope.io.*: checkpoints, exports, loading
     train     slope.train.*: the pretraining driver and its integrations
     cli       slope.cli.*, slope.__main__: the command line
-The package root (`slope`, lazy re-exports) and the deprecated old module paths stand outside.
+The package root (`slope`, lazy re-exports) stands outside.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = ["maths", "backends", "layer", "io", "train", "cli"]
 MATHS = {"slope.config", "slope.masks", "slope.autograd", "slope.devices"}
 LAYER = {"slope.linear", "slope.convert", "slope.memory", "slope.srste"}
-# old module paths that docs once named: one-line re-exports that warn, kept for users' imports
-DEPRECATED = {"slope.kernels", "slope.inference", "slope.checkpoint", "slope.methods", "slope.hf_trainer", "slope.lmeval"}
 
 
 def layer_of(module: str) -> str | None:
@@ -76,7 +74,7 @@ GRAPH = {name: imports_of(name, path, set(modules())) for name, path in modules(
 
 
 def test_every_module_has_a_layer():
-    unplaced = [m for m in GRAPH if layer_of(m) is None and m != "slope" and m not in DEPRECATED]
+    unplaced = [m for m in GRAPH if layer_of(m) is None and m != "slope"]
     assert not unplaced, f"modules outside the layer map (add them to docs/architecture.md and here): {unplaced}"
 
 
@@ -87,7 +85,6 @@ def test_no_module_imports_a_higher_layer(module):
         target for target in GRAPH[module]
         # the package root re-exports io: below the cli, importing it would hide an upward import
         if (target == "slope" and layer_of(module) != "cli")
-        or target in DEPRECATED
         or (target != "slope" and LAYERS.index(layer_of(target) or "cli") > rank)
     )
     assert not upward, f"{module} ({layer_of(module)}) imports a higher layer or the package root: {upward}"

@@ -3,8 +3,8 @@
 One table per surface. A CLI case runs `slope.cli.main` in-process and asserts the exit code (2 for a
 mistake in the input, argparse's own SystemExit(2) for a malformed command line), the message fragment on
 stderr, and no traceback. An API case asserts the exception type and message fragment. Every case is cheap:
-`slope train` rejects its config in `preflight` before any data work, and the model files come from the
-checked-in format-1 fixtures, copied once per module (never modified in place).
+`slope train` rejects its config in `preflight` before any data work, and the model files (a compressed
+export and a training run of one tiny model) are written once per module (never modified in place).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 import slope
 from slope import cli
 
-FIXTURES = Path(__file__).parent / "io" / "fixtures" / "format1"
 EMBEDDED = "(shakespeare, shakespeare-heldout, milton)"
 
 
@@ -39,9 +38,22 @@ def bad(tmp_path_factory) -> Path:
     (d / "notable.toml").write_text("optim = 3\n")
     (d / "nosect.toml").write_text("[nosuch]\na = 1\n")
     (d / "file.txt").write_text("hello world\n" * 50)
-    shutil.copytree(FIXTURES / "export_llama", d / "export")
-    shutil.copytree(FIXTURES / "run", d / "run")
+    _write_model_files(d)
     return d
+
+
+def _write_model_files(d: Path) -> None:
+    """A tiny sparse LLaMA (32 positions) as a compressed export `d/export` and a training run `d/run`."""
+    from _export_fixtures import make_tokenizer, tiny_config, write_training_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.max_position_embeddings = 32
+    torch.manual_seed(0)
+    model = slope.sparsify(AutoModelForCausalLM.from_config(config), slope.SlopeConfig(backend="reference"))
+    tokenizer = make_tokenizer()
+    slope.save_compressed(model, d / "export", tokenizer)
+    write_training_checkpoint(d / "run", model, tokenizer, step=4)
 
 
 # ---- slope train: every config key, caught by preflight before any data work ---------------------------
@@ -328,7 +340,8 @@ CLI_CASES = [
     # slope check
     ("check-missing", ["check", "/missing"], "/missing does not exist", 2),
     ("check-empty-folder", ["check", "{bad}/emptydir"],
-     "emptydir is not a run directory (checkpoints/), a checkpoint (slope.json) or an export (slope_model.json)", 2),
+     "emptydir is not a run directory (checkpoints/), a checkpoint (slope.json), an export (slope_model.json), "
+     "a Trainer checkpoint-N/", 2),
     ("check-file", ["check", "{bad}/file.txt"], "file.txt is not a run directory (checkpoints/)", 2),
     # slope info, the dispatcher
     ("info-device-nonsense", ["info", "--device", "nonsense"], "--device: 'nonsense' is not a device", 2),
@@ -352,7 +365,7 @@ def test_cli(argv, fragment, code, bad, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing created: no run dir, --out folder or export left behind
 
 
-# ---- damaged checkpoints and exports: copies of the format-1 fixtures, each damaged one way ------------------
+# ---- damaged checkpoints and exports: copies of the module's export and run, each damaged one way ------------
 def _set_json(path: Path, key: str, value) -> None:
     data = json.loads(path.read_text())
     data[key] = value
@@ -361,40 +374,46 @@ def _set_json(path: Path, key: str, value) -> None:
 
 STEP = "checkpoints/step_00000004"
 DAMAGES = {  # name: (fixture, damage)
-    "export-truncated": ("export_llama", lambda d: os.truncate(d / "model.safetensors", 100)),
-    "export-json-corrupt": ("export_llama", lambda d: (d / "slope_model.json").write_text("{bad")),
-    "export-no-tokenizer": ("export_llama", lambda d: shutil.rmtree(d / "tokenizer")),
-    "export-newer-format": ("export_llama", lambda d: _set_json(d / "slope_model.json", "format_version", 99)),
+    "export-truncated": ("export", lambda d: os.truncate(d / "slope_model.safetensors", 100)),
+    "export-json-corrupt": ("export", lambda d: (d / "slope_model.json").write_text("{bad")),
+    "export-no-tokenizer": ("export", lambda d: shutil.rmtree(d / "tokenizer")),
+    "export-newer-format": ("export", lambda d: _set_json(d / "slope_model.json", "format_version", 99)),
+    "export-older-format": ("export", lambda d: _set_json(d / "slope_model.json", "format_version", 1)),
     "run-truncated": ("run", lambda d: os.truncate(d / STEP / "model.safetensors", 100)),
     "run-json-corrupt": ("run", lambda d: (d / STEP / "slope.json").write_text("{bad")),
     "run-no-tokenizer": ("run", lambda d: shutil.rmtree(d / STEP / "tokenizer")),
     "run-newer-format": ("run", lambda d: _set_json(d / STEP / "slope.json", "format", 99)),
+    "run-older-format": ("run", lambda d: _set_json(d / STEP / "slope.json", "format", 1)),
 }
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory) -> Path:
+def damaged(tmp_path_factory, bad) -> Path:
     root = tmp_path_factory.mktemp("damaged")
     for name, (fixture, damage) in DAMAGES.items():
-        shutil.copytree(FIXTURES / fixture, root / name)
+        shutil.copytree(bad / fixture, root / name)
         damage(root / name)
     return root
 
 
 # `slope check` reports a finding on stdout and exits 1 (damaged); eval/generate/export refuse with exit 2.
 EXPORT_MSG = {
-    "export-truncated": "model.safetensors has 100 bytes, expected 140432: the file is truncated or altered",
+    "export-truncated": "slope_model.safetensors has 100 bytes, expected 338408: the file is truncated or altered",
     "export-json-corrupt": "slope_model.json: cannot read the export metadata (Expecting property name",
     "export-no-tokenizer": "tokenizer/tokenizer.json is missing",
     "export-newer-format": "slope_model.json: format version 99 is newer than this slope reads (up to 2); "
                            "upgrade slope to load it",
+    "export-older-format": "slope_model.json has format version 1, which this version of slope does not read (it "
+                           "reads version 2 only; version 1 was written by slope 0.1)",
 }
 RUN_MSG = {
-    "run-truncated": "model.safetensors does not fit the checkpoint's slope.json and config.json",
+    "run-truncated": "model.safetensors has 100 bytes, expected 367424: the file is truncated or altered",
     "run-json-corrupt": "slope.json: cannot read the checkpoint info (Expecting property name",
-    "run-no-tokenizer": "tokenizer is missing: a checkpoint holds config.json, model.safetensors and tokenizer/",
+    "run-no-tokenizer": "tokenizer/tokenizer.json is missing",
     "run-newer-format": "slope.json has format 99; this version of slope reads checkpoint formats up to 2: "
                         "upgrade slope",
+    "run-older-format": "slope.json has checkpoint format 1, which this version of slope does not read (it reads "
+                        "format 2 only; format 1 was written by slope 0.1)",
 }
 DAMAGE_CASES = [
     *[(f"check-{n}", ["check", n], f, 1) for n, f in {**EXPORT_MSG, **RUN_MSG}.items()],

@@ -1,8 +1,11 @@
 """SIGKILL a tiny `slope train` run at chosen moments, `--resume` it to the end, and demand the uninterrupted result.
 
-A days-long run dies without warning (OOM killer, preemption, power): no handler runs. Each trial kills
-the process with SIGKILL when the run directory shows a given moment (polled on the filesystem, so the
-moment is the same on a slow or a fast machine), resumes until the run finishes, and checks that
+A days-long run dies without warning (OOM killer, preemption, power): no handler runs. Each trial runs
+`slope train` through a launcher that stops the process (SIGSTOP, after writing a marker file) at an
+exact moment: half-way through writing a checkpoint (its .tmp- directory without a manifest); with a
+checkpoint complete but not yet renamed into place; after the final evaluation, before summary.json.
+The test SIGKILLs the stopped process, so the kill lands at that moment on a slow or a fast machine
+alike (no polling race), resumes until the run finishes, and checks that
 - the final checkpoint's weights equal, tensor by tensor and bitwise, those of one uninterrupted run
   (dropout is on, so a resume that lost the RNG state would differ);
 - metrics.jsonl holds no duplicated (kind, set, step) record and its steps strictly increase per stream;
@@ -19,14 +22,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from slope.train import corpus
 
 MAX_STEPS = 12  # adapters join before step 10 (tiny's adapter_start 0.75), so resumes cross the switch
 RUN_TIMEOUT = 180  # seconds for one process: generous for a loaded CI machine, yet the test cannot hang
@@ -34,11 +34,8 @@ FINAL = f"step_{MAX_STEPS:08d}"
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    file = tmp_path_factory.mktemp("corpus") / "train.txt"
-    works = dict(corpus.embedded_documents("shakespeare"))
-    file.write_text(works["shakespeare:macbeth_gut.txt"][:60_000])  # a few seconds of tokenizer training
-    return file
+def train_file(text_corpus) -> Path:
+    return text_corpus() / "train.txt"  # tests/conftest.py: a few seconds of tokenizer training
 
 
 def train_command(run_dir: Path, train_file: Path) -> list[str]:
@@ -54,6 +51,53 @@ def resume_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"]
 
 
+# Runs `slope train` (its arguments after the launcher's path) and stops itself at the moment named by
+# SLOPE_TEST_PAUSE, after writing SLOPE_TEST_MARKER:
+#   writing:N   a checkpoint of step >= N is half written: weights, config and tokenizer are in its
+#               .tmp- directory, its trainer state and manifest not yet (a kill leaves it incomplete)
+#   renaming:N  a checkpoint of step >= N is complete in its .tmp- directory, not yet renamed into place
+#   plotting    the final evaluation is logged, the curves and summary.json are not yet written
+LAUNCHER = """
+import os, signal, sys
+from pathlib import Path
+
+where, _, step = os.environ["SLOPE_TEST_PAUSE"].partition(":")
+marker = Path(os.environ["SLOPE_TEST_MARKER"])
+
+def pause(what):
+    marker.write_text(what)
+    os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs the process here
+
+def step_of(path):
+    name = Path(path).name
+    return int(name[-8:]) if name.startswith(".tmp-step_") else -1
+
+if where == "writing":
+    from slope.io import checkpoint
+    write_state = checkpoint.write_trainer_state  # called by the checkpoint writer between its files
+    def paused(folder, state):
+        if step_of(folder) >= int(step):
+            pause(Path(folder).name)
+        return write_state(folder, state)
+    checkpoint.write_trainer_state = paused
+elif where == "renaming":
+    rename = os.rename
+    def paused(src, dst, *args, **kwargs):
+        if step_of(src) >= int(step):
+            pause(Path(src).name)
+        return rename(src, dst, *args, **kwargs)
+    os.rename = paused
+elif where == "plotting":
+    from slope.train import plots
+    plots.plot_curves = lambda *args, **kwargs: pause("plotting")
+else:
+    raise SystemExit(f"unknown SLOPE_TEST_PAUSE {where!r}")
+
+from slope.cli.main import main
+sys.exit(main())
+"""
+
+
 def log_of(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + ".log")  # outside the run directory, which must not exist yet
 
@@ -64,20 +108,26 @@ def run_to_end(command: list[str], run_dir: Path) -> None:
     assert result.returncode == 0, f"{command[3:]} exited {result.returncode}:\n{log_of(run_dir).read_text()[-3000:]}"
 
 
-def kill_when(command: list[str], run_dir: Path, moment: Callable[[Path], str | None]) -> str:
-    """Start `command`, SIGKILL it as soon as `moment(run_dir)` names what it sees; returns that name."""
+def kill_at(command: list[str], run_dir: Path, pause: str) -> str:
+    """Run `command` (a `python -m slope ...` one) through the launcher until it stops itself at `pause`,
+    SIGKILL it there; returns what the launcher says it stopped at (a .tmp- directory's name, or
+    "plotting")."""
+    launcher, marker = run_dir.with_name("launch.py"), run_dir.with_name(run_dir.name + ".paused")
+    launcher.write_text(LAUNCHER)
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "SLOPE_TEST_PAUSE": pause, "SLOPE_TEST_MARKER": str(marker)}
+    assert command[1:3] == ["-m", "slope"]
     with open(log_of(run_dir), "a") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([command[0], str(launcher), *command[3:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            seen = moment(run_dir)
-            if seen:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=30)
-                return seen
-            time.sleep(0.001)  # the write of a checkpoint lasts milliseconds
-        raise AssertionError(f"the moment never came (exit {proc.poll()}):\n{log_of(run_dir).read_text()[-3000:]}")
+        while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.05)
+        assert marker.exists(), f"never reached {pause} (exit {proc.poll()}):\n{log_of(run_dir).read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)  # stopped at the moment (or between the marker and SIGSTOP)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        return marker.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,24 +139,6 @@ def checkpoint_names(run_dir: Path) -> list[str]:
         return sorted(os.listdir(run_dir / "checkpoints"))
     except OSError:  # not created yet
         return []
-
-
-def writing(min_step: int) -> Callable[[Path], str | None]:
-    """The moment a checkpoint of step >= min_step is being written (its .tmp- directory exists)."""
-    def moment(run_dir):
-        return next((n for n in checkpoint_names(run_dir)
-                     if n.startswith(".tmp-step_") and int(n[-8:]) >= min_step), None)
-    return moment
-
-
-def final_eval_logged(run_dir: Path) -> str | None:
-    """The moment metrics.jsonl holds the final evaluation (summary.json comes after the curves)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return None
-    final = [line for line in lines if '"kind": "eval"' in line and f'"step": {MAX_STEPS},' in line]
-    return "final eval logged" if final else None
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -159,11 +191,15 @@ def reference(train_file, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def test_kill_during_checkpoint_writes_and_during_a_resume(train_file, reference, tmp_path):
     run_dir = tmp_path / "run"
-    seen = kill_when(train_command(run_dir, train_file), run_dir, writing(4))
-    assert seen in checkpoint_names(run_dir), "the killed process had already finished that checkpoint"
-    # the resumed process dies too, writing a checkpoint after the adapters joined
-    seen = kill_when(resume_command(run_dir), run_dir, writing(10))
-    assert seen in checkpoint_names(run_dir)
+    # half-way through writing checkpoint 4: the resume must drop the incomplete copy, go back to step 2
+    seen = kill_at(train_command(run_dir, train_file), run_dir, "writing:4")
+    assert seen == ".tmp-step_00000004" and seen in checkpoint_names(run_dir)
+    assert not (run_dir / "checkpoints" / seen / "manifest.json").exists()
+    # the resumed process dies too, with a checkpoint after the adapters joined complete but not in place:
+    # the next resume must put that copy in place and go on from it
+    seen = kill_at(resume_command(run_dir), run_dir, "renaming:10")
+    assert seen == ".tmp-step_00000010" and (run_dir / "checkpoints" / seen / "manifest.json").is_file()
+    assert "step_00000010" not in checkpoint_names(run_dir)
     run_to_end(resume_command(run_dir), run_dir)
     check_run(run_dir, reference)
 
@@ -172,7 +208,8 @@ def test_kill_in_the_final_evaluation(train_file, reference, tmp_path):
     run_dir = tmp_path / "run"
     # the final checkpoint and evaluation are written, summary.json not yet (the curves are being drawn):
     # the resume has no step left to train, and must neither log a NaN loss nor the final eval twice
-    kill_when(train_command(run_dir, train_file), run_dir, final_eval_logged)
-    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    assert kill_at(train_command(run_dir, train_file), run_dir, "plotting") == "plotting"
+    assert (run_dir / "checkpoints" / FINAL / "manifest.json").is_file()
+    assert not (run_dir / "summary.json").exists()
     run_to_end(resume_command(run_dir), run_dir)
     check_run(run_dir, reference)

@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 _OWNERS = {
     "SlopeConfig": "slope.config",
     "SlopeLinear": "slope.linear",
+    "track_steps": "slope.linear",
     "SparsifyReport": "slope.convert",
     "add_adapters": "slope.convert",
     "densify": "slope.convert",
@@ -58,6 +59,7 @@ __all__ = [
     "save_serving",
     "slope_layers",
     "sparsify",
+    "track_steps",
 ]
 
 
@@ -82,6 +84,6 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from slope.io.load import load, load_tokenizer
     from slope.io.peft import get_peft_model, save_peft_adapter
     from slope.io.serve import save_serving
-    from slope.linear import SlopeLinear
+    from slope.linear import SlopeLinear, track_steps
     from slope.masks import column_mask, double_prune, nm_mask
     from slope.train.memory_estimate import estimate_memory

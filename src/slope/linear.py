@@ -8,15 +8,18 @@ Storage:
     adapter_a  Parameter (in, r), adapter_b (r, out): lazy low-rank adapters, absent until added
 
 The dense W_R, W_RC and any backend operand are caches derived from these, kept by the layer's
-`runtime` (a `slope.backends.LayerRuntime`) and rebuilt when the values change: a parameter's
-`_version` counter moves on every in-place update, which is how an optimizer step is noticed
-without any hook in the user's training loop. The layer keeps the step counters, and with them
-decides when M_C is recomputed (`step_column_mask`).
+`runtime` (a `slope.backends.LayerRuntime`) and rebuilt when the values change: on an in-place edit
+(their version counter) and on every optimizer step the layer is told of. One mechanism tells it:
+`track_steps(optimizer)` installs a post-step hook that calls `SlopeLinear.optimizer_stepped` on every
+layer whose values the optimizer holds. The layer keeps the step counters, and with them decides
+when M_C is recomputed (`step_column_mask`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -29,6 +32,7 @@ from slope.masks import (
     apply_group_bits,
     bits_dtype,
     gather_kept,
+    gather_values,
     kept_positions,
     nm_bits,
     nm_mask,
@@ -38,6 +42,20 @@ from slope.masks import (
 )
 
 _MASK_STATE = "mask_state"  # state_dict key for the step counters (see _save_to_state_dict)
+
+# Every live SlopeLinear, weakly: an optimizer's post-step hook finds the layers whose values it holds by
+# looking their weight up among its parameters. Looked up at each step, not at registration, so param
+# groups added later (adapters, the layers a prune makes mid-run) are covered without registering again,
+# and so is FSDP2: between steps the layer's weight is the sharded parameter the optimizer holds (its
+# forward sees an unsharded copy).
+_LAYERS: weakref.WeakSet[SlopeLinear] = weakref.WeakSet()
+_TRACKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # optimizers track_steps hooked
+
+_UNTRACKED_WARNING = (
+    "a SlopeLinear's gradient was used (the values changed or the gradient was cleared) but no optimizer "
+    "step was signalled: call slope.track_steps(optimizer) once after building the optimizer, or M_C is "
+    "never recomputed"
+)
 
 
 class SlopeLinear(nn.Module):
@@ -117,21 +135,44 @@ class SlopeLinear(nn.Module):
         self.adapter_a: nn.Parameter | None = None
         self.adapter_b: nn.Parameter | None = None
         self.adapter_scale = 0.0
-        # Optimizer steps seen (changes of the values between forwards) and the step at which M_C was
-        # last computed (-1: never). Plain ints so checking them costs no device sync.
-        self.mask_steps = 0
-        self.column_mask_step = -1
-        self._seen_version: int | None = None
-        self._grad_pending = False  # a backward delivered a gradient that no zero_grad has cleared yet
-        self.weight.register_post_accumulate_grad_hook(self._on_grad)
+        # Optimizer steps counted (`optimizer_stepped`) and the step at which M_C was last computed (-1:
+        # never). Plain ints so checking them costs no device sync.
+        self._mask_steps = 0
+        self._column_mask_step = -1
         # the backend side: chosen backends and their operands per (device, dtype), all derived state
         self.runtime = LayerRuntime()
+        self._watch_gradients()
+
+    def _watch_gradients(self) -> None:
+        # Only to warn when nobody signals the steps: whether a backward delivered a gradient that no
+        # optimizer_stepped() has followed yet, and the values' version then. The forward reads only the
+        # bool (torch.compile would specialise on an int that changes every step).
+        self._grad_unstepped = False
+        self._grad_version = 0
+        self.weight.register_post_accumulate_grad_hook(self._gradient_arrived)
+        _LAYERS.add(self)
+
+    def __setstate__(self, state) -> None:
+        # copies and unpickled layers have a weight of their own, without the original's gradient hook
+        super().__setstate__(state)
+        self._watch_gradients()
 
     # ---- derived tensors -------------------------------------------------------------------
 
     @property
     def rank(self) -> int:
+        """The adapters' rank (0 before `add_adapter`)."""
         return 0 if self.adapter_a is None else self.adapter_a.shape[1]
+
+    @property
+    def mask_steps(self) -> int:
+        """Optimizer steps of the values counted so far (`optimizer_stepped`, or restored by a load)."""
+        return self._mask_steps
+
+    @property
+    def column_mask_step(self) -> int:
+        """The step at which M_C was last computed; -1 until the first training step computes it."""
+        return self._column_mask_step
 
     def row_mask(self) -> torch.Tensor:
         """M_R as a dense bool (out, in), on the values' device."""
@@ -150,43 +191,55 @@ class SlopeLinear(nn.Module):
         w_r = self.dense_weight()
         if not self.config.double_prune:
             return w_r
-        if self.column_mask_step < 0:
+        if self._column_mask_step < 0:
             self._refresh_column_mask(w_r)
         return apply_group_bits(w_r, self.col_bits, self.config.m, dim=0)
 
     # ---- training-time bookkeeping -----------------------------------------------------------
 
-    def _observe_step(self) -> None:
-        """Count an optimizer step whenever the values changed since the last look.
+    def optimizer_stepped(self) -> None:
+        """Count one optimizer step of the kept values (the hook `track_steps` installs calls this).
 
-        In-place updates move the parameter's version counter. Fused optimizers (e.g.
-        AdamW(fused=True)) write without moving it, so a step is also recognised when a gradient
-        delivered by a backward has since been cleared (zero_grad); the version is then moved here,
-        so every cache keyed on it is rebuilt.
+        M_C is recomputed every `backward_mask_interval` counted steps, and every operand derived from
+        the values is rebuilt at the next forward: the runtime keys them on this count as well as on
+        the values' version counter, which a fused optimizer (or FSDP2's unsharded copy) leaves still.
         """
-        version = self.weight._version
-        grad_consumed = self._grad_pending and self.weight.grad is None
-        if self._seen_version is not None and (version != self._seen_version or grad_consumed):
-            self.mask_steps += 1
-            if version == self._seen_version:
-                torch.autograd.graph.increment_version(self.weight)
-                version = self.weight._version
-        if grad_consumed:
-            self._grad_pending = False
-        self._seen_version = version
+        self._mask_steps += 1
+        self._grad_unstepped = False
 
-    def _on_grad(self, _param: torch.Tensor) -> None:
-        self._grad_pending = True
+    def set_step_state(self, mask_steps: int, column_mask_step: int) -> None:
+        """Continue from these step counters (a resumed run): the M_C the layer holds was computed at
+        `column_mask_step` (-1: not yet, the next training step computes it)."""
+        if mask_steps < 0 or not -1 <= column_mask_step <= mask_steps:
+            raise ValueError(f"step counters (mask_steps={mask_steps}, column_mask_step={column_mask_step}) are "
+                             "invalid: expected mask_steps >= 0 and -1 <= column_mask_step <= mask_steps")
+        self._mask_steps, self._column_mask_step = int(mask_steps), int(column_mask_step)
+
+    def _gradient_arrived(self, _param: torch.Tensor) -> None:
+        self._grad_unstepped, self._grad_version = True, self.weight._version
+
+    def _check_step_signal(self) -> None:
+        """Warn when a gradient was used by something no `track_steps` hook covers, i.e. an optimizer
+        stepped unseen: the values changed since the backward, or the gradient was cleared."""
+        if self.weight.grad is not None and self.weight._version == self._grad_version:
+            return  # still accumulating, or a step yet to come
+        self._grad_unstepped = False
+        if any(_holds(optimizer, self.weight) for optimizer in list(_TRACKED)):
+            return  # a tracked step that did not happen (a GradScaler skip, a non-finite loss)
+        warnings.warn(_UNTRACKED_WARNING, stacklevel=2)
+        # The values may have been written without moving their version (a fused optimizer): rebuild
+        # the operands from them rather than run on stale ones. The step itself is not counted.
+        torch.autograd.graph.increment_version(self.weight)
 
     def _refresh_column_mask(self, w_r: torch.Tensor) -> None:
         # M_C comes from the master values (not a bf16 copy), so it does not depend on autocast.
         self.col_bits = nm_bits(w_r, self.config.n, self.config.m, dim=0)  # column_mask, packed
-        self.column_mask_step = self.mask_steps
+        self._column_mask_step = self._mask_steps
 
     def _column_mask_due(self) -> bool:
         return (
-            self.column_mask_step < 0
-            or self.mask_steps - self.column_mask_step >= self.config.backward_mask_interval
+            self._column_mask_step < 0
+            or self._mask_steps - self._column_mask_step >= self.config.backward_mask_interval
         )
 
     def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
@@ -202,10 +255,31 @@ class SlopeLinear(nn.Module):
             ):
                 # one kernel on the stored values, W_R never built: bit for bit nm_bits(W_R, 2, 4, dim=0)
                 self.col_bits = step_kernels.column_refresh(values, self.row_bits)
-                self.column_mask_step = self.mask_steps
+                self._column_mask_step = self._mask_steps
             else:
                 self._refresh_column_mask(w_r())
-        return ColumnMask(self.col_bits, self.column_mask_step, self.config.m)
+        return ColumnMask(self.col_bits, self._column_mask_step, self.config.m)
+
+    def set_row_mask(self, mask: torch.Tensor, weight: torch.Tensor) -> None:
+        """Keep the positions `mask` selects, with their values from the dense `weight`: a one-shot prune
+        such as Wanda's. mask: bool (out, in), N:M along `in`; weight: (out, in).
+
+        Written in place, so the weight Parameter (and an optimizer's reference to it) stays the same;
+        M_C is recomputed at the next training step and every operand is rebuilt.
+        """
+        n, m = self.config.n, self.config.m
+        shape = (self.out_features, self.in_features)
+        if tuple(mask.shape) != shape or tuple(weight.shape) != shape or mask.dtype != torch.bool:
+            raise ValueError(f"set_row_mask: expected a bool mask and a weight of shape {shape}, got a "
+                             f"{mask.dtype} mask {tuple(mask.shape)} and a weight {tuple(weight.shape)}")
+        if not (mask.view(shape[0], -1, m).sum(-1) == n).all():
+            raise ValueError(f"set_row_mask: the mask is not {n}:{m} along `in` (every group of {m} keeps exactly {n})")
+        with torch.no_grad():
+            self.row_bits.copy_(pack_group_bits(mask, m, dim=1))
+            self.weight.copy_(gather_values(weight, mask))
+        self._column_mask_step = -1
+        self._grad_unstepped = False  # a pending gradient was for the values replaced here
+        self.runtime.reset()
 
     def store_values_in(self, values: torch.Tensor) -> None:
         """Keep the kept values in `values` from now on: same shape, dtype and contents, e.g. the value
@@ -215,7 +289,6 @@ class SlopeLinear(nn.Module):
             raise ValueError(f"store_values_in: expected a {tuple(self.weight.shape)} {self.weight.dtype} tensor, "
                              f"got {tuple(values.shape)} {values.dtype}")
         self.weight.data = values
-        self._seen_version = self.weight._version  # moving the values is not an optimizer step
 
     def move_row_mask(self, device: torch.device) -> None:
         """Keep M_R's bits on `device`: the host once the layer's compressed operand carries the
@@ -228,7 +301,7 @@ class SlopeLinear(nn.Module):
         run inference (`slope.convert.for_inference`). A later training step computes it again."""
         if self.col_bits is not None:
             self.col_bits = None
-            self.column_mask_step = -1  # due again at the next training forward
+            self._column_mask_step = -1  # due again at the next training forward
 
     # ---- backend ----------------------------------------------------------------------------
 
@@ -245,7 +318,8 @@ class SlopeLinear(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
         tokens = x.numel() // max(1, x.shape[-1])
-        self._observe_step()
+        if self._grad_unstepped:
+            self._check_step_signal()
         if self.adapter_a is not None and not training:
             y = self.runtime.infer(self, x, dtype, tokens)
             if y is not None:
@@ -294,10 +368,24 @@ class SlopeLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._observe_step()  # a step since the last forward belongs in the saved count
         destination[prefix + _MASK_STATE] = torch.tensor(
-            [self.mask_steps, self.column_mask_step, self.rank], dtype=torch.int64
+            [self._mask_steps, self._column_mask_step, self.rank], dtype=torch.int64
         )
+
+    @staticmethod
+    def saved_rank(read: Callable[[str], torch.Tensor | None], prefix: str) -> int:
+        """The adapter rank of the layer saved under `prefix` (e.g. "model.layers.0.mlp.up_proj.") in a
+        state_dict, whose entries `read(key)` returns (None when absent: a layer without adapters)."""
+        state = read(prefix + _MASK_STATE)
+        return 0 if state is None else int(state[2])
+
+    def initial_training_state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The state_dict entries only training writes, M_C and the step counters, as before the first
+        step (M_C not computed yet): for a load from files that do not store them (an export)."""
+        state = {prefix + _MASK_STATE: torch.tensor([0, -1, self.rank], dtype=torch.int64)}
+        if self.col_bits is not None:
+            state[prefix + "col_bits"] = self.col_bits
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         state = state_dict.get(prefix + _MASK_STATE)
@@ -315,8 +403,11 @@ class SlopeLinear(nn.Module):
         local = {k: v for k, v in state_dict.items() if k != prefix + _MASK_STATE}
         super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if state is not None:
-            self.mask_steps, self.column_mask_step = steps, col_step
-        self._seen_version = self.weight._version  # loading is not an optimizer step
+            try:
+                self.set_step_state(steps, col_step)
+            except ValueError as err:
+                error_msgs.append(f"{prefix[:-1] or 'SlopeLinear'}: {err}")
+        self._grad_unstepped = False  # the loaded values replace whatever a pending gradient was for
         self.runtime.reset()  # operands of the old values and masks
 
     def extra_repr(self) -> str:
@@ -325,6 +416,44 @@ class SlopeLinear(nn.Module):
             f"sparsity={self.config.n}:{self.config.m}, double_prune={self.config.double_prune}, "
             f"adapter_rank={self.rank}"
         )
+
+
+def track_steps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Tell every SlopeLinear whose kept values `optimizer` updates when it has stepped; returns `optimizer`.
+
+    Call once, after building the optimizer (again is harmless). A post-step hook then calls
+    `SlopeLinear.optimizer_stepped` on each layer whose weight is among the optimizer's parameters and has
+    a gradient, looked up at every step: param groups added later (adapters) and FSDP2's sharded
+    parameters are covered. A step the GradScaler skips (inf/nan gradients) is not counted. A wrapper
+    that keeps the real optimizer in `.optimizer` (accelerate's) is unwrapped.
+    """
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"track_steps: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if inner not in _TRACKED:
+        inner.register_step_post_hook(_count_step)
+        _TRACKED.add(inner)
+    return optimizer
+
+
+def _count_step(optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
+    # GradScaler runs an optimizer that supports it (fused AdamW) even on inf/nan gradients and hands it
+    # `found_inf`, which makes the kernel skip the update: that step did not happen. Reading it waits for
+    # the device, once per step, and only under fp16 loss scaling.
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and bool(found_inf):
+        return
+    # Optimizers leave parameters without a gradient untouched (frozen values, a layer unused this step).
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    for layer in list(_LAYERS):
+        if id(layer.weight) in stepped:
+            layer.optimizer_stepped()
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
 
 
 def _check_shape(out_features: int, in_features: int, config: SlopeConfig) -> None:

@@ -93,11 +93,6 @@ class SrsteLinear(nn.Module):
         return nm_mask(self.weight.detach().t() if self.source == "conv1d" else self.weight.detach(),
                        self.n, self.m, dim=1)
 
-    def masked_weight(self) -> torch.Tensor:
-        """W ⊙ M as a dense (out, in) tensor (detached): what the forward multiplies with."""
-        w = self._oi().detach()
-        return torch.where(self.mask(), w, torch.zeros((), dtype=w.dtype, device=w.device))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)

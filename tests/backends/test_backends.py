@@ -22,7 +22,7 @@ from slope.cli import main
 @pytest.mark.parametrize("interval", [1, 3])
 def test_training_matches_reference(interval):
     ref, sparse = paired_layers(interval)
-    opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, sparse)]
+    opts = [slope.track_steps(torch.optim.AdamW(layer.parameters(), lr=1e-2)) for layer in (ref, sparse)]
     for step in range(5):
         x = torch.randn(2, 7, 64, dtype=torch.float64)
         outs = []
@@ -72,7 +72,7 @@ def train_pair(backend_dtype, autocast: bool, steps=3, interval=2):
         model = tiny_gpt2(backend_dtype)
         slope.sparsify(model, SlopeConfig(backend=backend, backward_mask_interval=interval))
         models[backend] = model
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    opts = {name: slope.track_steps(torch.optim.AdamW(m.parameters(), lr=1e-3)) for name, m in models.items()}
     history = []
     for step in range(steps):
         ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(step))

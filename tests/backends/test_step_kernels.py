@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from slope import SlopeConfig, SlopeLinear
+from slope import SlopeConfig, SlopeLinear, track_steps
 from slope.backends import step_kernels
 
 pytest.importorskip("triton")
@@ -244,7 +244,7 @@ def train(steps=3):
     AdamW steps, plus one more forward without grad; and the layer's operand store."""
     torch.manual_seed(0)
     layer = SlopeLinear.from_dense(nn.Linear(64, 32), SlopeConfig(backend="emulated", backward_mask_interval=2))
-    opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    opt = track_steps(torch.optim.AdamW(layer.parameters(), lr=0.05))
     x = torch.randn(2, 8, 64, requires_grad=True)
     record = []
     for _ in range(steps):

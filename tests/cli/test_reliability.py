@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -15,19 +14,15 @@ import pytest
 import torch
 
 from slope import cli
-from slope.train import corpus, trainer
+from slope.train import trainer
 from slope.train.logs import read_metrics
 
 BUG_LINE = "this is a bug in slope"
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    works = dict(corpus.embedded_documents("shakespeare"))
-    (root / "train.txt").write_text(works["shakespeare:macbeth_gut.txt"][:30_000])
-    (root / "ood.txt").write_text(next(t for _, t in corpus.embedded_documents("milton"))[:5_000])
-    return root
+def text_dir(text_corpus):
+    return text_corpus(30_000, ood_chars=5_000)  # tests/conftest.py
 
 
 def train_args(text_dir, run_dir, *extra):
@@ -215,22 +210,5 @@ def test_eval_seq_len_names_the_option(finished_run, capsys):
                                       "of 64 positions; give --seq-len 64 or less")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_generate_on_cuda_without_cuda(finished_run, capsys):
-    assert cli.main(["generate", str(finished_run), "--device", "cuda", "--prompt", "x"]) == 2
-    assert "no CUDA device is available here" in one_error_line(capsys)
-
-
-def test_prepare_on_garbage_leaves_no_output_folder(tmp_path, capsys):
-    garbage = tmp_path / "garbage.txt"
-    garbage.write_bytes(b"")
-    out = tmp_path / "out"
-    assert cli.main(["prepare", str(garbage), "--out", str(out), "--vocab-size", "300"]) == 2
-    assert "empty or too small" in one_error_line(capsys)
-    assert not out.exists()
-
-
-def test_prepare_vocabulary_too_small(tmp_path, capsys):
-    assert cli.main(["prepare", "milton", "--out", str(tmp_path / "out"), "--vocab-size", "10"]) == 2
-    assert "--vocab-size is too small for the byte-level BPE: it must be at least 258" in one_error_line(capsys)
-    assert not os.path.exists(tmp_path / "out")
+# `slope generate --device cuda` without CUDA, `slope prepare` on an empty file or with --vocab-size 10:
+# tests/test_bad_inputs.py's catalogue (one line, the exit code, nothing left behind)

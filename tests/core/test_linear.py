@@ -2,24 +2,12 @@
 
 import pytest
 import torch
+from _oracles import nm_mask_oracle as loop_mask
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from slope import SlopeConfig, SlopeLinear
-
-
-def loop_mask(w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
-    """N:M mask by a plain loop over groups, written independently of slope.masks: in every group of
-    `m` consecutive entries along `dim`, keep the `n` largest |w|; of equal values the lower index."""
-    w = w if dim == 1 else w.t()
-    keep = torch.zeros(w.shape, dtype=torch.bool)
-    for row in range(w.shape[0]):
-        for start in range(0, w.shape[1], m):
-            group = [(-abs(float(w[row, start + i])), i) for i in range(m)]
-            for _, i in sorted(group)[:n]:
-                keep[row, start + i] = True
-    return keep if dim == 1 else keep.t()
+from slope import SlopeConfig, SlopeLinear, nm_mask, track_steps
 
 
 def make_layer(out_f=16, in_f=32, bias=True, dtype=torch.float64, **cfg):
@@ -98,7 +86,7 @@ def test_storage_holds_only_kept_values():
 
 def test_adamw_state_is_non_zero_only_and_masked_weights_stay_zero():
     _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = track_steps(torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1))
     mask = layer.row_mask()
     for _ in range(3):
         layer(torch.randn(8, 64)).pow(2).mean().backward()
@@ -113,7 +101,7 @@ def test_adamw_state_is_non_zero_only_and_masked_weights_stay_zero():
 
 def test_column_mask_refresh_interval():
     _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32, backward_mask_interval=3)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    opt = track_steps(torch.optim.SGD(layer.parameters(), lr=0.5))
     computed_at = []
     for _ in range(7):
         for _ in range(2):  # gradient accumulation: two forwards per step count once
@@ -127,7 +115,7 @@ def test_column_mask_refresh_interval():
 
 def test_column_mask_tracks_current_weights_every_step():
     _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32)
-    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    opt = track_steps(torch.optim.SGD(layer.parameters(), lr=1.0))
     for _ in range(3):
         x = torch.randn(8, 64, requires_grad=True)
         dy = torch.randn(8, 32)
@@ -140,7 +128,7 @@ def test_column_mask_tracks_current_weights_every_step():
 
 def test_state_dict_roundtrip_is_exact_and_keeps_step_counters():
     _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32, backward_mask_interval=4)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    opt = track_steps(torch.optim.AdamW(layer.parameters(), lr=1e-2))
     for _ in range(5):
         layer(torch.randn(8, 64)).sum().backward()
         opt.step()
@@ -153,6 +141,50 @@ def test_state_dict_roundtrip_is_exact_and_keeps_step_counters():
         assert torch.equal(value, sd[key]), key
     assert torch.equal(fresh.dense_weight(), layer.dense_weight())
     assert (fresh.mask_steps, fresh.column_mask_step) == (5, 4)
+
+
+def test_step_counters_and_rank_are_read_set_and_saved_through_the_layer():
+    _, layer = make_layer()
+    layer.add_adapter(3)
+    layer.set_step_state(7, 6)
+    assert (layer.mask_steps, layer.column_mask_step, layer.rank) == (7, 6, 3)
+    with pytest.raises(AttributeError):
+        layer.mask_steps = 0  # only the layer changes its counters
+    with pytest.raises(ValueError, match=r"step counters \(mask_steps=2, column_mask_step=3\) are invalid"):
+        layer.set_step_state(2, 3)
+    state = layer.state_dict(prefix="block.")
+    assert SlopeLinear.saved_rank(state.get, "block.") == 3
+    assert SlopeLinear.saved_rank({}.get, "block.") == 0  # no entry: no adapters
+    # an export stores neither M_C nor the counters: a fresh layer supplies them, as before any step
+    fresh = SlopeLinear.empty(32, 16, nn.Parameter(torch.zeros(16, dtype=torch.float64)), dtype=torch.float64)
+    fresh.add_adapter(3)
+    entries = fresh.initial_training_state("block.")
+    assert set(entries) == {"block.mask_state", "block.col_bits"}
+    stored = {k.removeprefix("block."): v for k, v in {**state, **entries}.items()}
+    fresh.load_state_dict(stored)
+    assert (fresh.mask_steps, fresh.column_mask_step) == (0, -1)
+    assert torch.equal(fresh.dense_weight(), layer.dense_weight())
+    with pytest.raises(RuntimeError, match=r"step counters \(mask_steps=1, column_mask_step=5\) are invalid"):
+        fresh.load_state_dict({**stored, "mask_state": torch.tensor([1, 5, 3])})
+
+
+def test_set_row_mask_prunes_in_place_and_refuses_a_mask_that_is_not_n_m():
+    _, layer = make_layer(out_f=32, in_f=64)
+    param = layer.weight
+    layer(torch.randn(3, 64, dtype=torch.float64)).sum().backward()  # M_C computed at step 0
+    torch.manual_seed(1)
+    dense = torch.randn(32, 64, dtype=torch.float64)
+    mask = nm_mask(torch.randn(32, 64), 2, 4, dim=1)  # not the magnitude mask of `dense`
+    layer.set_row_mask(mask, dense)
+    assert layer.weight is param  # an optimizer's reference stays valid
+    assert torch.equal(layer.row_mask(), mask) and torch.equal(layer.dense_weight(), dense * mask)
+    assert layer.column_mask_step == -1  # the old values' M_C is due again
+    x = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ (dense * mask).t() + layer.bias, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"set_row_mask: the mask is not 2:4 along `in`"):
+        layer.set_row_mask(torch.ones(32, 64, dtype=torch.bool), dense)
+    with pytest.raises(ValueError, match=r"expected a bool mask and a weight of shape \(32, 64\)"):
+        layer.set_row_mask(mask[:, :32], dense)
 
 
 def test_conv1d_has_linear_semantics_along_input():
@@ -196,7 +228,7 @@ def test_adapter_output_unchanged_then_trains():
     a, b = layer.add_adapter(4)
     assert a.shape == (64, 4) and b.shape == (4, 32) and layer.adapter_scale == 0.25
     assert torch.equal(layer(x), before)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    opt = track_steps(torch.optim.AdamW(layer.parameters(), lr=1e-2))
     target = torch.randn(8, 32)
     values_before = layer.weight.detach().clone()
     losses = []
@@ -247,16 +279,16 @@ def test_bf16_autocast_on_cpu_matches_reference_in_bf16():
 @pytest.mark.parametrize("optimizer", ["foreach", "fused", "for-loop", "sgd"])
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_steps_are_seen_with_every_optimizer_kind(optimizer, accumulate):
-    # fused AdamW updates the values without moving their version counter: the step must still be
-    # seen (a gradient was delivered and then cleared), or M_C and any cached operand would go stale.
+    # fused AdamW updates the values without moving their version counter: the step is still counted
+    # (track_steps' hook), or M_C and any cached operand would go stale.
     _, layer = make_layer(out_f=32, in_f=64, dtype=torch.float32)
     params = list(layer.parameters())
-    opt = {
+    opt = track_steps({
         "foreach": lambda: torch.optim.AdamW(params, lr=1e-2, foreach=True),
         "fused": lambda: torch.optim.AdamW(params, lr=1e-2, fused=True),
         "for-loop": lambda: torch.optim.AdamW(params, lr=1e-2, foreach=False),
         "sgd": lambda: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
-    }[optimizer]()
+    }[optimizer]())
     for step in range(4):
         for _ in range(accumulate):
             x = torch.randn(8, 64, requires_grad=True)
@@ -298,7 +330,8 @@ def test_step_column_mask_is_recomputed_only_when_due():
     assert torch.equal(first.mask(), loop_mask(built[0], 2, 4, dim=0))
     for step in (1, 2):
         with torch.no_grad():
-            layer.weight.mul_(-1.5).add_(0.1)  # an optimizer step, seen by the next forward
+            layer.weight.mul_(-1.5).add_(0.1)  # an optimizer step, and its signal
+            layer.optimizer_stepped()
             layer(torch.randn(2, 64))
         current = layer.step_column_mask(w_r)
         assert layer.mask_steps == step and current.step == (0 if step == 1 else 2)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _oracles import nm_mask_oracle as reference_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,16 +21,6 @@ from slope.masks import (
     scatter_values,
     unpack_group_bits,
 )
-
-
-def reference_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Plain per-group loop over the last dim: stable sort by -|w| keeps lower indices on ties."""
-    out = torch.zeros_like(w, dtype=torch.bool)
-    flat, flat_out = w.reshape(-1, m), out.view(-1, m)
-    for g in range(flat.shape[0]):
-        order = sorted(range(m), key=lambda i: (-abs(float(flat[g, i])), i))
-        flat_out[g, order[:n]] = True
-    return out
 
 
 def reference_bits(mask: torch.Tensor, m: int) -> list[list[int]]:

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from slope.train import corpus
-
 RUN_TIMEOUT = 240  # seconds for one job: generous for a loaded 2-core machine, and no test can hang
 MAX_STEPS = 6  # tiny's adapter_start 0.75 puts the adapters before step 5: the run crosses the switch
 PER_RANK_BATCH = 2
@@ -71,9 +69,14 @@ def run_job(command: list[str], run_dir: Path, expect: int = 0, timeout: float =
     return text
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
+def train_records(run_dir: Path) -> dict[int, dict]:
+    """Each step's train record in metrics.jsonl (loss, grad_norm, lr, ...), by step."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    return {r["step"]: r for r in records if r.get("kind") == "train"}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in train_records(run_dir).items()}
 
 
 def final_weights(run_dir: Path, step: int = MAX_STEPS) -> dict:
@@ -81,13 +84,10 @@ def final_weights(run_dir: Path, step: int = MAX_STEPS) -> dict:
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A small corpus tokenized once (vocab 320), used as data.train by every run."""
-    root = tmp_path_factory.mktemp("dist-data")
-    text = root / "train.txt"
-    works = dict(corpus.embedded_documents("shakespeare"))
-    text.write_text(works["shakespeare:macbeth_gut.txt"][:60_000])
-    out = root / "prepared"
+def prepared(text_corpus, tmp_path_factory) -> Path:
+    """The shared corpus (tests/conftest.py) tokenized once (vocab 320), used as data.train by every run."""
+    out = tmp_path_factory.mktemp("dist-data") / "prepared"
+    text = text_corpus() / "train.txt"
     result = subprocess.run([sys.executable, "-m", "slope", "prepare", str(text), "-o", str(out), "--vocab-size", "320",
                              "--val-fraction", "0.1"], capture_output=True, text=True, env=env(), timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -10,7 +10,6 @@ import torch
 
 from slope import cli
 from slope.io import checkpoint
-from slope.train import corpus
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,13 +18,11 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_tiny_run_on_cuda(tmp_path, precision):
-    text = dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:60_000]
-    (tmp_path / "train.txt").write_text(text)
+def test_tiny_run_on_cuda(text_corpus, tmp_path, precision):
     run_dir = tmp_path / "run"
     assert cli.main([
         "train", "--config", "tiny", "--no-progress", "--run-dir", str(run_dir), "--run.device=cuda",
-        f"--run.precision={precision}", f"--data.train={tmp_path / 'train.txt'}", "--data.val=",
+        f"--run.precision={precision}", f"--data.train={text_corpus() / 'train.txt'}", "--data.val=",
         "--eval.sets=", "--tokenizer.vocab_size=320", "--model.hidden_size=128", "--model.intermediate_size=256",
     ]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())

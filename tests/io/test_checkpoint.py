@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _export_fixtures import logits, tiny_model, write_training_checkpoint
+from _export_fixtures import logits, reseal, tiny_model, write_training_checkpoint
 from safetensors.torch import load_file, save_file
 
 import slope
@@ -130,7 +130,7 @@ def test_read_info_refuses_a_newer_format_naming_the_file(tmp_path):
     ("[1]", "expected a JSON object"),
     (json.dumps({"slope_config": None}), "invalid format None"),
     (json.dumps({"format": "1", "slope_config": None}), "invalid format '1'"),
-    (json.dumps({"format": 1, "slope_config": [2, 4]}), "slope_config must be an object or null"),
+    (json.dumps({"format": 2, "slope_config": [2, 4]}), "slope_config must be an object or null"),
 ])
 def test_read_info_refuses_damaged_info(tmp_path, content, message):
     (tmp_path / "slope.json").write_text(content)
@@ -169,6 +169,7 @@ def test_an_unknown_method_loads_by_the_shape_of_its_files(tmp_path, tokenizer, 
     ckpt = checkpoint.resolve_checkpoint(run)
     info = json.loads((ckpt / "slope.json").read_text())
     (ckpt / "slope.json").write_text(json.dumps({**info, "method": "some-future-baseline"}))
+    reseal(ckpt)
     loaded, _, loaded_info = checkpoint.load_checkpoint(run)
     assert loaded_info["method"] == "some-future-baseline"
     assert torch.equal(logits(loaded, ids), logits(model, ids))
@@ -233,6 +234,8 @@ DAMAGE = {
     "missing config": (lambda c: (c / "config.json").unlink(), r"config\.json is missing"),
     "missing tokenizer": (lambda c: shutil.rmtree(c / "tokenizer"), "tokenizer is missing"),
 }
+# found by the manifest, before the loader's own checks: a file it lists is gone
+UNSEALED = {"missing weights", "missing config"}
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
@@ -240,6 +243,8 @@ def test_damaged_checkpoints_fail_clearly(tmp_path, tokenizer, case):
     run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
     damage, message = DAMAGE[case]
     damage(run / "checkpoints" / "step_00000010")
+    if case not in UNSEALED:
+        reseal(run / "checkpoints" / "step_00000010")  # past the checksums, to the loader's own checks
     with pytest.raises(FormatError, match=message) as err:
         checkpoint.load_checkpoint(run)
     assert "\n" not in str(err.value)
@@ -250,6 +255,7 @@ def test_damaged_checkpoints_fail_clearly(tmp_path, tokenizer, case):
 def test_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, tokenizer, capsys):
     run = write_training_checkpoint(tmp_path / "run", tiny_model("llama", adapters=True), tokenizer)
     _truncate(run / "checkpoints" / "step_00000010" / "model.safetensors")
+    reseal(run / "checkpoints" / "step_00000010")
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
     assert main(["eval", str(run), "milton"]) == 2
@@ -266,7 +272,7 @@ def test_read_info_refuses_an_invalid_slope_config(tmp_path, field, value, messa
     # load and resume both read slope.json through read_info, so both refuse what SlopeConfig refuses
     from slope.io.checkpoint import read_info
 
-    info = {"format": 1, "method": "slope", "slope_config": {field: value}, "adapters": False, "step": 1}
+    info = {"format": 2, "method": "slope", "slope_config": {field: value}, "adapters": False, "step": 1}
     (tmp_path / "slope.json").write_text(json.dumps(info))
     with pytest.raises(FormatError, match=message):
         read_info(tmp_path)

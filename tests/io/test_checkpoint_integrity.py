@@ -8,7 +8,6 @@ import contextlib
 import errno
 import json
 import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _export_fixtures import tiny_model
+from _export_fixtures import format1_run, tiny_model
 
 import slope
 from slope.io import checkpoint
-from slope.io.format import FormatError
+from slope.io.format import FormatError, UnsupportedFormatError
 from slope.io.load import load, read_metadata, verify_files
 from slope.train.trainer import rng_state, set_rng_state
-
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
 
 
 @pytest.fixture(scope="module")
@@ -80,43 +77,21 @@ def test_trainer_state_round_trips_without_pickle(tmp_path):
 # ---- no pickle, no escaping paths -------------------------------------------------------------------------
 
 
-class _Payload:
-    """Unpickling this creates the marker file: what a crafted trainer_state.pt would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def _format1_run(tmp_path) -> Path:
+def test_a_pickle_payload_in_trainer_state_never_runs(tmp_path, model, tokenizer):
+    """No reader opens a trainer_state.pt: not in a run as slope 0.1 wrote it (refused for its format before
+    any other file is read), not next to a current checkpoint's trainer state."""
     run = tmp_path / "run"
-    shutil.copytree(FIXTURE_RUN, run)
-    return run
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_a_pickle_payload_in_trainer_state_never_runs(tmp_path):
-    run = _format1_run(tmp_path)
-    ckpt = checkpoint.latest_checkpoint(run)
+    _save(run, 2, model, tokenizer)
     marker = tmp_path / "pwned"
-    (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Payload(marker)}))
-    with pytest.raises(FormatError, match=r"written by an older slope.*cannot be resumed safely") as err:
-        checkpoint.load_for_resume(run)
-    assert "\n" not in str(err.value)
-    assert not marker.exists()
-    model, _, info = checkpoint.load_checkpoint(run)  # the model of a format-1 checkpoint still loads
-    assert info["format"] == 1 and model is not None
-
-
-def test_format1_trainer_state_loads_only_weights_only(tmp_path):
-    """A format-1 trainer_state.pt of plain tensors and containers is read with weights_only=True."""
-    run = _format1_run(tmp_path)
+    old = format1_run(tmp_path / "old", run, marker)
+    for read in (checkpoint.load_for_resume, checkpoint.load_checkpoint, lambda p: load(p, device="cpu")):
+        with pytest.raises(UnsupportedFormatError, match="has checkpoint format 1") as err:
+            read(old)
+        assert "\n" not in str(err.value)
     ckpt = checkpoint.latest_checkpoint(run)
-    torch.save({"step": 4, "rng": {"torch": torch.get_rng_state(), "python": [3, [1, 2], None]}},
-               ckpt / "trainer_state.pt")
-    assert checkpoint.load_trainer_state(ckpt)["step"] == 4
+    shutil.copy(old / "checkpoints" / ckpt.name / "trainer_state.pt", ckpt)  # a stray pickle in a format-2 checkpoint
+    assert checkpoint.load_for_resume(run)[1]["step"] == 2
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("pointer", ["../../elsewhere/checkpoints/step_00000009", "ABSOLUTE", "step_00000009/../.."])

@@ -1,12 +1,13 @@
 """Fuzz of the checkpoint and export readers: a mutated file gives a clean error, never anything else.
 
-One small valid compressed export, one format-2 training checkpoint (written by `slope train`) and the
-format-1 run fixture are built once per module. Each example copies one of them into a temporary
-folder, mutates one file (bit flips, a byte replaced, truncation, appended garbage, deletion; and in
-separate tests, so that they are not drowned by the byte-level ones, a JSON value replaced by a random
-JSON value or a JSON key removed) and calls the readers. The only exceptions allowed are `slope.FormatError` and
-`FileNotFoundError`; a file the format checksums (the export's files listed in slope_model.json, a
-format-2 checkpoint's files listed in manifest.json) that was changed must be refused, not loaded.
+One small valid compressed export and one training checkpoint (written by `slope train`) are built once
+per module. Each example copies one of them into a temporary folder, mutates one file (bit flips, a byte
+replaced, truncation, appended garbage, deletion; and in separate tests, so that they are not drowned by
+the byte-level ones, a JSON value replaced by a random JSON value or a JSON key removed) and calls the
+readers. The only exceptions allowed are `slope.FormatError` and `FileNotFoundError`; a file the format
+checksums (the export's files listed in slope_model.json, a checkpoint's files listed in manifest.json)
+that was changed must be refused, not loaded. The "resealed" tests write the checkpoint's manifest again
+after the mutation, so that the mutated file passes the checksums and reaches the readers behind them.
 
 Reproducible: derandomized, a bounded number of examples, no deadline. Integers in the random JSON
 values are kept small: a model config that asks for billions of parameters is a memory problem, not a
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from _export_fixtures import reseal as write_manifest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +31,6 @@ from slope.io import checkpoint
 from slope.io.format import FormatError
 from slope.io.load import read_metadata, verify_files
 
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
 CLEAN = (FormatError, FileNotFoundError)
 
 FUZZ = settings(
@@ -43,26 +44,22 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> dict[str, Path]:
+def bases(text_corpus, tmp_path_factory) -> dict[str, Path]:
     from _export_fixtures import make_tokenizer, tiny_model
 
     root = tmp_path_factory.mktemp("fuzz-bases")
     export = slope.save_compressed(tiny_model("gpt2", adapters=True), root / "export", make_tokenizer())
 
     from slope import cli
-    from slope.train import corpus
 
-    text = root / "train.txt"
-    text.write_text(dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:20_000])
+    text = text_corpus(20_000) / "train.txt"  # tests/conftest.py
     run = root / "run"
     assert cli.main(["train", "--config", "tiny", "--no-progress", "--run-dir", str(run), f"--data.train={text}",
                      "--data.val=", "--data.val_fraction=0.1", "--tokenizer.vocab_size=300", "--eval.every=0",
                      "--eval.sets=[]", "--checkpoint.every=2", "--train.max_steps=2"]) == 0
     format2 = root / "format2"
     shutil.copytree(run / "checkpoints", format2 / "checkpoints")  # the checkpoints only: small copies
-    format1 = root / "format1"
-    shutil.copytree(FIXTURE_RUN, format1)  # a copy: the fixture files are never touched
-    return {"export": export, "format2": format2, "format1": format1}
+    return {"export": export, "format2": format2}
 
 
 def _files(base: Path) -> list[str]:
@@ -160,7 +157,7 @@ def _call(reader, *args):
         return None
 
 
-def _run(bases: dict, name: str, file_index: int, mutation: tuple, check) -> None:
+def _run(bases: dict, name: str, file_index: int, mutation: tuple, check, reseal: bool = False) -> None:
     base = bases[name]
     files = _files(base)
     if mutation[0] in ("json", "jsondel"):  # the JSON files only
@@ -172,6 +169,9 @@ def _run(bases: dict, name: str, file_index: int, mutation: tuple, check) -> Non
         before = (copy / rel).read_bytes()
         mutate(copy / rel, mutation)
         changed = not (copy / rel).is_file() or (copy / rel).read_bytes() != before
+        parts = rel.split("/")
+        if reseal and len(parts) > 2 and parts[2] != "manifest.json":  # a file of checkpoints/step_*/
+            write_manifest(copy / parts[0] / parts[1])
         check(copy, rel, changed)
 
 
@@ -234,9 +234,8 @@ def test_fuzz_format2_checkpoint_readers(bases, file_index, mutation):
 
 @FUZZ
 @given(file_index=st.integers(0, 1 << 16), mutation=mutations)
-@example(file_index=7, mutation=("flip", [(0, 0)]))  # trainer_state.pt: the unpickler raised IndexError
-def test_fuzz_format1_checkpoint_readers(bases, file_index, mutation):
-    _run(bases, "format1", file_index, mutation, lambda p, r, c: check_checkpoint(p, r, c, format2=False))
+def test_fuzz_resealed_checkpoint_readers(bases, file_index, mutation):
+    _run(bases, "format2", file_index, mutation, lambda p, r, c: check_checkpoint(p, r, c, format2=False), reseal=True)
 
 
 @FUZZ
@@ -248,8 +247,9 @@ def test_fuzz_format2_checkpoint_json_values(bases, file_index, mutation):
 @FUZZ
 @given(file_index=st.integers(0, 1 << 16), mutation=json_mutations)
 @example(file_index=0, mutation=("json", (12, 99), []))  # config.json: transformers raised TypeError
-def test_fuzz_format1_checkpoint_json_values(bases, file_index, mutation):
-    _run(bases, "format1", file_index, mutation, lambda p, r, c: check_checkpoint(p, r, c, format2=False))
+@example(file_index=428, mutation=("jsondel", (428, 1)))  # slope.json without slope_config: read_info's KeyError
+def test_fuzz_resealed_checkpoint_json_values(bases, file_index, mutation):
+    _run(bases, "format2", file_index, mutation, lambda p, r, c: check_checkpoint(p, r, c, format2=False), reseal=True)
 
 
 def test_the_bases_load(bases):
@@ -259,4 +259,3 @@ def test_the_bases_load(bases):
         assert files
     check_export(bases["export"], "slope_model.json", changed=False)
     check_checkpoint(bases["format2"], "checkpoints/latest", changed=False, format2=True)
-    check_checkpoint(bases["format1"], "checkpoints/latest", changed=False, format2=False)

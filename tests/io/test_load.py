@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from _export_fixtures import logits, make_tokenizer, tiny_model, write_training_checkpoint
+from _tolerances import logits_atol, loss_reductions, sum_order_bound
 
 import slope
 from slope.cli import main
@@ -33,8 +34,8 @@ def dense_reference(source_model):
 
 
 # Dense layers with merged adapters round differently from the sparse path plus the adapter product
-# (differences ~1e-7, see test_export.test_dense_export_matches_in_plain_transformers).
-ATOL = 1e-5
+# (seen: ~3e-7): the logits are compared within logits_atol, the bound on what summation order alone
+# can do to them (~1.6e-4 here); scaling one layer's kept values by 0.99 moves them by 9e-4 to 1.3e-3.
 
 
 def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -43,8 +44,8 @@ def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
         with torch.no_grad():
             last = model(input_ids=ids).logits[0, -1]
         top2 = last.topk(2).values
-        # a wider margin than ATOL, so the rounding difference of the dense reference cannot flip a token
-        assert top2[0] - top2[1] > 10 * ATOL, "near-tie: choose another prompt"
+        # a wider margin than the two orders' distance, so the dense reference's rounding cannot flip a token
+        assert top2[0] - top2[1] > 2 * logits_atol(model, ids), "near-tie: choose another prompt"
         ids = torch.cat([ids, last.argmax().view(1, 1)], dim=1)
     return ids
 
@@ -57,7 +58,8 @@ def test_load_is_ready_for_inference(exported, dense_reference):
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
     # on a CPU "auto" is the exact reference path (observed through the output, not backend internals)
     assert torch.equal(logits(model, ids), logits(load(exported, device="cpu", backend="reference"), ids))
-    torch.testing.assert_close(logits(model, ids), logits(dense_reference, ids), rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits(model, ids), logits(dense_reference, ids), rtol=0,
+                               atol=logits_atol(dense_reference, ids))
 
 
 def test_model_generate(exported, tokenizer, dense_reference):
@@ -113,7 +115,8 @@ def test_load_accepts_runs_and_dense_directories(tmp_path):
         want = model(input_ids=ids).logits
         assert torch.equal(load(run, device="cpu")(input_ids=ids).logits, want)
         # plain layers round differently (fused addmm), see test_export.test_dense_export_matches_in_plain_transformers
-        assert torch.allclose(load(dense, device="cpu")(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+        assert torch.allclose(load(dense, device="cpu")(input_ids=ids).logits, want, rtol=0,
+                              atol=logits_atol(model, ids))
     assert load_tokenizer(run).get_vocab() == load_tokenizer(dense).get_vocab() == tokenizer.get_vocab()
 
 
@@ -188,7 +191,10 @@ def test_cli_eval_of_an_export_and_a_dense_directory(three_forms, capsys):
     assert {form: r["seq_len"] for form, r in results.items()} == {"run": 128, "export": 128, "dense": 128}
     loss = {form: r["results"]["milton"]["loss"] for form, r in results.items()}
     assert loss["export"] == loss["run"]  # the compressed export is exact
-    assert loss["dense"] == pytest.approx(loss["run"], abs=1e-5)  # merged adapters round differently
+    # merged adapters round differently: within the bound on summation order over the evaluation's chain
+    windows = results["run"]["seq_len"], results["run"]["results"]["milton"]["tokens"]
+    model_config = load(three_forms["dense"], device="cpu").config
+    assert loss["dense"] == pytest.approx(loss["run"], rel=sum_order_bound(loss_reductions(model_config, *windows)))
     assert results["export"]["model"] == str(three_forms["export"])
     assert results["run"]["model"] == str(three_forms["run"] / "checkpoints" / "step_00000010")
 

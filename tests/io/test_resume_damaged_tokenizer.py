@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from slope import cli
-from slope.train import corpus
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tokrun")
-    text = base / "train.txt"
-    text.write_text(dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:20_000])
-    run_dir = base / "run"
+def finished_run(text_corpus, tmp_path_factory):
+    text = text_corpus(20_000) / "train.txt"  # tests/conftest.py
+    run_dir = tmp_path_factory.mktemp("tokrun") / "run"
     args = ["train", "--config", "tiny", "--no-progress", "--run-dir", str(run_dir), f"--data.train={text}",
             "--data.val=", "--data.val_fraction=0.1", "--tokenizer.vocab_size=300", "--eval.every=0",
             "--eval.sets=[]", "--checkpoint.every=2", "--train.max_steps=2"]

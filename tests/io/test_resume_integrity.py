@@ -1,12 +1,12 @@
 """`slope train --resume` on checkpoints that cannot be trusted: a damaged newest checkpoint (fall back to the
-previous good one, same result as never failing), a format-1 trainer_state.pt holding a pickle payload
-(refused in one line, never unpickled), `latest` naming a folder outside the run, a full disk."""
+previous good one, same result as never failing), a run of slope 0.1 (format 1, whose trainer_state.pt may
+hold a pickle payload: refused in one line, never unpickled), `latest` naming a folder outside the run, a
+full disk."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import pickle
 import shutil
 from pathlib import Path
 
@@ -16,17 +16,12 @@ from safetensors.torch import load_file
 
 from slope import cli
 from slope.io import checkpoint
-from slope.train import corpus
 from slope.train.logs import read_metrics
-
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "format1" / "run"
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("corpus") / "train.txt"
-    file.write_text(dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"][:40_000])
-    return file
+def corpus_file(text_corpus):
+    return text_corpus(40_000) / "train.txt"  # tests/conftest.py
 
 
 def _train_args(corpus_file, run_dir):
@@ -83,49 +78,21 @@ def test_resume_follows_no_latest_outside_the_run(full_run, tmp_path, caplog):
     assert "resumed from" in caplog.text and "step_00000006 (step 6)" in caplog.text
 
 
-def _format1_run(tmp_path, corpus_file) -> Path:
-    """The committed format-1 run, made resumable: its config at the top, on a small corpus (fast to tokenize)."""
-    run = tmp_path / "old-run"
-    shutil.copytree(FIXTURE_RUN, run)
-    config = (run / "checkpoints" / "step_00000004" / "config.toml").read_text()
-    for old, new in (('train = "shakespeare"', f'train = "{corpus_file}"'), ('val = "auto"', 'val = ""'),
-                     ('sets = ["milton"]', "sets = []")):
-        assert old in config
-        config = config.replace(old, new)
-    (run / "config.toml").write_text(config)
-    return run
+def test_a_format1_run_is_refused_and_never_unpickled(full_run, tmp_path, capsys):
+    """A run as slope 0.1 wrote it (format 1, the trainer state pickled): refused in one line, nothing opened."""
+    from _export_fixtures import format1_run
 
-
-def test_a_format1_run_resumes_through_weights_only_loading(tmp_path, corpus_file):
-    """slope 0.1's trainer_state.pt holds tensors, containers and numpy's RNG array: weights_only reads it."""
-    run = _format1_run(tmp_path, corpus_file)
-    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 0
-    ckpt = checkpoint.latest_checkpoint(run)
-    assert checkpoint.verify_checkpoint(ckpt)["format"] == 2  # the step written again, in the new format
-    assert checkpoint.load_trainer_state(ckpt)["step"] == 4
-
-
-class _Payload:
-    """Unpickling this creates the marker file: any code could run the same way."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_resume_never_unpickles_a_format1_trainer_state(tmp_path, corpus_file, capsys):
-    run = _format1_run(tmp_path, corpus_file)
-    ckpt = run / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
-    (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Payload(marker)}))
+    run = format1_run(tmp_path / "old-run", full_run, marker)
+    capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "written by an older slope (checkpoint format 1)" in err[0]
-    assert "cannot be resumed safely" in err[0]
+    ckpt = run / "checkpoints" / "step_00000008"
+    assert err == [f"slope train: error: {ckpt / 'slope.json'} has checkpoint format 1, which this version of slope "
+                   "does not read (it reads format 2 only; format 1 was written by slope 0.1)"]
     assert not marker.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest", "step_00000002", "step_00000004", "step_00000006", "step_00000008"]  # nothing written
 
 
 def test_a_full_disk_while_training_stops_in_one_line(corpus_file, tmp_path, monkeypatch, capsys):

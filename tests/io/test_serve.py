@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from _export_fixtures import logits, tiny_model
+from _tolerances import logits_atol
 
 import slope
 from slope.io.export import save_compressed
@@ -37,10 +38,11 @@ def test_serving_export_base_and_adapter(tmp_path, tokenizer, ids, family):
         assert torch.equal(weight, layer.dense_weight())
         nonzero = weight.reshape(layer.out_features, -1, 4).ne(0).sum(-1)
         assert (nonzero == 2).all(), name  # every group of 4 keeps exactly 2
-    torch.testing.assert_close(logits(base, ids), logits(sparse_base, ids), rtol=1e-5, atol=1e-5)
+    # plain layers and the sparse path sum in other orders: within the bound on that (tests/_tolerances.py)
+    torch.testing.assert_close(logits(base, ids), logits(sparse_base, ids), rtol=0, atol=logits_atol(sparse_base, ids))
 
     with_adapter = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
-    torch.testing.assert_close(logits(with_adapter, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(with_adapter, ids), logits(model, ids), rtol=0, atol=logits_atol(model, ids))
 
     # slope.load rebuilds the SLoPe model: the same masks, kept values and adapters
     rebuilt = slope.load(out, device="cpu", backend="reference")
@@ -60,7 +62,8 @@ def test_serving_export_in_float64_matches_slope_exactly(tmp_path, ids):
     base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
     served = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     assert next(served.parameters()).dtype == torch.float64
-    torch.testing.assert_close(logits(served, ids), logits(model, ids), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits(served, ids), logits(model, ids), rtol=0,
+                               atol=logits_atol(model, ids, torch.float64))
 
 
 def test_serving_config_golden_keys(tmp_path, tokenizer):
@@ -104,7 +107,7 @@ def test_slope_export_serve_cli(tmp_path, tokenizer, ids, capsys):
     assert main(["export", str(exported), "--out", str(tmp_path / "s"), "--serve"]) == 0
     served = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "s"),
                                             str(tmp_path / "s" / "adapter")).eval()
-    torch.testing.assert_close(logits(served, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(served, ids), logits(model, ids), rtol=0, atol=logits_atol(model, ids))
     with pytest.raises(SystemExit) as stop:  # argparse: the two forms exclude each other
         main(["export", str(exported), "--out", str(tmp_path / "x"), "--serve", "--dense"])
     assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -49,6 +49,8 @@ def test_example_trains_and_adds_adapters_at_the_right_step(tmp_path):
 
     assert callback.adapters_added_at == 2
     assert recorder.had_adapters == [False, False, True, True]
+    # the callback tracks the Trainer's optimizer (inside accelerate's wrapper): every step counted
+    assert [layer.mask_steps for _, layer in layers] == [4] * len(layers)
     adapters = {id(p) for _, layer in layers for p in (layer.adapter_a, layer.adapter_b)}
     groups = trainer.optimizer.param_groups
     assert {id(p) for p in groups[-1]["params"]} == adapters

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import slope
 from slope.backends import simulate
 from slope.memory import MemoryTracker, state_bytes
 from slope.train.memory_estimate import (
@@ -36,6 +37,7 @@ def profiled_training_peak(request: MemoryRequest) -> tuple[int, int]:
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=1e-4, fused=True)
+    slope.track_steps(optimizer)
     tokens = torch.randint(0, model.config.vocab_size, (request.batch, request.seq_len + 1))
     autocast = request.precision == "bf16-autocast"
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
-from _method_runs import assert_loss_falls, assert_same_end, resume_from, train, write_corpus
+from _method_runs import assert_loss_falls, assert_same_end, resume_from, train
+from _oracles import nm_mask_oracle
+from _tolerances import assert_within, product_bound, unit_roundoff
 from safetensors.torch import load_file
 
 import slope
@@ -20,15 +22,9 @@ from slope.train.evaluation import evaluate
 from slope.train.methods import get_method
 
 
-def reference_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """N:M by hand: in every group of m along `in`, the n largest |w|, ties to the lower index."""
-    mask = torch.zeros(w.shape, dtype=torch.bool)
-    for row in range(w.shape[0]):
-        for start in range(0, w.shape[1], m):
-            group = [(-abs(float(w[row, start + i])), i) for i in range(m)]
-            for _, i in sorted(group)[:n]:
-                mask[row, start + i] = True
-    return mask
+def reference_mask(w: torch.Tensor) -> torch.Tensor:
+    """2:4 along `in` (dim 1), by the shared oracle."""
+    return nm_mask_oracle(w, 2, 4, dim=1)
 
 
 def layer_of(w: torch.Tensor, b: torch.Tensor | None, decay: float) -> SrsteLinear:
@@ -56,11 +52,19 @@ def test_forward_and_backward_match_the_float64_formulas(dtype):
     assert mask[0, :4].tolist() == [True, True, False, False]
     wm = w * mask
     x2, dy2 = x.reshape(-1, 16), dy.reshape(-1, 8)
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
-    torch.testing.assert_close(y.double(), x @ wm.t() + b, **tol)
-    torch.testing.assert_close(xs.grad.double(), dy @ wm, **tol)  # through W ⊙ M, not W
-    torch.testing.assert_close(layer.weight.grad.double(), dy2.t() @ x2 + decay * (~mask) * w, **tol)
-    torch.testing.assert_close(layer.bias.grad.double(), dy2.sum(0), **tol)
+    # in `dtype` against float64 (tests/_tolerances.py): each product of inner length n ≥ 2 within
+    # product_bound, 2γ_n·|a||b|, which holds its own rounding (γ_n) and that of its float64 inputs cast
+    # to `dtype` (2u); a bias, a scalar, a sum of two terms: u each, of what they round
+    u2 = 2 * unit_roundoff(dtype)
+    # (decay * w first: decay * (~mask) would be a float32 tensor, decay rounded to 1.49e-9 off)
+    y_ref, decayed = x @ wm.t() + b, decay * w * (~mask)
+    assert_within(y, y_ref, product_bound(x, wm.t(), dtype) + u2 * (y_ref.abs() + b.abs()), "y")
+    assert_within(xs.grad, dy @ wm, product_bound(dy, wm, dtype), "grad x")  # through W ⊙ M, not W
+    grad_w = dy2.t() @ x2 + decayed
+    assert_within(layer.weight.grad, grad_w,
+                  product_bound(dy2.t(), x2, dtype) + u2 * (grad_w.abs() + 2 * decayed.abs()), "grad W")
+    ones = torch.ones(1, dy2.shape[0], dtype=torch.float64)
+    assert_within(layer.bias.grad, dy2.sum(0), product_bound(ones, dy2, dtype)[0], "grad b")
 
 
 def test_decay_acts_on_the_pruned_weights_only():
@@ -71,7 +75,8 @@ def test_decay_acts_on_the_pruned_weights_only():
     mask = reference_mask(w)
     expected = (0.25 * w.double() * (~mask)).float()
     assert torch.equal(layer.weight.grad[mask], torch.zeros(int(mask.sum())))  # kept: no decay at all
-    torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=1e-7)
+    # one float32 product by 0.25 (exact) and by the mask: at most one rounding, u of the value
+    assert_within(layer.weight.grad, 0.25 * w.double() * (~mask), unit_roundoff() * expected.abs(), "decay")
     assert (layer.weight.grad[~mask] != 0).all()
 
 
@@ -91,7 +96,8 @@ def test_the_mask_follows_the_weights_between_steps():
     assert not torch.equal(now, first)
     assert torch.equal(now, reference_mask(layer.weight.detach()))
     # the forward multiplies with the current mask, not the one it started with
-    torch.testing.assert_close(layer(x), x @ (layer.weight.detach() * now).t(), rtol=0, atol=1e-6)
+    current = (layer.weight.detach() * now).t()
+    assert_within(layer(x), x @ current, product_bound(x, current), "y")  # the same product, another order
 
 
 def test_the_method_converts_what_sparsify_converts_and_splits_the_decay_over_micro_batches():
@@ -108,10 +114,9 @@ def test_the_method_converts_what_sparsify_converts_and_splits_the_decay_over_mi
 
 
 @pytest.fixture(scope="module")
-def srste_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("srste")
-    run_dir = root / "run"
-    train(write_corpus(root), run_dir, "--method=srste", "--method.srste_decay=1e-3")
+def srste_run(text_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("srste") / "run"
+    train(text_corpus() / "train.txt", run_dir, "--method=srste", "--method.srste_decay=1e-3")
     return run_dir
 
 

@@ -8,7 +8,14 @@ import shutil
 
 import pytest
 import torch
-from _method_runs import assert_loss_falls, assert_same_end, losses, resume_from, train, write_corpus
+from _method_runs import (
+    assert_loss_falls,
+    assert_losses_match_up_to_summation_order,
+    assert_same_end,
+    resume_from,
+    train,
+)
+from _oracles import nm_mask_oracle
 
 import slope
 from slope.io import checkpoint
@@ -19,14 +26,9 @@ from slope.train.trainer import build_optimizer
 
 
 def reference_wanda(w: torch.Tensor, norms: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Group by group: score |W_ij|·‖X_j‖, keep the n highest of each m along `in`, ties to the lower index."""
-    mask = torch.zeros(w.shape, dtype=torch.bool)
-    for row in range(w.shape[0]):
-        for start in range(0, w.shape[1], m):
-            scores = [(-abs(float(w[row, j])) * float(norms[j]), j) for j in range(start, start + m)]
-            for _, j in sorted(scores)[:n]:
-                mask[row, j] = True
-    return mask
+    """Score |W_ij|·‖X_j‖ (float64: exact for float32 factors), the n highest of each m along `in`, ties to
+    the lower index: the shared oracle on the scores."""
+    return nm_mask_oracle(w.detach().double().abs() * norms.detach().double(), n, m, dim=1)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (2, 8)])
@@ -96,11 +98,10 @@ def test_the_prune_uses_the_step_before_and_leaves_the_optimizer_with_the_new_pa
 
 
 @pytest.fixture(scope="module")
-def wanda_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wanda")
-    run_dir = root / "run"
+def wanda_run(text_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("wanda") / "run"
     # 8 steps: dense for 4 (calibration on step 4's batch), pruned before step 5, adapters before step 7
-    train(write_corpus(root), run_dir, "--method=wanda", "--method.wanda_dense_fraction=0.5")
+    train(text_corpus() / "train.txt", run_dir, "--method=wanda", "--method.wanda_dense_fraction=0.5")
     return run_dir
 
 
@@ -131,7 +132,7 @@ def test_resume_across_the_prune_is_bit_exact(wanda_run, tmp_path, step):
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_across_the_calibration_is_bit_exact(wanda_run, tmp_path):
+def test_two_ranks_resume_across_the_calibration_is_bit_exact(wanda_run, text_corpus, tmp_path):
     """Under DDP each rank calibrates on its share of the batch; a checkpoint between the calibration step
     and the prune must hold the sums over both ranks (rank 0 writes it), or the resumed mask differs."""
     import socket
@@ -147,15 +148,14 @@ def test_two_ranks_resume_across_the_calibration_is_bit_exact(wanda_run, tmp_pat
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    text = tmp_path / "train.txt"
-    write_corpus(tmp_path)
+    text = text_corpus() / "train.txt"
     run_dir = tmp_path / "ddp"
     torchrun("train", "--config", "tiny", "--no-progress", f"--data.train={text}", "--data.val=",
              "--data.val_fraction=0.1", "--eval.sets=", "--tokenizer.vocab_size=320", "--eval.every=0",
              "--checkpoint.every=2", "--checkpoint.keep_last=4", "--train.batch_size=2", "--run.parallel=ddp",
              "--method=wanda", "--run-dir", str(run_dir))
     # 2 ranks x 2 windows = 1 process x 4 windows (the same mask: the loss would jump otherwise)
-    assert [loss for _, loss in losses(run_dir)] == pytest.approx([loss for _, loss in losses(wanda_run)], abs=1e-4)
+    assert_losses_match_up_to_summation_order(run_dir, wanda_run)
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
     for ckpt in checkpoint.list_checkpoints(resumed):

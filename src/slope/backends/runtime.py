@@ -44,6 +44,7 @@ class RuntimeLayer(Protocol):
     adapter_a: torch.Tensor | None  # (in, r)
     adapter_b: torch.Tensor | None  # (r, out)
     adapter_scale: float
+    mask_steps: int  # optimizer steps counted: part of the key of every operand derived from the values
 
     def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
         """M_C for a training step, recomputed from w_r() when due; None without double pruning."""
@@ -125,10 +126,9 @@ class LayerRuntime:
         operand, and the column mask is not even looked at.
         """
         lane = self.lane(layer, dtype, tokens)
-        cfg = layer.config
         if training:  # a layer that served inference keeps M_R on the host; the step kernels need it here
             layer.move_row_mask(layer.weight.device)
-        weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
+        weights = _step_weights(layer)
         col = layer.step_column_mask(weights.dense) if training else None
         if isinstance(lane.store, OperandCache):
             output = lane.store.output(weights, col)  # may refresh W_RCᵀ's values in the same launch
@@ -168,8 +168,7 @@ class LayerRuntime:
             return False  # shared already
         layer.store_values_in(view)
         layer.move_row_mask(host)
-        cfg = layer.config
-        lane.store.values_moved(StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m))
+        lane.store.values_moved(_step_weights(layer))
         return True
 
     @staticmethod
@@ -192,10 +191,9 @@ class LayerRuntime:
         backend = lane.backend
         if not (isinstance(backend, SemiStructuredBackend) and backend.plan.sparse_output):
             return None
-        cfg = layer.config
-        weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)
+        weights = _step_weights(layer)
         if self._share_values(layer, lane, weights, lane.store.output(weights)):
-            weights = StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m)  # the values' new place
+            weights = _step_weights(layer)  # the values' new place
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         a, b = layer.adapter_a.detach(), layer.adapter_b.detach()
         a_c, b_c, scale = a.to(dtype), b.to(dtype), layer.adapter_scale
@@ -229,6 +227,11 @@ class LayerRuntime:
     def __reduce__(self):
         # Copies and pickles of a layer start without caches: they are derived state.
         return (LayerRuntime, (self.selector,))
+
+
+def _step_weights(layer: RuntimeLayer) -> StepWeights:
+    cfg = layer.config
+    return StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m, layer.mask_steps)
 
 
 def _dtensor_type() -> type | None:

@@ -17,15 +17,17 @@ from slope.masks import apply_group_bits, kept_positions, pack_group_bits, scatt
 class StepWeights:
     """W_R of one step, built from the stored values and the packed M_R only when asked for.
 
-    values: (out, k) the kept values, row-major within each row (detached); row_bits: (out, in/m) M_R.
+    values: (out, k) the kept values, row-major within each row (detached); row_bits: (out, in/m) M_R;
+    step: the layer's count of optimizer steps (`SlopeLinear.mask_steps`).
     `dense(dtype)` builds W_R (out, in) at most once per dtype, and `positions()` the (out, in/m, n)
     int64 positions of the kept values at most once, until `release`.
     """
 
-    def __init__(self, values: torch.Tensor, row_bits: torch.Tensor, n: int, m: int):
+    def __init__(self, values: torch.Tensor, row_bits: torch.Tensor, n: int, m: int, step: int = 0):
         self.values = values
         self.row_bits = row_bits
         self.n, self.m = n, m
+        self.step = step
         self._positions: torch.Tensor | None = None
         self._dense: dict[torch.dtype, torch.Tensor] = {}
 
@@ -35,9 +37,11 @@ class StepWeights:
         return (self.values.data_ptr(), self.row_bits.data_ptr(), self.row_bits._version)
 
     @property
-    def version(self) -> int:
-        """Moves on every in-place update of the values, i.e. on every optimizer step."""
-        return self.values._version
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the values may have: on an in-place edit (their version counter) and on every
+        optimizer step of the layer, which a fused optimizer, or FSDP2's unsharded copy, leaves that
+        counter still through."""
+        return (self.values._version, self.step)
 
     def positions(self) -> torch.Tensor:
         if self._positions is None:

@@ -13,9 +13,9 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in for
     manifest.json              size and SHA-256 of every file above (dcp/ included), written last
 In an FSDP run model.safetensors is the consolidated model, gathered to rank 0, so export, eval and
 slope.load read FSDP checkpoints like any other, and trainer_state holds no optimizer (it is in dcp/).
-Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 had
-trainer_state.pt (a pickle) and no manifest; its model still loads, and it resumes only when its
-trainer state loads with torch.load(weights_only=True) (numpy's RNG array allowed, no other global).
+Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 (slope 0.1:
+trainer_state.pt, a pickle, and no manifest) is refused by `read_info` in one line, before any other file
+is read.
 
 In a run of several processes rank 0 alone writes and renames; the others write only their dcp/
 shards (FSDP) or nothing (DDP, whose checkpoint is the single-process one), and every rank waits for
@@ -44,12 +44,10 @@ import errno
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
@@ -63,7 +61,6 @@ from slope.io.format import (
     HF_CONFIG_FILE,
     INFO_FILE,
     LATEST_FILE,
-    LEGACY_TRAINER_STATE_FILE,
     MANIFEST_FILE,
     RUN_CONFIG_FILE,
     TOKENIZER_DIR,
@@ -71,10 +68,12 @@ from slope.io.format import (
     TRAINER_TENSORS_FILE,
     WEIGHTS_FILE,
     FormatError,
+    UnsupportedFormatError,
     check_digests,
     file_digests,
     one_line,
 )
+from slope.linear import SlopeLinear
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +318,7 @@ def _write_latest(root: Path, name: str) -> None:
 def load_trainer_state(checkpoint_dir: Path) -> dict:
     """The trainer state of a checkpoint (resume only), read without unpickling anything.
 
-    Format 2: trainer_state.json and trainer_state.safetensors. Format 1: trainer_state.pt, only if
-    torch.load(weights_only=True) accepts it. FormatError (one line) otherwise.
+    trainer_state.json and trainer_state.safetensors; FormatError (one line) when they are missing or damaged.
     """
     folder = Path(checkpoint_dir)
     plain_file = folder / TRAINER_STATE_FILE
@@ -336,40 +334,19 @@ def load_trainer_state(checkpoint_dir: Path) -> dict:
             raise
         except (TypeError, ValueError) as err:  # a marker with the wrong shape: not what the writer wrote
             raise FormatError(f"{plain_file}: malformed trainer state ({one_line(err)})") from err
-    legacy = folder / LEGACY_TRAINER_STATE_FILE
-    if not legacy.is_file():
-        raise FormatError(f"{folder} has no trainer state ({TRAINER_STATE_FILE}): it cannot be resumed")
-    # format 1 pickled numpy's RNG state, an ndarray: its reconstructor and dtype are the only globals allowed
-    numpy_array = [np.ndarray.__reduce__(np.zeros(1))[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    try:
-        with torch.serialization.safe_globals(numpy_array):
-            return torch.load(legacy, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError) as err:
-        raise FormatError(
-            f"{folder} was written by an older slope (checkpoint format 1) and its {LEGACY_TRAINER_STATE_FILE} "
-            "cannot be read without running pickled code, so it cannot be resumed safely; eval, export and "
-            "slope.load still work on it"
-        ) from err
-    except Exception as err:  # the unpickler of a damaged file raises what it meets (IndexError, KeyError, ...)
-        raise FormatError(
-            f"{legacy}: cannot read this format-1 trainer state ({one_line(err)}): the file is damaged, so the "
-            "checkpoint cannot be resumed"
-        ) from err
+    raise FormatError(f"{folder} has no trainer state ({TRAINER_STATE_FILE}): it cannot be resumed")
 
 
 # ---- checking a checkpoint ------------------------------------------------------------------------
 
 
 def verify_checkpoint(checkpoint_dir: str | Path) -> dict:
-    """slope.json of a checkpoint, after checking every file against its manifest (format 2).
+    """slope.json of a checkpoint, after checking every file against its manifest.
 
-    FormatError, in one line, for a missing, truncated or corrupted file; format-1 checkpoints
-    predate the manifest and are accepted as they are.
+    FormatError, in one line, for a missing, truncated or corrupted file.
     """
     ckpt = Path(checkpoint_dir)
     info = read_info(ckpt)
-    if info["format"] < 2:
-        return info
     file = ckpt / MANIFEST_FILE
     try:
         manifest = json.loads(file.read_text())
@@ -386,9 +363,8 @@ def load_for_resume(run_dir: Path) -> tuple[Path, dict]:
     """(checkpoint, trainer state) of the newest checkpoint of a run that passes its checks.
 
     The one `latest` names comes first; a damaged one is skipped with a warning naming the one used
-    instead. FileNotFoundError when the run has no checkpoint; FormatError when none is intact, or
-    when the newest is a format-1 checkpoint whose trainer state cannot be read safely (older ones
-    would be no better: the run is refused, not silently rewound).
+    instead. FileNotFoundError when the run has no checkpoint; FormatError when none is intact, and
+    UnsupportedFormatError at once when one is of slope 0.1's format 1.
     """
     newest = latest_checkpoint(run_dir)
     if newest is None:
@@ -398,11 +374,13 @@ def load_for_resume(run_dir: Path) -> tuple[Path, dict]:
     for ckpt in candidates:
         try:
             info = verify_checkpoint(ckpt)
+        except UnsupportedFormatError:
+            raise  # slope 0.1's format: an older checkpoint would be no better, so the run is refused
         except FormatError as err:
             log.warning("checkpoint %s is damaged, not resuming from it: %s", ckpt.name, err)
             damaged.append(ckpt.name)
             continue
-        state = load_trainer_state(ckpt)  # format 1 that cannot be read safely: refused here, see above
+        state = load_trainer_state(ckpt)
         if damaged:
             log.warning("resuming from %s (step %d) instead: %s failed the manifest check",
                         ckpt.name, info.get("step", -1), ", ".join(damaged))
@@ -484,7 +462,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_info(checkpoint_dir: str | Path) -> dict:
-    """slope.json of a checkpoint directory, checked: FormatError if unreadable or of a newer format."""
+    """slope.json of a checkpoint directory, checked: FormatError if unreadable or of another format."""
     file = Path(checkpoint_dir) / INFO_FILE
     try:
         info = json.loads(file.read_text())
@@ -494,13 +472,20 @@ def read_info(checkpoint_dir: str | Path) -> dict:
         raise FormatError(f"{file}: expected a JSON object, got {type(info).__name__}")
     version = info.get("format")
     if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{file}: invalid format {version!r} (expected an integer from 1 to {CHECKPOINT_FORMAT})")
+        raise FormatError(f"{file}: invalid format {version!r} (expected the integer {CHECKPOINT_FORMAT})")
     if version > CHECKPOINT_FORMAT:
         raise FormatError(
             f"{file} has format {version}; this version of slope reads checkpoint formats up to "
             f"{CHECKPOINT_FORMAT}: upgrade slope"
         )
-    if not isinstance(info.get("slope_config"), dict | None):
+    if version < CHECKPOINT_FORMAT:
+        raise UnsupportedFormatError(
+            f"{file} has checkpoint format {version}, which this version of slope does not read (it reads "
+            f"format {CHECKPOINT_FORMAT} only; format 1 was written by slope 0.1)"
+        )
+    if "slope_config" not in info:  # found by the fuzz (tests/io/test_fuzz_readers.py): was a KeyError
+        raise FormatError(f"{file}: missing field 'slope_config' (an object, or null for a dense model)")
+    if not isinstance(info["slope_config"], dict | None):
         raise FormatError(f"{file}: slope_config must be an object or null, got {info['slope_config']!r}")
     if info["slope_config"] is not None:
         try:  # the same check for load and resume: a config this slope would refuse is a damaged file
@@ -561,11 +546,11 @@ def _sparsify_as_saved(model: nn.Module, info: dict, ckpt: Path) -> None:
 
 
 def _add_adapters_as_saved(model: nn.Module, weights: Path) -> None:
-    # Each layer's rank is in its mask_state [mask_steps, column_mask_step, rank]; add_adapter derives
-    # the scale from the layer config and rank exactly as it did when training added the adapters.
+    # Each layer's state_dict records its rank; add_adapter derives the scale from the layer config and
+    # rank exactly as it did when training added the adapters.
     with safe_open(weights, framework="pt") as f:
         for name, layer in slope_layers(model):
-            rank = int(f.get_tensor(f"{name}.mask_state")[2])
+            rank = SlopeLinear.saved_rank(f.get_tensor, f"{name}.")
             if rank:
                 layer.add_adapter(rank)
 

@@ -2,13 +2,15 @@
 
 Two formats share these names (full description in docs/export.md):
 
-- a training checkpoint (`slope.io.checkpoint`): RUN_DIR/checkpoints/step_XXXXXXXX/ with
+- a training checkpoint (`slope.io.checkpoint`), format 2: RUN_DIR/checkpoints/step_XXXXXXXX/ with
   model.safetensors, config.json, slope.json, tokenizer/, trainer_state.json,
-  trainer_state.safetensors, config.toml and manifest.json (format 2; format 1 had trainer_state.pt
-  and no manifest), and RUN_DIR/checkpoints/latest naming the newest complete one;
-- a compressed export (`slope.io.export` writes it, `slope.io.load` reads it): model.safetensors,
-  tokenizer/ and slope_model.json (and, since slope 0.2, config.json and the tokenizer files at the top,
-  still version 1: readers of version 1 ignore them).
+  trainer_state.safetensors, config.toml and manifest.json, and RUN_DIR/checkpoints/latest naming the
+  newest complete one;
+- a compressed export (`slope.io.export` writes it, `slope.io.load` reads it), version 2:
+  slope_model.safetensors, tokenizer/, config.json, the tokenizer files at the top and slope_model.json.
+
+Each reader reads its format's current version only. Version 1 of both (slope 0.1) is refused in one line
+(UnsupportedFormatError), naming the version found and the one this slope reads.
 
 Two Hugging Face folders carry a `slope` entry in config.json that `slope.io.load` recognises: the
 `save_pretrained` folder of a sparsified model (format "slope-state-dict", slope.convert.HF_CONFIG_FORMAT)
@@ -24,42 +26,39 @@ import torch
 
 
 class FormatError(ValueError):
-    """A checkpoint or export that cannot be loaded: newer version, corrupted, or inconsistent."""
+    """A checkpoint or export that cannot be loaded: another version, corrupted, or inconsistent."""
 
 
-# The newest slope.json "format" a checkpoint reader understands; the writer stamps it. Format 2 (no
-# pickle: the trainer state is JSON plus safetensors; a manifest of checksums) replaced format 1, whose
-# models still load but whose trainer_state.pt resumes only if it loads with torch.load(weights_only=True).
+class UnsupportedFormatError(FormatError):
+    """A checkpoint or export of an older format version than this slope reads (slope 0.1's version 1)."""
+
+
+# The slope.json "format" the checkpoint writer stamps and the reader reads. Format 2 (no pickle: the
+# trainer state is JSON plus safetensors; a manifest of checksums) replaced slope 0.1's format 1.
 CHECKPOINT_FORMAT = 2
-# slope_model.json "format" and the newest "format_version" of the compressed export. Version 2 names
-# its weights file slope_model.safetensors instead of version 1's model.safetensors: since the export has
+# slope_model.json "format" and the "format_version" of the compressed export. Version 2 names its
+# weights file slope_model.safetensors instead of version 1's model.safetensors: since the export has
 # a config.json that transformers recognises, a file under transformers' own name was loaded by
 # AutoModelForCausalLM.from_pretrained as a model with every sparse layer missing (randomly initialised,
 # with only a warning). Under another name transformers finds no weights and refuses the folder.
 EXPORT_FORMAT_NAME = "slope-compressed"
 EXPORT_FORMAT_VERSION = 2
-EXPORT_WEIGHTS_FILE = "slope_model.safetensors"  # compressed export, version 2 and later
+EXPORT_WEIGHTS_FILE = "slope_model.safetensors"  # compressed export: all tensors
 
 # config.json's `slope.format` in the folder of `slope export --serve` (slope.io.serve)
 SERVE_FORMAT = "slope-serve"
 
-WEIGHTS_FILE = "model.safetensors"  # checkpoint and export
+WEIGHTS_FILE = "model.safetensors"  # checkpoint and save_pretrained folders: the state_dict
 TOKENIZER_DIR = "tokenizer"  # checkpoint and export: PreTrainedTokenizer.save_pretrained output
 INFO_FILE = "slope.json"  # checkpoint: format, method, slope_config, adapters, step
 TRAINER_STATE_FILE = "trainer_state.json"  # checkpoint: counters and plain data of the trainer state (resume only)
 TRAINER_TENSORS_FILE = "trainer_state.safetensors"  # checkpoint: the trainer state's tensors (optimizer, RNG)
-LEGACY_TRAINER_STATE_FILE = "trainer_state.pt"  # format-1 checkpoint: the trainer state, pickled
-MANIFEST_FILE = "manifest.json"  # checkpoint (format 2): size and SHA-256 of every other file, written last
-RUN_CONFIG_FILE = "config.toml"  # checkpoint: the resolved run config
+MANIFEST_FILE = "manifest.json"  # checkpoint: size and SHA-256 of every other file, written last
+RUN_CONFIG_FILE = "config.toml"  # checkpoint and run directory: the resolved run config
 HF_CONFIG_FILE = "config.json"  # checkpoint and Hugging Face directories: the model config (save_pretrained)
 CHECKPOINTS_DIR = "checkpoints"  # run directory: holds the step_XXXXXXXX checkpoints
 LATEST_FILE = "latest"  # in CHECKPOINTS_DIR: one line naming the newest complete checkpoint
 META_FILE = "slope_model.json"  # export: the metadata, written last
-
-
-def export_weights_file(format_version: int) -> str:
-    """The weights file of a compressed export of `format_version`."""
-    return WEIGHTS_FILE if format_version == 1 else EXPORT_WEIGHTS_FILE
 
 # The floating dtypes a file may store, by the name the metadata records.
 DTYPES: dict[str, torch.dtype] = {

@@ -33,6 +33,7 @@ from slope.io.format import (
     DTYPES,
     EXPORT_FORMAT_NAME,
     EXPORT_FORMAT_VERSION,
+    EXPORT_WEIGHTS_FILE,
     HF_CONFIG_FILE,
     INFO_FILE,
     META_FILE,
@@ -40,9 +41,9 @@ from slope.io.format import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     FormatError,
+    UnsupportedFormatError,
     check_digests,
     confined,
-    export_weights_file,
     one_line,
 )
 from slope.io.packing import code_bits, unpack_positions
@@ -218,7 +219,7 @@ def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
     """The model `save_pretrained` wrote from a sparsified model: its state_dict as it was, bit for bit.
 
     Which layers are SlopeLinear is read from the weights (a `L.row_bits` tensor), their adapter rank
-    from `L.mask_state` ([mask_steps, column_mask_step, rank]); the scale is derived from the stored
+    from their entries (`SlopeLinear.saved_rank`); the scale is derived from the stored
     SlopeConfig as training derived it (as for training checkpoints).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -237,7 +238,7 @@ def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
             raise FormatError(f"{path / WEIGHTS_FILE}: {name} is not a linear layer of the configured model") from err
         layer = SlopeLinear.empty(weight.shape[1], weight.shape[0], module.bias, cfg, source=source,
                                   device=weight.device, dtype=weight.dtype)
-        rank = int(state[f"{name}.mask_state"][2]) if f"{name}.mask_state" in state else 0
+        rank = SlopeLinear.saved_rank(state.get, f"{name}.")
         if rank:
             layer.add_adapter(rank)
         replace_module(model, name, layer)
@@ -305,6 +306,11 @@ def read_metadata(path: str | Path) -> dict:
             f"{file}: format version {version} is newer than this slope reads (up to {EXPORT_FORMAT_VERSION}); "
             "upgrade slope to load it"
         )
+    if version < EXPORT_FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{file} has format version {version}, which this version of slope does not read (it reads version "
+            f"{EXPORT_FORMAT_VERSION} only; version 1 was written by slope 0.1)"
+        )
     for key in ("n", "m", "layers", "tied", "model_config", "files", "dtype"):
         if key not in meta:
             raise FormatError(f"{file}: missing field {key!r}")
@@ -314,9 +320,8 @@ def read_metadata(path: str | Path) -> dict:
 def verify_files(path: str | Path, meta: dict) -> None:
     """Every file listed in the metadata is inside `path` and has its size and SHA-256 (truncation, corruption)."""
     path = Path(path)
-    weights = export_weights_file(meta["format_version"])
-    if not isinstance(meta["files"], dict) or weights not in meta["files"]:
-        raise FormatError(f"{path / META_FILE}: {weights} is not listed under files")
+    if not isinstance(meta["files"], dict) or EXPORT_WEIGHTS_FILE not in meta["files"]:
+        raise FormatError(f"{path / META_FILE}: {EXPORT_WEIGHTS_FILE} is not listed under files")
     check_digests(path, meta["files"], path / META_FILE)
 
 
@@ -337,7 +342,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
 def _build(path: Path, meta: dict, dtype: torch.dtype | None, backend: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weights_file = path / export_weights_file(meta["format_version"])
+    weights_file = path / EXPORT_WEIGHTS_FILE
     tensors = load_file(weights_file)
 
     stored_dtype = DTYPES.get(meta["dtype"])
@@ -426,10 +431,9 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
         if spec["adapter_rank"]:
             layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))
         replace_module(model, name, layer)
-        # Not stored: M_C is a training cache, rebuilt on the first training step (column_mask_step = -1).
-        state[f"{name}.col_bits"] = layer.col_bits if layer.col_bits is not None else None
-        state[f"{name}.mask_state"] = torch.tensor([0, -1, layer.rank], dtype=torch.int64)
-    return {k: v for k, v in state.items() if v is not None}
+        # Not stored: M_C is a training cache, rebuilt on the first training step.
+        state.update(layer.initial_training_state(f"{name}."))
+    return state
 
 
 def _check_keys(meta: dict, expected: dict, tensors: dict, weights_file: Path) -> None:

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slope.convert import slope_layers
 from slope.devices import resolve_device
 from slope.train.runconfig import ConfigError, RunConfig
 
@@ -178,15 +177,7 @@ def ddp(model: nn.Module, state: Dist) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [state.device.index] if state.device.type == "cuda" else None
-    # DDP's start-up broadcast writes every weight in place (rank 0's values, equal to ours already); a
-    # SlopeLinear would count that as an optimizer step, so the version it last saw moves along with it
-    layers = [layer for _, layer in slope_layers(model)]
-    before = [layer.weight._version for layer in layers]
-    wrapped = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-    for layer, version in zip(layers, before, strict=True):
-        if layer._seen_version == version:
-            layer._seen_version = layer.weight._version
-    return wrapped
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def fully_shard(model: nn.Module, mesh=None) -> nn.Module:
@@ -219,48 +210,6 @@ def regroup(model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dic
     made = type(optimizer)([{**g, "params": [params[n] for n in g["params"]]} for g in groups])
     made.defaults = dict(optimizer.defaults)
     return made
-
-
-def note_optimizer_steps(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Under FSDP, tell every SlopeLinear when the optimizer stepped.
-
-    A SlopeLinear notices a step by its weight's version counter or by a gradient that a backward
-    delivered and zero_grad cleared (`SlopeLinear._observe_step`); its caches and M_C's schedule follow
-    from that count. FSDP2 runs the forward on an unsharded copy whose version it preserves on every
-    all-gather, and steps the sharded parameter, whose gradient it sets without the layer's hook. So
-    after each step the layer is told that a gradient was consumed: its next forward counts the step
-    exactly once, as a single process does.
-    """
-    layers = [layer for _, layer in slope_layers(model)]
-    if not layers:
-        return
-
-    def mark(*_args) -> None:
-        for layer in layers:
-            layer._grad_pending = True
-
-    optimizer.register_step_post_hook(mark)
-
-
-@contextlib.contextmanager
-def quiet_step_observer(model: nn.Module):
-    """state_dict / load_state_dict of an FSDP model without a false optimizer step.
-
-    Between steps the parameters are the sharded DTensors, whose version counter is not the one the
-    layer saw in its forward (the unsharded copy's); a SlopeLinear would read the difference as a step.
-    Inside, each layer compares against the sharded parameter; a real pending step is still counted.
-    Afterwards the forward's reference is put back.
-    """
-    layers = [layer for _, layer in slope_layers(model)]
-    seen = [layer._seen_version for layer in layers]
-    for layer in layers:
-        if layer._seen_version is not None:
-            layer._seen_version = layer.weight._version
-    try:
-        yield
-    finally:
-        for layer, version in zip(layers, seen, strict=True):
-            layer._seen_version = version
 
 
 def no_sync(wrapped: nn.Module, mode: str, sync: bool):
@@ -297,11 +246,6 @@ def full_state_dict(model: nn.Module, cpu: bool = False) -> dict[str, torch.Tens
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a grad norm under FSDP); a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def grad_bytes(model: nn.Module) -> int:
-    """Bytes of the gradients one optimizer step communicates (all parameters that require grad)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:

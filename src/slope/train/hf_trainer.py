@@ -5,7 +5,8 @@
 
 The callback must be given to the Trainer's constructor: it sparsifies the model when the Trainer
 is built (`on_init_end`), before the Trainer creates its optimizer, so the optimizer only ever sees
-the kept values. After `config.adapter_step(max_steps)` optimizer steps it adds the adapters, puts them in
+the kept values; when training begins it hooks that optimizer's steps (`slope.track_steps`). After
+`config.adapter_step(max_steps)` optimizer steps it adds the adapters, puts them in
 the Trainer's optimizer as a new param group and in its learning-rate schedule. Every Trainer
 checkpoint also gets a compressed export in `checkpoint-N/slope/`, and the end of training writes
 one to `export_dir` (default `<output_dir>/slope-export`), loadable with `slope.load`.
@@ -29,6 +30,7 @@ from slope.config import SlopeConfig
 from slope.convert import add_adapters, slope_layers, sparsify
 from slope.io.export import save_compressed
 from slope.io.format import META_FILE
+from slope.linear import track_steps
 
 log = logging.getLogger("slope")
 
@@ -77,6 +79,7 @@ class SlopeCallback(TrainerCallback):
                 "adapter_start=1.0 (no adapters)"
             )
         log.info("slope: adapters join after %s of %d steps", "no" if step is None else step, state.max_steps)
+        track_steps(optimizer)  # the Trainer built it just before this call
         self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):

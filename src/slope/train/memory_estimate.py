@@ -31,7 +31,7 @@ from torch import nn
 from slope.backends import simulate
 from slope.config import SlopeConfig
 from slope.convert import add_adapters, for_inference, slope_layers, sparsify
-from slope.linear import SlopeLinear
+from slope.linear import SlopeLinear, track_steps
 from slope.memory import LIVE_KINDS, MemoryTracker, state_bytes_by_module
 from slope.train.runconfig import ModelSection
 
@@ -258,17 +258,14 @@ def _by_module_kind(model: nn.Module, optimizer) -> dict[str, dict[str, int]]:
 def _train(model: nn.Module, request: MemoryRequest, tracker_box: list) -> tuple[MemoryTracker, torch.optim.Optimizer]:
     import torch.nn.functional as F
 
-    from slope.train import distributed
-
     _, autocast = _precision(request)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     # fused, as `slope train` builds it on a GPU: no per-step temporaries of its own
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=1e-4, fused=True)
+    track_steps(optimizer)  # the second step refreshes the operands as a training run's does
     sharded = request.parallel == "fsdp"
-    if sharded:
-        distributed.note_optimizer_steps(model, optimizer)
     # FSDP gathers parameters into buffers it resizes in place: the tracker must look for that
     tracker = MemoryTracker(_classifier(model, optimizer, []), resync_every=16 if sharded else 0)
     tracker_box.append(tracker)

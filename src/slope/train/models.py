@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slope.io.format import HF_CONFIG_FILE
 from slope.train.runconfig import PRESETS, ModelSection
 
 
@@ -82,7 +83,7 @@ def _user_config(name: str, auto_config):
         except ValueError as err:
             raise ModelError(f"model config {path}: {err}") from None
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / HF_CONFIG_FILE).is_file():
             raise ModelError(f"model.preset {name!r} is a folder without a config.json; give a preset "
                              f"({', '.join(PRESETS)}), a config file, or a model folder that holds config.json")
         try:

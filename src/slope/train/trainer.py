@@ -31,7 +31,8 @@ from slope.backends import backend_summary
 from slope.convert import slope_layers
 from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
-from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
+from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR, WEIGHTS_FILE
+from slope.linear import track_steps
 from slope.train import distributed, models, runconfig
 from slope.train.data import DataError
 from slope.train.evaluation import causal_lm_loss, evaluate
@@ -272,7 +273,7 @@ class Trainer:
         self.model = self._build_model(announce=True)
         # what save_model leaves out (one of each tied pair), for the consolidated weights of an FSDP run
         self.tied_aliases = _tied_aliases(self.model)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.optimizer = track_steps(build_optimizer(self.model, cfg, self.device))
         self.adapter_step = self.method.adapter_step(cfg.train.max_steps)
         self.step = 0
         self.tokens_seen = 0
@@ -334,10 +335,7 @@ class Trainer:
         elif mode == "fsdp":
             groups = distributed.named_groups(self.model, self.optimizer)
             distributed.fully_shard(self.model)
-            self.optimizer = distributed.regroup(self.model, self.optimizer, groups)
-            distributed.note_optimizer_steps(self.model, self.optimizer)
-            for _, layer in slope_layers(self.model):
-                layer._seen_version = None  # the forward sees an unsharded copy: its first look is no step
+            self.optimizer = track_steps(distributed.regroup(self.model, self.optimizer, groups))
         self.forward_model = torch.compile(self.wrapped) if self.cfg.run.compile else self.wrapped
 
     def _before_step_sharded(self) -> dict | None:
@@ -351,8 +349,7 @@ class Trainer:
         """
         cfg = self.cfg
         old_model, old_optimizer = self.model, self.optimizer
-        with distributed.quiet_step_observer(old_model):
-            full = distributed.full_state_dict(old_model)
+        full = distributed.full_state_dict(old_model)
         with torch.random.fork_rng(devices=[]):  # a fresh init must not move the RNG a single process would not
             model = self._build_model()
             scratch = build_optimizer(model, cfg, self.device)
@@ -367,15 +364,12 @@ class Trainer:
         model.to(self.device)
         groups = distributed.named_groups(model, scratch)
         distributed.fully_shard(model)
-        optimizer = distributed.regroup(model, scratch, groups)
+        optimizer = track_steps(distributed.regroup(model, scratch, groups))
         old_params = dict(old_model.named_parameters())
         for name, param in model.named_parameters():
             old = old_params.get(name)
             if old is not None and old in old_optimizer.state and old.shape == param.shape:
                 optimizer.state[param] = old_optimizer.state[old]
-        for _, layer in slope_layers(model):
-            layer._seen_version = None  # the loaded values are not an optimizer step (see quiet_step_observer)
-        distributed.note_optimizer_steps(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.forward_model = torch.compile(model) if cfg.run.compile else model
         self.wrapped = model
@@ -437,15 +431,13 @@ class Trainer:
     def _restore(self, ckpt: Path, state: dict) -> None:
         step = state["step"]
         if self.dist.mode == "fsdp":
-            with distributed.quiet_step_observer(self.model):
-                checkpoint.load_sharded_state(ckpt, self.model, self.optimizer)
-            for _, layer in slope_layers(self.model):
-                # loading initialised the optimizer state with a zero step: not a step of the run
-                layer._seen_version, layer._grad_pending = None, False
+            # DCP initialises the optimizer state with a zero step, which the layers count; loading the
+            # model afterwards sets their counters back to the checkpoint's
+            checkpoint.load_sharded_state(ckpt, self.model, self.optimizer)
         else:
             import safetensors.torch
 
-            safetensors.torch.load_model(self.model, str(ckpt / "model.safetensors"), strict=True,
+            safetensors.torch.load_model(self.model, str(ckpt / WEIGHTS_FILE), strict=True,
                                          device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
@@ -477,18 +469,15 @@ class Trainer:
         """One checkpoint; every rank calls it (rank 0 writes, FSDP ranks add their shards)."""
         weights, sharded = None, None
         if self.dist.mode == "fsdp":
-            with distributed.quiet_step_observer(self.model):
-                # collective: every rank gathers each tensor in turn; rank 0 keeps the whole model
-                full = distributed.full_state_dict(self.model, cpu=True)
+            # collective: every rank gathers each tensor in turn; rank 0 keeps the whole model
+            full = distributed.full_state_dict(self.model, cpu=True)
             aliases = self.tied_aliases
             weights = ({name: t.contiguous() for name, t in full.items() if name not in aliases}, aliases) \
                 if self.dist.main else None
 
             def sharded(folder: Path) -> None:
-                with distributed.quiet_step_observer(self.model):
-                    checkpoint.save_sharded_state(folder, self.model, self.optimizer)
-        with distributed.quiet_step_observer(self.model) if self.dist.mode == "fsdp" else contextlib.nullcontext():
-            info = self.method.checkpoint_info(self.model)
+                checkpoint.save_sharded_state(folder, self.model, self.optimizer)
+        info = self.method.checkpoint_info(self.model)
         try:
             path = checkpoint.save_checkpoint(
                 self.run_dir, self.step, self.model, self.tokenizer, info, self.config_toml,

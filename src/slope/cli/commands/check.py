@@ -6,8 +6,8 @@ PATH: a run directory (every checkpoint), one checkpoint, a compressed export, a
 most n nonzero of every m along `in` (else serving it would not be the trained model), and its PEFT
 adapter must load onto those layers.
 
-Integrity: a format-2 checkpoint against its manifest, an export against the checksums of its
-slope_model.json (format-1 checkpoints predate the manifest; they are only loaded). Then the model
+Integrity: a checkpoint against its manifest, an export against the checksums of its
+slope_model.json (slope 0.1's format 1 is refused: a finding). Then the model
 is built exactly as `slope.load` builds it, and every sparse layer's stored masks are checked:
     - shapes: values (out, in·n/m), row bits (out, in/m), column bits (out/m, in);
     - M_R keeps exactly n of every m along `in` (no stray bits above the m positions);

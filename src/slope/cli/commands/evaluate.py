@@ -40,7 +40,9 @@ def _default_seq_len(model_dir: Path, model_config) -> int:
     from slope.train.models import max_positions
 
     if (model_dir / RUN_CONFIG_FILE).is_file():
-        return runconfig.read_toml(model_dir / RUN_CONFIG_FILE)["train"]["seq_len"]
+        section = runconfig.read_toml(model_dir / RUN_CONFIG_FILE).get("train", {})  # a hand-made file may lack it
+        if "seq_len" in section:
+            return section["seq_len"]
     return min(max_positions(model_config) or 1024, 1024)
 
 

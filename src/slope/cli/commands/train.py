@@ -81,7 +81,9 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
             if key not in RESUME_OVERRIDES:
                 raise UserError(f"--resume cannot change '{key}': it would change the run's training; the keys "
                                 f"a resume may change are {', '.join(RESUME_OVERRIDES)}")
-        config_file = args.resume / "config.toml"
+        from slope.io.format import RUN_CONFIG_FILE
+
+        config_file = args.resume / RUN_CONFIG_FILE
         if not config_file.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml)")
         return runconfig.resolve(str(config_file), args.extra), args.resume, True
@@ -150,7 +152,7 @@ def run(args) -> int:
 
 
 def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> int:
-    from slope.io.format import FormatError
+    from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE, FormatError
     from slope.train.data import DataError
     from slope.train.models import ModelError
     from slope.train.trainer import Interrupted, Trainer, TrainingFailed
@@ -168,7 +170,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
         with run_lock(run_dir) if dist.main else contextlib.nullcontext():
             if dist.main:
                 # Written under the lock: on resume it records the allowed overrides for the next resume.
-                runconfig.save(cfg, run_dir / "config.toml")
+                runconfig.save(cfg, run_dir / RUN_CONFIG_FILE)
             # A bar only on a terminal: redirected to a file (a cluster job's log) its \r updates would
             # be all there is between evaluations, so the log gets one plain line per logged step instead.
             terminal = sys.stdout.isatty() and sys.stderr.isatty()
@@ -177,7 +179,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
     except BaseException as err:
         # A new run that ends before its first checkpoint holds nothing of value, and its directory left
         # behind would make the same --run-dir be refused.
-        if dist.main and not resume and not (run_dir / "checkpoints").exists():
+        if dist.main and not resume and not (run_dir / CHECKPOINTS_DIR).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(err, (ConfigError, DataError, ModelError, FormatError, FileNotFoundError)):
             raise UserError(str(err)) from None

@@ -12,7 +12,7 @@ from slope.convert import (
     slope_layers,
 )
 from slope.linear import dense_weight_of, is_conv1d
-from slope.masks import gather_values, nm_mask, pack_group_bits
+from slope.masks import gather_values, nm_mask
 from slope.train.methods.base import Method
 from slope.train.methods.slope_method import SlopeMethod, sparsify_keeping_dense
 
@@ -148,11 +148,7 @@ class WandaMethod(SlopeMethod):
             weight = dense_weight_of(module)[0].detach()  # (out, in)
             old = module.weight
             if not replay:  # on replay the checkpoint's values and masks are loaded next
-                mask = wanda_mask(weight, self._sumsq[name].sqrt(), cfg.n, cfg.m)  # (out, in)
-                with torch.no_grad():
-                    layer.row_bits.copy_(pack_group_bits(mask, cfg.m, dim=1))
-                    layer.weight.copy_(gather_values(weight, mask))
-                layer.runtime.reset()
+                layer.set_row_mask(wanda_mask(weight, self._sumsq[name].sqrt(), cfg.n, cfg.m), weight)
             _swap_in_optimizer(optimizer, old, layer.weight, layer.row_mask(), transposed=is_conv1d(module))
             new_params += layer.weight.numel()
         self._sumsq, self._summed_over_ranks = {}, False
