@@ -35,6 +35,7 @@ _OWNERS = {
     "save_serving": "slope.io.serve",
     "get_peft_model": "slope.io.peft",
     "save_peft_adapter": "slope.io.peft",
+    "strip_adapters": "slope.io.peft",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "save_serving",
     "slope_layers",
     "sparsify",
+    "strip_adapters",
     "track_steps",
 ]
 
@@ -82,7 +84,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from slope.io.export import save_compressed, save_dense
     from slope.io.format import FormatError
     from slope.io.load import load, load_tokenizer
-    from slope.io.peft import get_peft_model, save_peft_adapter
+    from slope.io.peft import get_peft_model, save_peft_adapter, strip_adapters
     from slope.io.serve import save_serving
     from slope.linear import SlopeLinear, track_steps
     from slope.masks import column_mask, double_prune, nm_mask

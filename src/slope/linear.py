@@ -357,6 +357,14 @@ class SlopeLinear(nn.Module):
         self.adapter_scale = float(scale if scale is not None else (self.config.adapter_scale or 1.0 / rank))
         return [self.adapter_a, self.adapter_b]
 
+    def remove_adapters(self) -> None:
+        """Drop the adapters (if any): the layer is its sparse base again."""
+        if self.adapter_a is None:
+            return
+        self.adapter_a = self.adapter_b = None
+        self.adapter_scale = 0.0
+        self.runtime.reset()  # fused adapter operands of the removed adapters
+
     def merged_dense_weight(self) -> torch.Tensor:
         """W_R + s·(A B)ᵀ as a dense (out, in) tensor: what `densify` stores."""
         w = self.dense_weight()

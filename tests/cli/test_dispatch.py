@@ -88,3 +88,21 @@ def test_a_stray_argument_is_still_refused(capsys):
         main(["info", "--json", "stray"])
     assert stop.value.code == 2
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_method_help_names_every_registered_method():
+    # the help is written out (building the parser imports no torch); it must keep up with the registry
+    from slope.train.methods import METHODS
+
+    (train,) = [a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                if "--method" in a.option_strings]
+    assert all(name in train.help for name in METHODS), train.help
+
+
+def test_strip_adapters_is_public_and_leaves_the_sparse_base():
+    import torch
+
+    layer = slope.SlopeLinear(16, 8)
+    layer.add_adapter(2)
+    slope.strip_adapters(torch.nn.Sequential(layer))
+    assert layer.rank == 0 and layer.adapter_a is None and layer.adapter_scale == 0.0

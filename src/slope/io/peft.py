@@ -197,9 +197,5 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
 def strip_adapters(model: nn.Module) -> nn.Module:
     """Remove the SLoPe adapters from every SlopeLinear of `model`, in place: the sparse base alone."""
     for _, layer in slope_layers(model):
-        if layer.rank:
-            layer.adapter_a = None
-            layer.adapter_b = None
-            layer.adapter_scale = 0.0
-            layer.runtime.reset()  # fused adapter operands of the removed adapters
+        layer.remove_adapters()
     return model

@@ -37,7 +37,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE_OR_NAME",
                    help="TOML run file, or a shipped config: default, tiny, gpu-gpt2-small")
-    p.add_argument("--method", choices=None, help="dense or slope (same as --method.name)")
+    p.add_argument("--method", choices=None, help="the training method: dense, slope, srste or wanda (docs/methods.md; same as --method.name)")
     p.add_argument("--run-dir", type=Path, help="run directory (must not exist); default runs/<name>-<method>-<time>")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true",
