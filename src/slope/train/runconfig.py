@@ -87,11 +87,10 @@ class TokenizerSection:
 
 @dataclass
 class MethodSection:
-    name: str = "slope"  # dense, slope, srste or wanda (the options of slope live in [slope])
-    # srste: the sparse-refined decay on the pruned weights (Zhou et al. 2021, extended to AdamW)
-    srste_decay: float = 2e-4
-    # wanda: the share of train.max_steps trained dense before the one-shot Wanda pruning to N:M
-    wanda_dense_fraction: float = 0.5
+    name: str = "slope"  # a method of slope.train.methods.METHODS: dense, slope, srste, wanda
+    # The method's own keys, written flat in [method] (e.g. srste_decay = 2e-4): each method declares,
+    # types and checks them (its `Options`); here they are only carried. The options of slope live in [slope].
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +236,9 @@ def _is_str_list(tp) -> bool:
 
 
 def _build_section(name: str, values: dict):
+    if name == "method":  # [method]: `name`, and keys its method owns (typed in `validate`)
+        options = {k: v for k, v in values.items() if k != "name"}
+        return MethodSection(_coerce(values.get("name", MethodSection.name), str, "method.name"), options)
     cls = SECTIONS[name]
     types_ = _field_types(cls)
     kwargs = {}
@@ -295,6 +297,12 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}' in --{dotted}; sections are: {', '.join(SECTIONS)}")
         types_ = _field_types(SECTIONS[section])
+        if section == "method" and key != "name":  # a method's own key: its type is the method's (see validate)
+            try:  # TOML syntax (1e-3, true), else the bare word as a string
+                data.setdefault(section, {})[key] = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                data.setdefault(section, {})[key] = text
+            continue
         if key not in types_:
             raise ConfigError(f"unknown config key '{dotted}'; section [{section}] has: {', '.join(types_)}")
         data.setdefault(section, {})[key] = _parse_text(text, types_[key], dotted)
@@ -342,7 +350,7 @@ def validate(cfg: RunConfig) -> None:
 
     if not cfg.data.text_column:
         raise ConfigError("config key 'data.text_column' must name a column, got ''")
-    for key in ("method.srste_decay", "method.wanda_dense_fraction", "model.linear_init_scale", "run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
+    for key in ("model.linear_init_scale", "run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
                 "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
         section, _, name = key.partition(".")
         finite(key, getattr(getattr(cfg, section), name))
@@ -386,9 +394,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
-    positive("method.srste_decay", cfg.method.srste_decay, allow_zero=True)
-    if not 0.0 < cfg.method.wanda_dense_fraction < 1.0:
-        raise ConfigError(f"config key 'method.wanda_dense_fraction' must be in (0, 1), got {cfg.method.wanda_dense_fraction}")
     positive("model.linear_init_scale", cfg.model.linear_init_scale)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
@@ -405,6 +410,25 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.method.name not in METHODS:
         raise ConfigError(f"config key 'method.name' must be one of {', '.join(METHODS)}; got {cfg.method.name!r}")
+    _check_method_options(cfg.method, METHODS[cfg.method.name])
+
+
+def _check_method_options(section: MethodSection, method) -> None:
+    """The method's keys, typed by its `Options` and checked by it; unknown keys name the method's."""
+    from slope.train.methods.base import make_options
+
+    types_ = typing.get_type_hints(method.Options)
+    for key in section.options:
+        if key not in types_:
+            allowed = ", ".join(sorted(types_)) or "none"
+            raise ConfigError(f"config key 'method.{key}' does not apply to method {method.name!r} "
+                              f"(its [method] keys: {allowed})")
+    section.options = {key: _coerce(value, types_[key], f"method.{key}") for key, value in section.options.items()}
+    try:
+        options = make_options(method, section.options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    section.options = dataclasses.asdict(options)  # every key with its value, defaults included: the record
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -413,6 +437,8 @@ def validate(cfg: RunConfig) -> None:
 def _section_dict(section) -> dict:
     if isinstance(section, SlopeConfig):
         return section.to_dict()
+    if isinstance(section, MethodSection):  # flat, as [method] is written
+        return {"name": section.name, **section.options}
     return dataclasses.asdict(section)
 
 

@@ -12,7 +12,6 @@ slice of the global batch through a DDP or FSDP2 wrapper, and rank 0 alone write
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -79,18 +78,15 @@ def preflight(cfg: RunConfig) -> torch.device:
     model config, and the method's conversion of the model's shapes (on the meta device: no memory).
     Returns the device.
     """
-    from slope.config import CUDA_BACKENDS
     from slope.train.data import resolve_source
 
     device = pick_device(cfg.run.device)
     amp_dtype = pick_dtype(cfg.run.precision, device)
-    if cfg.method.name == "srste" and amp_dtype == torch.float16:
-        # the decay is added inside the backward, where fp16's loss scale is not: it would shrink by it
-        raise ConfigError(f"--method srste does not train with fp16 loss scaling (run.precision={cfg.run.precision!r} "
-                          f"gives fp16 on this GPU); use run.precision=fp32, or bf16 on a GPU that has it")
-    if cfg.method.name in ("slope", "wanda") and cfg.slope.backend in CUDA_BACKENDS and device.type != "cuda":
-        raise ConfigError(f"config key 'slope.backend': {cfg.slope.backend!r} needs a CUDA GPU and the run is on "
-                          f"{device.type}; use 'auto', 'reference' or 'emulated'")
+    method = get_method(cfg.method.name, cfg.slope, method_options(cfg))
+    try:
+        method.preflight(device, amp_dtype)  # the method's own rules (e.g. a CUDA-only backend, fp16)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     resolve_source(cfg.data.train, text_column=cfg.data.text_column)
     if cfg.data.val not in ("", "auto"):
         resolve_source(cfg.data.val, text_column=cfg.data.text_column)
@@ -101,7 +97,7 @@ def preflight(cfg: RunConfig) -> torch.device:
     with torch.device("meta"):
         model = models.build_model(model_config)
         try:
-            get_method(cfg.method.name, cfg.slope, method_options(cfg)).apply(model)
+            method.apply(model)
         except ValueError as err:  # nothing left to sparsify, or an indivisible shape with on_indivisible=error
             raise ConfigError(f"[slope]: {err}") from None
         except NotImplementedError:
@@ -111,7 +107,7 @@ def preflight(cfg: RunConfig) -> torch.device:
 
 def method_options(cfg: RunConfig) -> dict:
     """The [method] keys and what a method needs of the loop (grad_accum), for `get_method`."""
-    return {**dataclasses.asdict(cfg.method), "grad_accum": cfg.train.grad_accum}
+    return {**cfg.method.options, "grad_accum": cfg.train.grad_accum}
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from slope.config import SlopeConfig
+from slope.config import CUDA_BACKENDS, SlopeConfig
 from slope.convert import (
     add_adapters,
     slope_layers,
@@ -28,6 +28,12 @@ class SlopeMethod(Method):
     """
 
     name = "slope"
+
+    def preflight(self, device, amp_dtype):
+        backend = self.slope_config.backend
+        if backend in CUDA_BACKENDS and device.type != "cuda":
+            raise ValueError(f"config key 'slope.backend': {backend!r} needs a CUDA GPU and the run is on "
+                             f"{device.type}; use 'auto', 'reference' or 'emulated'")
 
     def apply(self, model: nn.Module) -> None:
         sparsify(model, self.slope_config)  # logs its report: converted and skipped layers
@@ -62,7 +68,7 @@ class SlopeMethod(Method):
                 "adapters": self.has_adapters(model), "adapter_rank": None}
 
     def summary_options(self):
-        return {"double_prune": self.slope_config.double_prune}
+        return {**super().summary_options(), "double_prune": self.slope_config.double_prune}
 
 
 def sparsify_keeping_dense(model: nn.Module, config: SlopeConfig) -> dict[str, nn.Module]:

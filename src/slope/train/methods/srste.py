@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import torch
 from torch import nn
 
 from slope.convert import (
@@ -11,10 +13,20 @@ from slope.convert import (
     replace_module,
 )
 from slope.srste import SrsteLinear, srste_layers
-from slope.train.methods.base import Method
+from slope.train.methods.base import Method, Options
 from slope.train.methods.slope_method import sparsify_keeping_dense
 
 log = logging.getLogger("slope")
+
+
+@dataclasses.dataclass(frozen=True)
+class SrsteOptions(Options):
+    srste_decay: float = 2e-4  # λ of the sparse-refined decay on the pruned weights (Zhou et al. 2021)
+
+    def check(self):
+        super().check()
+        if self.srste_decay < 0:
+            raise ValueError(f"config key 'method.srste_decay' must be >= 0, got {self.srste_decay}")
 
 
 class SrsteMethod(Method):
@@ -29,15 +41,22 @@ class SrsteMethod(Method):
     """
 
     name = "srste"
+    Options = SrsteOptions
 
     @property
     def decay(self) -> float:
-        return float(self.options.get("srste_decay", 2e-4))
+        return self.settings.srste_decay
+
+    def preflight(self, device, amp_dtype):
+        if amp_dtype == torch.float16:
+            # the decay is added inside the backward, where fp16's loss scale is not: it would shrink by it
+            raise ValueError("--method srste does not train with fp16 loss scaling (run.precision gives fp16 "
+                             "here); use run.precision=fp32, or bf16 on a GPU that has it")
 
     def apply(self, model: nn.Module) -> None:
         cfg = self.slope_config
         # per micro-batch: the k backwards of one step with gradient accumulation add λ once in all
-        per_backward = self.decay / int(self.options.get("grad_accum", 1))
+        per_backward = self.decay / self.grad_accum
         dense = sparsify_keeping_dense(model, cfg)
         for name, module in dense.items():
             replace_module(model, name, SrsteLinear.from_dense(module, cfg.n, cfg.m, per_backward))
@@ -52,5 +71,4 @@ class SrsteMethod(Method):
         return {"method": self.name, "slope_config": self.slope_config.to_dict(), "adapters": False,
                 "adapter_rank": None, "prune_on_load": bool(srste_layers(model)), "srste_decay": self.decay}
 
-    def summary_options(self):
-        return {"srste_decay": self.decay}
+

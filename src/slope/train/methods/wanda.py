@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -13,7 +14,7 @@ from slope.convert import (
 )
 from slope.linear import dense_weight_of, is_conv1d
 from slope.masks import gather_values, nm_mask
-from slope.train.methods.base import Method
+from slope.train.methods.base import Method, Options
 from slope.train.methods.slope_method import SlopeMethod, sparsify_keeping_dense
 
 log = logging.getLogger("slope")
@@ -25,6 +26,17 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, n: int, m: int) -
     go to the lower index (`nm_mask`)."""
     score = weight.detach().abs().float() * input_norm.float()[None, :]  # (out, in)
     return nm_mask(score, n, m, dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaOptions(Options):
+    wanda_dense_fraction: float = 0.5  # the share of train.max_steps trained dense before the prune
+
+    def check(self):
+        super().check()
+        if not 0.0 < self.wanda_dense_fraction < 1.0:
+            raise ValueError(f"config key 'method.wanda_dense_fraction' must be in (0, 1), got "
+                             f"{self.wanda_dense_fraction}")
 
 
 class WandaMethod(SlopeMethod):
@@ -41,10 +53,11 @@ class WandaMethod(SlopeMethod):
     """
 
     name = "wanda"
+    Options = WandaOptions
 
     @property
     def dense_fraction(self) -> float:
-        return float(self.options.get("wanda_dense_fraction", 0.5))
+        return self.settings.wanda_dense_fraction
 
     def __init__(self, slope_config=None, options=None):
         super().__init__(slope_config, options)
@@ -167,8 +180,7 @@ class WandaMethod(SlopeMethod):
         info = super().checkpoint_info(model) if pruned else Method.checkpoint_info(self, model)
         return {**info, "method": self.name, "pruned": pruned, "wanda_dense_fraction": self.dense_fraction}
 
-    def summary_options(self):
-        return {"wanda_dense_fraction": self.dense_fraction, "double_prune": self.slope_config.double_prune}
+
 
 
 def _swap_in_optimizer(optimizer, old: nn.Parameter, new: nn.Parameter, mask: torch.Tensor, transposed: bool) -> None:
