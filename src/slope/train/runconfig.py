@@ -48,6 +48,9 @@ class RunSection:
     parallel: str = "auto"
     dist_timeout: float = 600.0  # seconds a collective may wait on another rank before the job stops
     logger: str = "tensorboard"  # where scalars go besides metrics.jsonl: tensorboard, wandb, none
+    # torch's CPU threads per process: 0 = auto (the cores not busy with other work when the run starts,
+    # shared among the processes of this machine; at least 1), else exactly this many
+    threads: int = 0
 
 
 @dataclass
@@ -354,6 +357,7 @@ def validate(cfg: RunConfig) -> None:
                 "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
         section, _, name = key.partition(".")
         finite(key, getattr(getattr(cfg, section), name))
+    positive("run.threads", cfg.run.threads, allow_zero=True)
     positive("train.max_steps", cfg.train.max_steps)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.grad_accum", cfg.train.grad_accum)
