@@ -21,7 +21,7 @@
 #                size a plan expects vs torch's, layout and numerics checks, plan vs torch call) and `slope info`
 #   e2e          training step and prefill at LLaMA-3-8B width (2 blocks), dense vs SLoPe, with memory
 #   profile      device time per category of a dense and a SLoPe step at 8B width, and the Amdahl bound
-#   steps        fused step kernels vs today's torch paths at LLaMA-3-8B shapes
+#   steps        fused step kernels vs the plain-torch paths at LLaMA-3-8B shapes
 #   layers       per-layer products (hidden-size sweep, then LLaMA-3-8B / OPT shapes, 8192 tokens)
 #   fsdp         `slope train --config tiny` under torchrun on 1 GPU (FSDP2, nccl), then `slope check`
 #   accuracy     benchmarks/accuracy.py at GPT-2-small scale, the SLoPe arm, 4 steps (that the study runs)

@@ -138,8 +138,8 @@ def infer_row(width, layers, variant, batch, seq) -> dict:
            "peak_gib": (bench.allocated_bytes(peak=True) - base) / 2**30, "state_gib": weights}
     if variant != "dense":
         row["backends"] = backend_summary(slope.slope_layers(model))
-        fused = {lane.backend.plan.fused_inference for _, layer in slope.slope_layers(model)
-                 for lane in layer.runtime.lanes() if isinstance(lane.backend, SemiStructuredBackend)}
+        fused = {placement.backend.plan.fused_inference for _, layer in slope.slope_layers(model)
+                 for placement in layer.runtime.placements() if isinstance(placement.backend, SemiStructuredBackend)}
         row["fused_adapter_path"] = ",".join(sorted(str(f) for f in fused))
     free(model)
     return row

@@ -1,4 +1,4 @@
-"""The fused per-step kernels against today's torch paths, at LLaMA-3-8B layer shapes (bf16 compute).
+"""The fused per-step kernels against the plain-torch paths, at LLaMA-3-8B layer shapes (bf16 compute).
 
     python benchmarks/gpu_step_kernels.py [--out DIR]
     python benchmarks/gpu_step_kernels.py --out DIR --device cpu --shapes tiny   # rehearsal
@@ -150,7 +150,7 @@ def summarize(rows: list[dict]) -> dict:
 
 COLUMNS = ["layer", "shape", "refresh_today_ms", "refresh_fused_ms", "refresh_speedup", "compact_today_ms",
            "compact_fused_ms", "compact_speedup", "column_today_ms", "column_fused_ms", "column_speedup"]
-NOTES = ("speedup = today's time / the fused kernel's. `all_triton` False means a kernel failed its "
+NOTES = ("speedup = the plain-torch time / the fused kernel's. `all_triton` False means a kernel failed its "
          "self-check and the 'fused' column timed the reference.")
 
 

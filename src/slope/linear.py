@@ -242,8 +242,8 @@ class SlopeLinear(nn.Module):
             or self._mask_steps - self._column_mask_step >= self.config.backward_mask_interval
         )
 
-    def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
-        """M_C for a training step: recomputed from `w_r()` (W_R in the master dtype) when due, i.e.
+    def step_column_mask(self, build_w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
+        """M_C for a training step: recomputed from `build_w_r()` (W_R in the master dtype) when due, i.e.
         every `backward_mask_interval` optimizer steps; None without double pruning. The one place
         every backend path asks for the column mask."""
         if not self.config.double_prune:
@@ -257,7 +257,7 @@ class SlopeLinear(nn.Module):
                 self.col_bits = step_kernels.column_refresh(values, self.row_bits)
                 self._column_mask_step = self._mask_steps
             else:
-                self._refresh_column_mask(w_r())
+                self._refresh_column_mask(build_w_r())
         return ColumnMask(self.col_bits, self._column_mask_step, self.config.m)
 
     def set_row_mask(self, mask: torch.Tensor, weight: torch.Tensor) -> None:

@@ -51,11 +51,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def _cache_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The tensors a SlopeLinear's runtime keeps between steps (empty for any other module)."""
     runtime = getattr(module, "runtime", None)
-    if runtime is None or not hasattr(runtime, "lanes"):
+    if runtime is None or not hasattr(runtime, "placements"):
         return []
     found = []
-    for lane in runtime.lanes():
-        tensors = getattr(lane.store, "tensors", None)
+    for placement in runtime.placements():
+        tensors = getattr(placement.store, "tensors", None)
         if tensors is not None:
             found.extend(tensors())
     return found

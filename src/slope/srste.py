@@ -74,7 +74,7 @@ class SrsteLinear(nn.Module):
         self.weight = weight
         self.bias = bias
         self.n, self.m, self.decay, self.source = n, m, float(decay), source
-        self.out_features, self.in_features = self._oi().shape
+        self.out_features, self.in_features = self._weight_out_in().shape
 
     @classmethod
     def from_dense(cls, module: nn.Module, n: int, m: int, decay: float) -> SrsteLinear:
@@ -84,7 +84,7 @@ class SrsteLinear(nn.Module):
         source = "conv1d" if is_conv1d(module) else "linear"
         return cls(module.weight, module.bias, n, m, decay, source)
 
-    def _oi(self) -> torch.Tensor:
+    def _weight_out_in(self) -> torch.Tensor:
         """The weight as (out, in); a view, so gradients reach the stored layout."""
         return self.weight.t() if self.source == "conv1d" else self.weight
 
@@ -98,7 +98,7 @@ class SrsteLinear(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         with torch.autocast(device_type=device_type, enabled=False):
-            return SrsteFunction.apply(x, self._oi(), self.bias, self.n, self.m, self.decay, dtype)
+            return SrsteFunction.apply(x, self._weight_out_in(), self.bias, self.n, self.m, self.decay, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -36,9 +36,9 @@ def test_training_matches_reference(interval):
         for a, b in zip(*outs, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"step {step}")
     assert torch.equal(ref.col_bits, sparse.col_bits)
-    (lane,) = sparse.runtime.lanes()
-    assert lane.backend.name == "emulated" and lane.backend.inplace
-    rebuilds = lane.store.rebuilds
+    (placement,) = sparse.runtime.placements()
+    assert placement.backend.name == "emulated" and placement.backend.inplace
+    rebuilds = placement.store.rebuilds
     assert rebuilds["output"] == 1 and rebuilds["output_inplace"] == 4
     # M_C refreshed at every step, or at steps 0 and 3 with in-place refreshes through the index map
     assert (rebuilds["grad_input"], rebuilds["grad_input_inplace"]) == ((5, 0) if interval == 1 else (2, 3))
@@ -51,9 +51,9 @@ def test_no_double_prune_keeps_grad_input_dense():
     x2 = x.detach().clone().requires_grad_(True)
     ref(x2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=1e-12)
-    (lane,) = sparse.runtime.lanes()
-    assert lane.backend.plan.sparse_grad_input  # the plan allows it, the missing M_C does not
-    assert lane.store.rebuilds["grad_input"] == 1 and lane.store.rebuilds["grad_input_inplace"] == 0
+    (placement,) = sparse.runtime.placements()
+    assert placement.backend.plan.sparse_grad_input  # the plan allows it, the missing M_C does not
+    assert placement.store.rebuilds["grad_input"] == 1 and placement.store.rebuilds["grad_input_inplace"] == 0
 
 
 def tiny_gpt2(dtype):

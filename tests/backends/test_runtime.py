@@ -49,8 +49,8 @@ def test_dense_fallbacks_under_autocast_match_reference_and_scatter_once(monkeyp
         grads.append((y, xi.grad, layer.weight.grad))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
-    (lane,) = fast.runtime.lanes()
-    plan = lane.backend.plan
+    (placement,) = fast.runtime.placements()
+    plan = placement.backend.plan
     assert (plan.sparse_output, plan.sparse_grad_input) == (out_speed >= 1, gi_speed >= 1)
     # fp32 W_R for the column mask; a bf16 scatter only where grad_input is dense in backward after
     # forward dropped the fp32 W_R, and no dense output W_R is left to apply M_C to
@@ -101,9 +101,9 @@ def test_reference_path_holds_its_positions_from_forward_to_backward(monkeypatch
 def test_reference_layer_keeps_no_operands():
     layer = SlopeLinear.from_dense(nn.Linear(64, 32), SlopeConfig())
     layer(torch.randn(3, 64)).sum().backward()
-    (lane,) = layer.runtime.lanes()
-    assert isinstance(lane.backend, ReferenceBackend) and isinstance(lane.store, DenseOperands)
-    assert vars(lane.store) == {"dtype": torch.float32} and lane.fused is None
+    (placement,) = layer.runtime.placements()
+    assert isinstance(placement.backend, ReferenceBackend) and isinstance(placement.store, DenseOperands)
+    assert vars(placement.store) == {"dtype": torch.float32} and placement.fused is None
 
 
 def test_a_forward_without_grad_never_computes_the_column_mask():
@@ -124,13 +124,13 @@ def test_adapter_inference_matches_the_reference(fused):
         nn.init.normal_(layer.adapter_b)
     x = torch.randn(3, 9, 64, dtype=torch.float64)
     sparse(x)  # with grad: the plain forward, which chooses the backend
-    (lane,) = sparse.runtime.lanes()
-    lane.backend.plan.fused_inference = fused  # decided, as if measured
+    (placement,) = sparse.runtime.placements()
+    placement.backend.plan.fused_inference = fused  # decided, as if measured
     with torch.no_grad():
         y_ref, y = ref(x), sparse(x)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
-    assert (lane.fused is not None and lane.fused.operand is not None) == fused  # which path ran
-    assert lane.store.rebuilds["output"] == 1  # the two-path version reuses the training operand
+    assert (placement.fused is not None and placement.fused.operand is not None) == fused  # which path ran
+    assert placement.store.rebuilds["output"] == 1  # the two-path version reuses the training operand
 
 
 def test_adapter_inference_measures_once_per_layer_shape():
@@ -138,8 +138,8 @@ def test_adapter_inference_measures_once_per_layer_shape():
     sparse.add_adapter(4)
     with torch.no_grad():
         sparse(torch.randn(7, 64, dtype=torch.float64))
-    (lane,) = sparse.runtime.lanes()
-    assert lane.backend.plan.fused_inference in (True, False)
+    (placement,) = sparse.runtime.placements()
+    assert placement.backend.plan.fused_inference in (True, False)
 
 
 def test_backend_summary_one_line():
@@ -172,12 +172,12 @@ def test_set_backend_forgets_the_runtime():
     layer, _ = paired_layers()
     x = torch.randn(4, 64, dtype=torch.float64)
     y = layer(x)
-    assert isinstance(layer.runtime.lanes()[0].backend, ReferenceBackend)
+    assert isinstance(layer.runtime.placements()[0].backend, ReferenceBackend)
     layer.set_backend("emulated")
-    assert layer.config.backend == "emulated" and layer.runtime.lanes() == []
+    assert layer.config.backend == "emulated" and layer.runtime.placements() == []
     torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-12)
-    (lane,) = layer.runtime.lanes()
-    assert isinstance(lane.backend, SemiStructuredBackend) and isinstance(lane.store, OperandCache)
+    (placement,) = layer.runtime.placements()
+    assert isinstance(placement.backend, SemiStructuredBackend) and isinstance(placement.store, OperandCache)
     with pytest.raises(ValueError, match=r"SlopeConfig.backend='triton' is invalid"):
         layer.set_backend("triton")
 
@@ -190,7 +190,7 @@ def test_loading_a_state_dict_drops_operands_of_the_old_values():
     x = torch.randn(4, 64, dtype=torch.float64)
     sparse(x)
     sparse.load_state_dict(other.state_dict())
-    assert sparse.runtime.lanes() == []
+    assert sparse.runtime.placements() == []
     torch.testing.assert_close(sparse(x), other(x), rtol=0, atol=1e-12)
 
 
@@ -198,7 +198,7 @@ def test_copies_start_without_caches_and_share_the_selector():
     _, sparse = paired_layers()
     sparse(torch.randn(4, 64, dtype=torch.float64))
     clone = copy.deepcopy(sparse)
-    assert clone.runtime is not sparse.runtime and clone.runtime.lanes() == []
+    assert clone.runtime is not sparse.runtime and clone.runtime.placements() == []
     assert clone.runtime.selector is SELECTOR
     torch.testing.assert_close(clone(torch.ones(2, 64, dtype=torch.float64)),
                                sparse(torch.ones(2, 64, dtype=torch.float64)), rtol=0, atol=1e-12)

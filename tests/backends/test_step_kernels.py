@@ -256,7 +256,7 @@ def train(steps=3):
         opt.step()
     with torch.no_grad():  # a training forward would refresh W_RCᵀ too (with the kernels), unused
         record.append((layer(x),))
-    return record, layer.runtime.lanes()[0].store
+    return record, layer.runtime.placements()[0].store
 
 
 def test_training_with_the_kernels_equals_training_without(interpret, monkeypatch):
@@ -277,7 +277,7 @@ def test_training_with_the_kernels_equals_training_without(interpret, monkeypatc
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True)), f"step {step}"
     assert store_on.rebuilds == store_off.rebuilds
     # the kernels did the work: W_RCᵀ refreshed without an index map, dW compacted by the kernel
-    assert store_on._gi_index is None and store_off._gi_index is not None
+    assert store_on._grad_input_index is None and store_off._grad_input_index is not None
     assert launched["refresh_operands"] >= 3 and launched["compact_grad"] >= 3
 
 

@@ -76,8 +76,8 @@ def test_each_step_counts_once_and_the_operands_follow_the_values(name, micro_st
             opt.zero_grad()
             assert layer.mask_steps == step + 1
     assert untracked_warnings(record) == []
-    (lane,) = layer.runtime.lanes()
-    assert lane.store.rebuilds["output"] == 1 and lane.store.rebuilds["output_inplace"] == 3  # once per step
+    (placement,) = layer.runtime.placements()
+    assert placement.store.rebuilds["output"] == 1 and placement.store.rebuilds["output_inplace"] == 3  # once per step
 
 
 def test_fused_adamw_needs_no_zero_grad():
@@ -127,7 +127,7 @@ def test_a_step_the_grad_scaler_skips_is_not_counted_and_refreshes_nothing(name)
             x = torch.randn(6, 64, dtype=torch.float64)
             y = layer(x)
             torch.testing.assert_close(y, expected_output(layer, x), rtol=0, atol=1e-12)
-            rebuilds.append(dict(layer.runtime.lanes()[0].store.rebuilds))
+            rebuilds.append(dict(layer.runtime.placements()[0].store.rebuilds))
             scaler.scale(y.square().sum()).backward()
             if step == 1:
                 layer.weight.grad[0, 0] = float("inf")

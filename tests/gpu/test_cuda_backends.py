@@ -84,8 +84,8 @@ def test_three_products_match_reference(kind, dtype, shape, rank):
             assert a.dtype == b.dtype and a.shape == b.shape
             err = rel(a, b)
             assert err <= tol, f"{kind} {name} step {step}: relative error {err:.2e} > {tol:.1e}"
-    (lane,) = fast.runtime.lanes()
-    be, cache = lane.backend, lane.store
+    (placement,) = fast.runtime.placements()
+    be, cache = placement.backend, placement.store
     assert isinstance(be, SemiStructuredBackend) and be.plan.sparse_output and be.plan.sparse_grad_input
     if be.inplace:
         assert cache.rebuilds["output_inplace"] == 2
@@ -112,10 +112,10 @@ def test_mask_interval_refreshes_in_place(kind, dtype):
             opt.zero_grad()
         assert rel(grads[1], grads[0]) <= tolerance(dtype), f"step {step}"
     assert torch.equal(ref.col_bits, fast.col_bits)
-    (lane,) = fast.runtime.lanes()
-    cache = lane.store
+    (placement,) = fast.runtime.placements()
+    cache = placement.store
     assert cache.rebuilds["grad_input"] + cache.rebuilds["grad_input_inplace"] == 6
-    assert cache.rebuilds["grad_input"] == (2 if lane.backend.inplace else 6)  # M_C refreshed at steps 0 and 4
+    assert cache.rebuilds["grad_input"] == (2 if placement.backend.inplace else 6)  # M_C refreshed at steps 0 and 4
 
 
 @pytest.mark.parametrize("kind", CUDA_BACKENDS)
@@ -158,8 +158,8 @@ def test_fused_adapter_inference_matches_reference(dtype, rank):
     x = torch.randn(4, 100, 2048, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         y_ref, y = ref(x), fast(x)
-        (lane,) = fast.runtime.lanes()
-        be = lane.backend
+        (placement,) = fast.runtime.placements()
+        be = placement.backend
         fused = FusedAdapterInference(be)
         weights = StepWeights(fast.weight.detach(), fast.row_bits, 2, 4)
         y_fused = fused(x.reshape(-1, 2048).to(dtype), weights, fast.adapter_a.to(dtype), fast.adapter_b.to(dtype),
@@ -182,8 +182,8 @@ def test_auto_picks_a_sparse_backend_and_reports():
     # fp32 without autocast and non-2:4 patterns stay on the reference path
     fp32 = SlopeLinear(256, 256, device="cuda")
     fp32(torch.randn(8, 256, device="cuda"))
-    (lane,) = fp32.runtime.lanes()
-    assert isinstance(lane.backend, ReferenceBackend)
+    (placement,) = fp32.runtime.placements()
+    assert isinstance(placement.backend, ReferenceBackend)
 
 
 def test_explicit_backend_errors_name_the_reason():

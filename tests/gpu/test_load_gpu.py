@@ -43,7 +43,7 @@ def test_auto_backend_on_cuda_matches_reference(exported):
     ids = torch.randint(1, 320, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
-    kinds = {type(lane.backend).__name__ for _, layer in slope.slope_layers(fast) for lane in layer.runtime.lanes()}
+    kinds = {type(placement.backend).__name__ for _, layer in slope.slope_layers(fast) for placement in layer.runtime.placements()}
     print("backends used:", kinds, "| summary:", slope.backends.backend_summary(slope.slope_layers(fast)))
     assert "SemiStructuredBackend" in kinds
     assert float((got - want).norm() / want.norm()) < 3e-2
@@ -71,8 +71,8 @@ def test_inference_load_stores_values_once_and_matches(exported):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.equal(got, again)
     for _, layer in slope.slope_layers(lean):
-        (lane,) = layer.runtime.lanes()
-        packed = lane.store.tensors()[0]
+        (placement,) = layer.runtime.placements()
+        packed = placement.store.tensors()[0]
         assert layer.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
         assert layer.row_bits.device.type == "cpu" and layer.col_bits is None
     del plain, want, got, again

@@ -105,7 +105,7 @@ def test_fused_refresh_writes_the_same_buffers_as_the_index_map(kind, monkeypatc
         v.mul_(1.5).add_(0.25)  # an optimizer step
         out = cache.output(StepWeights(v, row_bits, 2, 4), col)
         gi = cache.grad_input(StepWeights(v, row_bits, 2, 4), col)
-        assert (cache._gi_index is None) == fused
+        assert (cache._grad_input_index is None) == fused
         caches[fused] = (out, gi)
     for a, b in zip(caches[True], caches[False], strict=True):
         assert torch.equal(a.packed, b.packed) and (a.meta is None or torch.equal(a.meta, b.meta))

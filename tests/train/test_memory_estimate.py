@@ -146,13 +146,13 @@ def test_values_really_move_into_the_operand_on_the_emulated_library():
     for_inference(layer)
     with torch.no_grad():
         first = layer(x)
-        (lane,) = layer.runtime.lanes()
-        (operand,) = [t for t in lane.store.tensors()]  # the compressed W_R: values and metadata
+        (placement,) = layer.runtime.placements()
+        (operand,) = [t for t in placement.store.tensors()]  # the compressed W_R: values and metadata
         assert layer.weight.untyped_storage().data_ptr() == operand.untyped_storage().data_ptr()
         second = layer(x)
     assert torch.equal(first, second)
     torch.testing.assert_close(first, expected, rtol=2**-7, atol=1e-2)
-    assert lane.store.rebuilds["output"] == 1  # moving the values did not make the operand stale
+    assert placement.store.rebuilds["output"] == 1  # moving the values did not make the operand stale
     # the layer still is what it was: its dense weight, and training again from it
     torch.testing.assert_close(layer.dense_weight(), before_dense, rtol=0, atol=0)
     layer.weight.requires_grad_(True)
@@ -175,8 +175,8 @@ def test_values_move_into_the_operand_with_adapters_too():
     for_inference(layer)
     with torch.no_grad():
         got = layer(x)
-    (lane,) = layer.runtime.lanes()
-    assert layer.weight.untyped_storage().data_ptr() == lane.store.tensors()[0].untyped_storage().data_ptr()
+    (placement,) = layer.runtime.placements()
+    assert layer.weight.untyped_storage().data_ptr() == placement.store.tensors()[0].untyped_storage().data_ptr()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -5,10 +5,10 @@ through its `LayerRuntime`:
 
     operands(layer, dtype, training, tokens)  the StepOperands of one forward/backward
     infer(layer, x, dtype, tokens)            adapter inference on a sparse backend, or None
-    lanes(), describe()                       what runs, for reports (`backend_summary`)
+    placements(), describe()                       what runs, for reports (`backend_summary`)
     reset()                                   forget every backend and cache (new backend, load)
 
-A `Lane` is what runs on one (device, dtype): the backend chosen at the first forward there, and
+A `Placement` is what runs on one (device, dtype): the backend chosen at the first forward there, and
 its operand store (the reference's dense operands, or a 2:4 `OperandCache`).
 """
 
@@ -32,7 +32,7 @@ from slope.backends.weights import ColumnMask, StepWeights
 from slope.config import SlopeConfig
 
 
-class RuntimeLayer(Protocol):
+class SparseLayer(Protocol):
     """What a runtime reads from its layer (a SlopeLinear)."""
 
     weight: torch.Tensor  # (out, k) kept values
@@ -46,8 +46,9 @@ class RuntimeLayer(Protocol):
     adapter_scale: float
     mask_steps: int  # optimizer steps counted: part of the key of every operand derived from the values
 
-    def step_column_mask(self, w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
-        """M_C for a training step, recomputed from w_r() when due; None without double pruning."""
+    def step_column_mask(self, build_w_r: Callable[[], torch.Tensor]) -> ColumnMask | None:
+        """M_C for a training step, recomputed from build_w_r() (W_R, built on demand) when due; None
+        without double pruning."""
 
     def store_values_in(self, values: torch.Tensor) -> None:
         """Keep the kept values in `values` (same shape, dtype and contents) from now on."""
@@ -77,7 +78,7 @@ class Backend(Protocol):
 
 
 @dataclass
-class Lane:
+class Placement:
     """What a layer runs on one (device, dtype)."""
 
     device: torch.device
@@ -92,17 +93,17 @@ class LayerRuntime:
 
     def __init__(self, selector: Selector = SELECTOR):
         self.selector = selector
-        self._lanes: dict[tuple[torch.device, torch.dtype], Lane] = {}
+        self._placements: dict[tuple[torch.device, torch.dtype], Placement] = {}
 
-    def lanes(self) -> list[Lane]:
-        return list(self._lanes.values())
+    def placements(self) -> list[Placement]:
+        return list(self._placements.values())
 
-    def lane(self, layer: RuntimeLayer, dtype: torch.dtype, tokens: int | None = None) -> Lane:
-        """The lane for the layer's device and `dtype`, chosen at its first use; `tokens` of that
+    def placement(self, layer: SparseLayer, dtype: torch.dtype, tokens: int | None = None) -> Placement:
+        """The placement for the layer's device and `dtype`, chosen at its first use; `tokens` of that
         first forward is the token count at which "auto" measures sparse against dense."""
         device = layer.weight.device
-        lane = self._lanes.get((device, dtype))
-        if lane is None:
+        placement = self._placements.get((device, dtype))
+        if placement is None:
             cfg = layer.config
             backend = self.selector.select(
                 cfg.backend, device=device, dtype=dtype, n=cfg.n, m=cfg.m,
@@ -110,44 +111,44 @@ class LayerRuntime:
             )
             # index maps (2 bytes per weight) pay off only while a column mask lasts several steps
             store = backend.operand_store(index_maps=cfg.backward_mask_interval > 1)
-            for other in self._lanes.values():
+            for other in self._placements.values():
                 # one dtype's operands at a time per device: a model evaluated in fp32 and trained
                 # under bf16 autocast must not keep both (the other's are rebuilt if it runs again)
                 if other.device == device and hasattr(other.store, "release"):
                     other.store.release()
-            lane = self._lanes[(device, dtype)] = Lane(device, dtype, backend, store)
-        return lane
+            placement = self._placements[(device, dtype)] = Placement(device, dtype, backend, store)
+        return placement
 
-    def operands(self, layer: RuntimeLayer, dtype: torch.dtype, training: bool, tokens: int) -> StepOperands:
+    def operands(self, layer: SparseLayer, dtype: torch.dtype, training: bool, tokens: int) -> StepOperands:
         """What one forward (and, when `training`, its backward) of `layer` multiplies with.
 
         M_C is the layer's concern: a training step asks it for the column mask, which it recomputes
         when due. Without training there is no backward through this layer's input, so no grad_input
         operand, and the column mask is not even looked at.
         """
-        lane = self.lane(layer, dtype, tokens)
+        placement = self.placement(layer, dtype, tokens)
         if training:  # a layer that served inference keeps M_R on the host; the step kernels need it here
             layer.move_row_mask(layer.weight.device)
         weights = _step_weights(layer)
         col = layer.step_column_mask(weights.dense) if training else None
-        if isinstance(lane.store, OperandCache):
-            output = lane.store.output(weights, col)  # may refresh W_RCᵀ's values in the same launch
+        if isinstance(placement.store, OperandCache):
+            output = placement.store.output(weights, col)  # may refresh W_RCᵀ's values in the same launch
         else:
-            output = lane.store.output(weights)
+            output = placement.store.output(weights)
         if not training:
-            self._share_values(layer, lane, weights, output)
-        if not lane.backend.keeps_step_weights:
+            self._share_values(layer, placement, weights, output)
+        if not placement.backend.keeps_step_weights:
             # The weight gradient's positions are then built again in backward from the packed M_R
             # (1 byte per group), or not at all where the fused compaction runs: held from forward to
             # backward they would cost 4 bytes per weight, more than the compute-dtype weights
             # themselves, for every layer at the peak of a step.
             weights.release(output)
-        grad_input = functools.partial(lane.store.grad_input, weights, col) if training else None
-        compact = self._compact_grad(lane, layer) if training else None
-        return StepOperands(lane.backend, weights.positions, output, grad_input, compact)
+        grad_input = functools.partial(placement.store.grad_input, weights, col) if training else None
+        compact = self._compact_grad(placement, layer) if training else None
+        return StepOperands(placement.backend, weights.positions, output, grad_input, compact)
 
     @staticmethod
-    def _share_values(layer: RuntimeLayer, lane: Lane, weights: StepWeights, operand: object) -> bool:
+    def _share_values(layer: SparseLayer, placement: Placement, weights: StepWeights, operand: object) -> bool:
         """At inference, store the layer's values inside the compressed output operand, whose prefix
         holds exactly those values: one copy of them instead of two (the paper's inference memory).
         The operand's metadata then carries M_R's positions too, so the packed M_R moves to the host
@@ -168,44 +169,44 @@ class LayerRuntime:
             return False  # shared already
         layer.store_values_in(view)
         layer.move_row_mask(host)
-        lane.store.values_moved(_step_weights(layer))
+        placement.store.values_moved(_step_weights(layer))
         return True
 
     @staticmethod
-    def _compact_grad(lane: Lane, layer: RuntimeLayer) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
+    def _compact_grad(placement: Placement, layer: SparseLayer) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
         """The fused weight-gradient compaction where a 2:4 backend runs it in Triton, else None
         (autograd then gathers at the positions, as the reference does)."""
         cfg = layer.config
-        if not (isinstance(lane.backend, SemiStructuredBackend) and (cfg.n, cfg.m) == (2, 4)):
+        if not (isinstance(placement.backend, SemiStructuredBackend) and (cfg.n, cfg.m) == (2, 4)):
             return None
-        if not step_kernels.uses_triton("compact_grad", lane.device, lane.dtype, layer.weight.dtype):
+        if not step_kernels.uses_triton("compact_grad", placement.device, placement.dtype, layer.weight.dtype):
             return None
         row_bits = layer.row_bits
         return lambda grad_w, dtype: step_kernels.compact_grad(grad_w, row_bits, dtype)
 
-    def infer(self, layer: RuntimeLayer, x: torch.Tensor, dtype: torch.dtype, tokens: int) -> torch.Tensor | None:
+    def infer(self, layer: SparseLayer, x: torch.Tensor, dtype: torch.dtype, tokens: int) -> torch.Tensor | None:
         """y = x W_Rᵀ + b + s·(x A) B without grad, on a 2:4 backend whose output product is sparse:
         the faster of the fused and the two-path version (decided once per layer shape). None
         elsewhere: the caller runs the plain forward."""
-        lane = self.lane(layer, dtype, tokens)
-        backend = lane.backend
+        placement = self.placement(layer, dtype, tokens)
+        backend = placement.backend
         if not (isinstance(backend, SemiStructuredBackend) and backend.plan.sparse_output):
             return None
         weights = _step_weights(layer)
-        if self._share_values(layer, lane, weights, lane.store.output(weights)):
+        if self._share_values(layer, placement, weights, placement.store.output(weights)):
             weights = _step_weights(layer)  # the values' new place
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         a, b = layer.adapter_a.detach(), layer.adapter_b.detach()
         a_c, b_c, scale = a.to(dtype), b.to(dtype), layer.adapter_scale
-        if lane.fused is None:
-            lane.fused = FusedAdapterInference(backend)
+        if placement.fused is None:
+            placement.fused = FusedAdapterInference(backend)
         key = (weights.layout_key, weights.version, a.data_ptr(), a._version)
 
         def fused() -> torch.Tensor:
-            return lane.fused(x2d, weights, a_c, b_c, scale, key)
+            return placement.fused(x2d, weights, a_c, b_c, scale, key)
 
         def two_path() -> torch.Tensor:
-            return two_path_inference(backend, x2d, lane.store.output(weights), a_c, b_c, scale)
+            return two_path_inference(backend, x2d, placement.store.output(weights), a_c, b_c, scale)
 
         if backend.plan.fused_inference is None:
             backend.plan.fused_inference = fused_is_faster(fused, two_path, functools.partial(time_ms, device=x.device))
@@ -216,20 +217,20 @@ class LayerRuntime:
 
     def describe(self) -> str:
         """One line: the backend of each (device, dtype) this layer has run on."""
-        if not self._lanes:
+        if not self._placements:
             return "no forward yet"
-        return "; ".join(f"{lane.device}: {lane.backend.describe()}" for lane in self._lanes.values())
+        return "; ".join(f"{placement.device}: {placement.backend.describe()}" for placement in self._placements.values())
 
     def reset(self) -> None:
         """Forget every backend and cached operand: the next forward chooses again."""
-        self._lanes.clear()
+        self._placements.clear()
 
     def __reduce__(self):
         # Copies and pickles of a layer start without caches: they are derived state.
         return (LayerRuntime, (self.selector,))
 
 
-def _step_weights(layer: RuntimeLayer) -> StepWeights:
+def _step_weights(layer: SparseLayer) -> StepWeights:
     cfg = layer.config
     return StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m, layer.mask_steps)
 
@@ -252,8 +253,8 @@ def backend_summary(layers) -> str:
     total = 0
     for item in layers:
         layer = item[1] if isinstance(item, tuple) else item
-        for lane in layer.runtime.lanes():
-            be = lane.backend
+        for placement in layer.runtime.placements():
+            be = placement.backend
             total += 1
             counts[be.name] = counts.get(be.name, 0) + 1
             for reason in be.fallbacks:

@@ -177,26 +177,26 @@ class OperandCache:
     def __init__(self, backend: SemiStructuredBackend, index_maps: bool = True):
         self.backend = backend
         self.index_maps = index_maps
-        self._out: Compressed | None = None
-        self._out_key: tuple | None = None
-        self._gi: Compressed | None = None
-        self._gi_key: tuple | None = None
-        self._gi_index: torch.Tensor | None = None  # (in*out/2,) int32 into values.reshape(-1) ++ [0]
+        self._output_op: Compressed | None = None
+        self._output_key: tuple | None = None
+        self._grad_input_op: Compressed | None = None
+        self._grad_input_key: tuple | None = None
+        self._grad_input_index: torch.Tensor | None = None  # (in*out/2,) int32 into values.reshape(-1) ++ [0]
         self.rebuilds = {"output": 0, "output_inplace": 0, "grad_input": 0, "grad_input_inplace": 0}
 
     def release(self) -> None:
         """Drop every kept operand (another dtype now runs on this device; rebuilt if this one returns)."""
-        self._out = self._out_key = self._gi = self._gi_key = self._gi_index = None
+        self._output_op = self._output_key = self._grad_input_op = self._grad_input_key = self._grad_input_index = None
 
     def values_moved(self, weights: StepWeights) -> None:
         """The layer's values now live inside the output operand (`LayerRuntime` at inference): that
         operand is current for the values' new place."""
-        self._out_key = (weights.layout_key, weights.version)
+        self._output_key = (weights.layout_key, weights.version)
 
     def tensors(self) -> list[torch.Tensor]:
         """What this cache keeps between steps (for `slope.memory`): compressed operands, the index map."""
-        kept = [self._gi_index]
-        for op in (self._out, self._gi):
+        kept = [self._grad_input_index]
+        for op in (self._output_op, self._grad_input_op):
             if op is not None:
                 kept += [op.packed, op.meta]
         return [t for t in kept if t is not None]
@@ -217,28 +217,28 @@ class OperandCache:
             self.rebuilds["output"] += 1
             return dense_output(weights, be.dtype)
         layout, version = weights.layout_key, weights.version
-        if self._out is not None and self._out_key == (layout, version):
-            return self._out
-        if self._out is not None and self._out.inplace and self._out_key[0] == layout:
+        if self._output_op is not None and self._output_key == (layout, version):
+            return self._output_op
+        if self._output_op is not None and self._output_op.inplace and self._output_key[0] == layout:
             # the masks are static: only the values moved. W_RCᵀ's too, if its masks still hold.
             gi_stale = (
-                col is not None and self._gi is not None and self._gi.inplace
-                and self._gi_key[0] == (layout, col.key) and self._gi_key[1] != version
+                col is not None and self._grad_input_op is not None and self._grad_input_op.inplace
+                and self._grad_input_key[0] == (layout, col.key) and self._grad_input_key[1] != version
             )
             if gi_stale and self.fused_refresh(weights):
                 step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits,
-                                              self._out.value_view(), self._gi.value_view())
-                self._gi_key = ((layout, col.key), version)
+                                              self._output_op.value_view(), self._grad_input_op.value_view())
+                self._grad_input_key = ((layout, col.key), version)
                 self.rebuilds["grad_input_inplace"] += 1
             else:
-                be.write_values(self._out, weights.values)
+                be.write_values(self._output_op, weights.values)
             self.rebuilds["output_inplace"] += 1
         else:
-            self._out = None  # free the old buffer before building the new one
-            self._out = be.compress_structured(weights.row_mask(), weights.values)
+            self._output_op = None  # free the old buffer before building the new one
+            self._output_op = be.compress_structured(weights.row_mask(), weights.values)
             self.rebuilds["output"] += 1
-        self._out_key = (layout, version)
-        return self._out
+        self._output_key = (layout, version)
+        return self._output_op
 
     def grad_input(self, weights: StepWeights, col: ColumnMask | None) -> Compressed | torch.Tensor:
         """Operand of dy @ W_RC: W_RCᵀ (in, out) compressed, or dense W_RC.
@@ -251,28 +251,28 @@ class OperandCache:
             self.rebuilds["grad_input"] += 1
             return dense_grad_input(weights, col, be.dtype)
         masks, version = (weights.layout_key, col.key), weights.version
-        if self._gi is not None and self._gi_key == (masks, version):
-            return self._gi
+        if self._grad_input_op is not None and self._grad_input_key == (masks, version):
+            return self._grad_input_op
         fused = self.fused_refresh(weights)
-        if fused and self._gi is not None and self._gi.inplace and self._gi_key[0] == masks:
-            step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._gi.value_view())
+        if fused and self._grad_input_op is not None and self._grad_input_op.inplace and self._grad_input_key[0] == masks:
+            step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._grad_input_op.value_view())
             self.rebuilds["grad_input_inplace"] += 1
-        elif self._gi_index is not None and self._gi_key[0] == masks:
+        elif self._grad_input_index is not None and self._grad_input_key[0] == masks:
             values = torch.cat([weights.values.reshape(-1), weights.values.new_zeros(1)])
-            be.write_values(self._gi, values.index_select(0, self._gi_index))
+            be.write_values(self._grad_input_op, values.index_select(0, self._grad_input_index))
             self.rebuilds["grad_input_inplace"] += 1
         else:
-            self._gi = self._gi_index = None  # free the old buffers first
+            self._grad_input_op = self._grad_input_index = None  # free the old buffers first
             struct_t = col.mask().t()  # (in, out): exactly 2 per group along out
             if fused:  # metadata from the mask, values by the kernel: no index map to keep
-                self._gi = be.structured_template(struct_t.contiguous())
-                step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._gi.value_view())
+                self._grad_input_op = be.structured_template(struct_t.contiguous())
+                step_kernels.refresh_operands(weights.values, weights.row_bits, col.bits, None, self._grad_input_op.value_view())
             elif be.inplace and self.index_maps:
-                self._gi_index = value_index(weights.row_mask(), struct_t).reshape(-1).to(torch.int32)
+                self._grad_input_index = value_index(weights.row_mask(), struct_t).reshape(-1).to(torch.int32)
                 values = torch.cat([weights.values.reshape(-1), weights.values.new_zeros(1)])
-                self._gi = be.compress_structured(struct_t.contiguous(), values.index_select(0, self._gi_index))
+                self._grad_input_op = be.compress_structured(struct_t.contiguous(), values.index_select(0, self._grad_input_index))
             else:
-                self._gi = be.compress(dense_grad_input(weights, col, be.dtype).t())
+                self._grad_input_op = be.compress(dense_grad_input(weights, col, be.dtype).t())
             self.rebuilds["grad_input"] += 1
-        self._gi_key = (masks, version)
-        return self._gi
+        self._grad_input_key = (masks, version)
+        return self._grad_input_op

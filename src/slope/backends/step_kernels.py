@@ -1,7 +1,7 @@
 """Fused per-step kernels of the 2:4 path, in Triton, each with a plain-torch reference.
 
 Every optimizer step of a 2:4 layer moves the same few things between the stored values and the
-compressed operands. Today each is a chain of small torch ops; here each is one kernel:
+compressed operands. In plain torch each is a chain of small ops; here each is one kernel:
 
     refresh_operands  the new values into the output operand's prefix (cast to the compute dtype)
                       and W_RCᵀ's kept values into the grad_input operand's prefix, in one launch;

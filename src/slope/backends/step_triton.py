@@ -85,7 +85,7 @@ def _cast_block(values_ptr, out_ptr, block, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gi_tile(values_ptr, row_bits_ptr, col_bits_ptr, gi_ptr, tile, out_features, in_features,
+def _grad_input_tile(values_ptr, row_bits_ptr, col_bits_ptr, gi_ptr, tile, out_features, in_features,
              BLOCK_J: tl.constexpr, BLOCK_G: tl.constexpr):
     """W_RCᵀ's kept values of one tile: for each (j, g), W_R at the two rows M_C keeps."""
     j, g, m = _tile(tile, out_features, in_features, BLOCK_J, BLOCK_G)
@@ -108,7 +108,7 @@ def refresh_kernel(values_ptr, row_bits_ptr, col_bits_ptr, out_ptr, gi_ptr,
     if pid < out_programs:
         _cast_block(values_ptr, out_ptr, pid, out_features.to(tl.int64) * (in_features // 2), BLOCK)
     else:
-        _gi_tile(values_ptr, row_bits_ptr, col_bits_ptr, gi_ptr, pid - out_programs, out_features, in_features,
+        _grad_input_tile(values_ptr, row_bits_ptr, col_bits_ptr, gi_ptr, pid - out_programs, out_features, in_features,
                  BLOCK_J, BLOCK_G)
 
 

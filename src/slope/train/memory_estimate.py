@@ -216,8 +216,8 @@ def _classifier(model: nn.Module, optimizer: torch.optim.Optimizer | None, cache
     def classify() -> dict[str, list]:
         params = [p for m in modules for p in m._parameters.values() if p is not None]
         return {
-            "operands": [t for layer in layers for lane in layer.runtime.lanes()
-                         for t in (lane.store.tensors() if hasattr(lane.store, "tensors") else [])],
+            "operands": [t for layer in layers for placement in layer.runtime.placements()
+                         for t in (placement.store.tensors() if hasattr(placement.store, "tensors") else [])],
             "parameters": params,
             "gradients": [p.grad for p in params if p.grad is not None],
             "optimizer": [v for state in (optimizer.state.values() if optimizer else []) for v in state.values()],
@@ -401,7 +401,7 @@ def _fake_world(world: int, fake_mode):
 
 
 def _backends(model: nn.Module) -> str:
-    names = sorted({lane.backend.name for _, layer in slope_layers(model) for lane in layer.runtime.lanes()})
+    names = sorted({placement.backend.name for _, layer in slope_layers(model) for placement in layer.runtime.placements()})
     return ", ".join(names) or "dense"
 
 
