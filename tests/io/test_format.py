@@ -203,8 +203,9 @@ def test_golden_compressed_export(golden):
     assert _tensors_digest(weights) == GOLDEN_EXPORT_WEIGHTS, _header(weights)
     meta = json.loads((export / fmt.META_FILE).read_text())
     assert list(meta) == GOLDEN_META_KEYS
-    assert set(meta["files"]) == {fmt.EXPORT_WEIGHTS_FILE, fmt.HF_CONFIG_FILE}
+    assert set(meta["files"]) == {fmt.EXPORT_WEIGHTS_FILE, fmt.HF_CONFIG_FILE, "README.md"}
     meta["files"].pop(fmt.HF_CONFIG_FILE)
+    assert meta["files"].pop("README.md")["sha256"] == fmt.sha256_file(export / "README.md")  # the model card
     assert meta["files"][fmt.EXPORT_WEIGHTS_FILE].pop("sha256") == fmt.sha256_file(weights)
     meta.pop("model_config")
     meta["skipped"] = list(meta["skipped"])

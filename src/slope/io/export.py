@@ -39,6 +39,7 @@ from slope.io.format import (
     sha256_file,
 )
 from slope.io.load import load, load_tokenizer
+from slope.io.model_card import write_model_card
 from slope.io.packing import code_bits, pack_positions, uses_combinations
 from slope.io.tokenizers import for_export
 
@@ -129,6 +130,7 @@ def save_compressed(
                                  "metadata": META_FILE}
     (out / HF_CONFIG_FILE).write_text(json.dumps(top_config, indent=2, sort_keys=True) + "\n")
     report = getattr(model, "slope_report", None)
+    write_model_card(out, model, "compressed")  # before the checksums, which cover every file
     files = sorted(p for p in out.rglob("*") if p.is_file())
     meta = {
         "format": EXPORT_FORMAT_NAME,
@@ -151,7 +153,7 @@ def save_compressed(
     }
     tmp = out / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, out / META_FILE)
+    os.replace(tmp, out / META_FILE)  # last: the export is complete once its metadata is there
     return out
 
 
@@ -169,6 +171,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: tor
     dense.save_pretrained(out)
     if tokenizer is not None:
         for_export(tokenizer, model).save_pretrained(out)
+    write_model_card(out, dense, "dense", source_layers=slope_layers(model))
     return out
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from slope.convert import HF_CONFIG_KEY, densify, slope_layers
 from slope.io.format import SERVE_FORMAT
+from slope.io.model_card import write_model_card
 from slope.io.peft import save_peft_adapter, strip_adapters
 from slope.io.tokenizers import for_export
 
@@ -79,4 +80,5 @@ def save_serving(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: t
     base.save_pretrained(out)
     if tokenizer is not None:
         for_export(tokenizer, model).save_pretrained(out)
+    write_model_card(out, model, "serving")
     return out
