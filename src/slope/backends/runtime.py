@@ -235,6 +235,7 @@ def _step_weights(layer: SparseLayer) -> StepWeights:
     return StepWeights(layer.weight.detach(), layer.row_bits, cfg.n, cfg.m, layer.mask_steps)
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

@@ -222,12 +222,12 @@ def _classifier(model: nn.Module, optimizer: torch.optim.Optimizer | None, cache
             "gradients": [p.grad for p in params if p.grad is not None],
             "optimizer": [v for state in (optimizer.state.values() if optimizer else []) for v in state.values()],
             "buffers": [b for m in modules for b in m._buffers.values() if b is not None],
-            "kv cache": _cache_tensors(cache[0]) if cache else [],
+            "kv cache": _kv_cache_tensors(cache[0]) if cache else [],
         }
     return classify
 
 
-def _cache_tensors(past) -> list[torch.Tensor]:
+def _kv_cache_tensors(past) -> list[torch.Tensor]:
     """Every tensor of a transformers KV cache object (or legacy tuple of tuples)."""
     found = []
     stack = [past]

@@ -89,6 +89,14 @@ def pick_threads(setting: int) -> int:
     return max(1, min(torch.get_num_threads(), free // local))
 
 
+def apply_threads(setting: int) -> int:
+    """Set torch's CPU threads from run.threads (see pick_threads), log it, and return the count."""
+    threads = pick_threads(setting)
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d%s", threads, " (run.threads = auto)" if not setting else "")
+    return threads
+
+
 def preflight(cfg: RunConfig) -> torch.device:
     """Every check that needs no data, tokenizer or weights, so a bad run fails in seconds, not at the end.
 
@@ -266,9 +274,7 @@ class Trainer:
             self._owns_dist = False
         self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
         self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
-        self.threads = pick_threads(cfg.run.threads)
-        torch.set_num_threads(self.threads)
-        log.info("torch CPU threads: %d%s", self.threads, " (run.threads = auto)" if not cfg.run.threads else "")
+        self.threads = apply_threads(cfg.run.threads)
         if self.resume:
             self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(self._resume_data)
         else:

@@ -68,11 +68,14 @@ def layer_findings(name: str, layer) -> list[str]:
     return found
 
 
-def _marked(path: Path, slope_marker, format_error) -> bool:
+def _marked(path: Path) -> bool:
     """Whether config.json has a slope entry (a damaged one counts: the check reports it)."""
+    from slope.io.format import FormatError
+    from slope.io.load import slope_marker
+
     try:
         return slope_marker(path) is not None
-    except format_error:
+    except FormatError:
         return True
 
 
@@ -132,9 +135,8 @@ def run(args) -> int:
         INFO_FILE,
         LATEST_FILE,
         META_FILE,
-        FormatError,
     )
-    from slope.io.load import TRAINER_EXPORT_DIR, slope_marker
+    from slope.io.load import TRAINER_EXPORT_DIR
 
     path = Path(args.path)
     if not path.exists():
@@ -152,7 +154,7 @@ def run(args) -> int:
             print(f"{path}: no complete checkpoint under {CHECKPOINTS_DIR}/")
             print(f"FAILED: {path}: 1 finding(s), 0 checkpoints checked")
             return 1
-    elif (path / HF_CONFIG_FILE).is_file() and _marked(path, slope_marker, FormatError):
+    elif (path / HF_CONFIG_FILE).is_file() and _marked(path):
         kind_of_path, targets = "Hugging Face folder", [(path, "huggingface")]
     else:
         raise UserError(
