@@ -39,7 +39,7 @@ def make_tokenizer(vocab_size: int = 320):
 
 
 def tiny_config(family: str, vocab_size: int = 320):
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
     if family == "llama":
         return LlamaConfig(
@@ -57,6 +57,11 @@ def tiny_config(family: str, vocab_size: int = 320):
             vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
             word_embed_proj_dim=64, max_position_embeddings=128,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    if family == "neox":  # transformers 5 saves its head, `lm_head`, under the checkpoint name `embed_out`
+        return GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
         )
     raise ValueError(family)
 

@@ -18,7 +18,7 @@ from slope.io.load import load_tokenizer, resolve_model_dir
 CFG = dict(backend="reference", adapter_init="kaiming", adapter_scale=0.37, backward_mask_interval=3)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "neox"])
 def test_save_pretrained_reloads_bit_exactly(tmp_path, ids, family):
     model = tiny_model(family, adapters=True, cfg=slope.SlopeConfig(**CFG))
     model.train()

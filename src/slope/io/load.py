@@ -229,6 +229,7 @@ def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)  # as saved, not the default
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = _under_model_names(model, state)
     for key in [k for k in state if k.endswith(".row_bits")]:
         name = key.removesuffix(".row_bits")
         try:
@@ -261,6 +262,27 @@ def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
         params_before=dense_equivalent_params(model), first_linear_method="as recorded in the weights",
     )
     return model.eval()
+
+
+def _under_model_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` keyed as `model.state_dict()` names its entries.
+
+    transformers 5 saves some families under their historical checkpoint names (GPT-NeoX's head
+    `lm_head` as `embed_out`) and renames them back when it loads; a sparsified model's weights are read
+    here rather than by transformers, so the same renaming is applied here, from transformers' own table.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4 saves every key under the model's own name
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    renamed = {}
+    for key, tensor in state.items():
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        renamed[key] = tensor
+    return renamed
 
 
 def _inference_dtype(dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
