@@ -125,11 +125,12 @@ def test_a_busy_run_is_refused_and_a_stale_lock_is_taken_over(run_copy, capsys):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        before = (run_copy / "metrics.jsonl").read_text()
-        assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 2
+        before = {name: (run_copy / name).read_bytes() for name in ("metrics.jsonl", "config.toml")}
+        # an allowed override that a resume records in config.toml: the refused one must not record it
+        assert cli.main(["train", "--resume", str(run_copy), "--no-progress", "--checkpoint.keep_last=1"]) == 2
         line = one_error_line(capsys)
         assert f"run directory {run_copy} is in use by process {holder.pid} on " in line, line
-        assert (run_copy / "metrics.jsonl").read_text() == before
+        assert {name: (run_copy / name).read_bytes() for name in before} == before
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)

@@ -96,6 +96,20 @@ def test_two_ranks_equal_one_process_with_adapters_joining(parallel, prepared, r
     assert not list(run_dir.glob("**/*rank*"))
 
 
+def test_gradient_accumulation_equals_one_batch_of_all_its_micro_batches(prepared, reference, tmp_path):
+    """train.grad_accum micro-batches of b windows make the step one batch of grad_accum·b windows makes.
+
+    The reference accumulates GRAD_ACCUM micro-batches; this run takes them as one batch (the sampler
+    draws the same windows either way). Each micro-batch's loss must count 1/grad_accum: AdamW hides a
+    wrong scale in the weights (its update is scale-invariant), but not in the logged loss, the gradient
+    norm or the clipping.
+    """
+    run_dir = tmp_path / "run"
+    run_job([sys.executable, *train_args(run_dir, prepared, f"--train.batch_size={2 * PER_RANK_BATCH * GRAD_ACCUM}",
+                                         "--train.grad_accum=1")], run_dir)
+    assert_same_run(run_dir, reference)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_dense(parallel, prepared, tmp_path):
