@@ -307,3 +307,26 @@ def test_without_a_terminal_each_logged_step_is_one_plain_line(corpus_dir, tmp_p
     assert [line.split(" |")[0] for line in steps] == ["step 1/4", "step 2/4", "step 4/4"]
     assert all(" | lr " in line and " | grad-norm " in line and " | clipped " in line for line in steps)
     assert any(line.startswith("eval val @ step 2 | loss ") for line in lines)
+
+
+def test_text_column_reaches_the_tokenizer_a_new_run_trains(corpus_dir, tmp_path):
+    """`--data.text_column` through `slope train`'s own wiring: the run's tokenizer and its training tokens
+    come from that field, as `prepare_data(..., text_column=...)` given it by hand makes them. Every row
+    also has a decoy `text` field, so a tokenizer trained on the default column differs."""
+    from slope.io.load import load_tokenizer
+    from slope.train.prepare import prepare_data
+
+    lines = [line for line in (corpus_dir / "train.txt").read_text().splitlines() if line.strip()]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": "decoy zzz qqq", "body": line}) + "\n" for line in lines))
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", "--no-progress", f"--data.train={jsonl}", "--data.val=",
+                     "--data.val_fraction=0.1", "--eval.sets=[]", "--eval.every=0", "--tokenizer.vocab_size=320",
+                     "--data.text_column=body", "--train.max_steps=1", "--run-dir", str(run_dir)]) == 0
+    by_hand, _, _ = prepare_data(tmp_path / "by-hand", str(jsonl), "", 0.1, "", 320, text_column="body")
+    decoy, _, _ = prepare_data(tmp_path / "decoy", str(jsonl), "", 0.1, "", 320)
+    assert by_hand.get_vocab() != decoy.get_vocab()
+    ran = load_tokenizer(checkpoint.latest_checkpoint(run_dir))
+    assert ran.get_vocab() == by_hand.get_vocab()
+    assert (run_dir / "data" / "train.bin").read_bytes() == (tmp_path / "by-hand" / "train.bin").read_bytes()
+

@@ -85,11 +85,18 @@ def test_lora_on_slope_linear_matches_float64_reference():
     assert layer.weight.grad is None
 
 
-def test_all_linear_wraps_every_slope_and_dense_linear_but_the_head():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_all_linear_wraps_every_slope_and_dense_linear_but_the_head(family):
+    """GPT-2's linears are transformers' Conv1D (weight (in, out)): PEFT's "all-linear" counts them, and so
+    must the prepared config, for the layers kept dense as for the sparse ones."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_model(family)
     sparse = {name for name, _ in slope.slope_layers(model)}
-    dense = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)} - {"lm_head"}
-    assert sparse and dense  # the first layer's q/k/v stay dense (keep_first_linear_dense)
+    dense = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear | Conv1D)} - {"lm_head"}
+    assert sparse and dense  # the first layer's attention input stays dense (keep_first_linear_dense)
+    if family == "gpt2":
+        assert all(isinstance(model.get_submodule(name), Conv1D) for name in dense)
     wrapped = get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
     lora_layers = {name.removeprefix("base_model.model.") for name, mod in wrapped.named_modules()
                    if isinstance(mod, peft.tuners.lora.LoraLayer)}

@@ -53,6 +53,27 @@ def test_serving_export_base_and_adapter(tmp_path, tokenizer, ids, family):
     assert torch.equal(logits(rebuilt, ids), logits(model, ids))
 
 
+def test_serving_export_of_a_model_without_adapters(tmp_path, tokenizer, ids, capsys):
+    """A run stopped before its adapters joined (or a `--method srste` model) serves as the base alone: no
+    adapter folder, no adapter named in the marker, and slope.load gives back the sparse model exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from slope import cli
+
+    model = tiny_model("gpt2")
+    assert not any(layer.rank for _, layer in slope.slope_layers(model))
+    out = save_serving(model, tmp_path / "serve", tokenizer)
+    assert not (out / "adapter").exists()
+    assert json.loads((out / "config.json").read_text())["slope"]["adapter"] is None
+    base = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(base, ids), logits(model, ids), rtol=0, atol=logits_atol(model, ids))
+    rebuilt = slope.load(out, device="cpu", backend="reference")
+    assert {n for n, _ in slope.slope_layers(rebuilt)} == {n for n, _ in slope.slope_layers(model)}
+    assert not any(layer.rank for _, layer in slope.slope_layers(rebuilt))
+    assert torch.equal(logits(rebuilt, ids), logits(model, ids))
+    assert cli.main(["check", str(out)]) == 0, capsys.readouterr().err
+
+
 def test_serving_export_in_float64_matches_slope_exactly(tmp_path, ids):
     """Float64 all the way: any transposition or scaling slip would show far above rounding."""
     from transformers import AutoModelForCausalLM
