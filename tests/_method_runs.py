@@ -29,14 +29,14 @@ def losses(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in train_records(run_dir)]
 
 
-def assert_losses_match_up_to_summation_order(run_a, run_b) -> None:
-    """The two runs' losses, step by step, within what summation order alone can move them
-    (tests/_tolerances.training_loss_rtol, from the model's reduction chains): for the same training
-    on 2 processes and on 1 with the same global batch."""
+def assert_same_training_up_to_summation_order(run_a, run_b) -> None:
+    """The two runs' losses and gradient norms (before clipping), step by step, within what summation
+    order alone can move them (tests/_tolerances.py, from the model's reduction chains): for the same
+    training on 2 processes and on 1, or in micro-batches and in one batch, with the same global batch."""
     import json
     import math
 
-    from _tolerances import gradient_reductions, loss_reductions, training_loss_rtol
+    from _tolerances import grad_norm_rtol, gradient_reductions, loss_reductions, training_loss_rtol
     from transformers import AutoConfig
 
     from slope.train import runconfig
@@ -46,11 +46,15 @@ def assert_losses_match_up_to_summation_order(run_a, run_b) -> None:
     seq = cfg.train.seq_len
     tokens = seq * json.loads((run_b / "summary.json").read_text())["global_batch"]
     forward_n, backward_n = loss_reductions(config, seq, tokens), gradient_reductions(config, seq, tokens)
-    a, b = dict(losses(run_a)), dict(losses(run_b))
+    weights = load_file(checkpoint.latest_checkpoint(run_b) / "model.safetensors").values()
+    norm_n = max(t.numel() for t in weights) + len(weights)
+    a, b = {r["step"]: r for r in train_records(run_a)}, {r["step"]: r for r in train_records(run_b)}
     assert sorted(a) == sorted(b)
     for step in b:
-        tol = training_loss_rtol(step, forward_n, backward_n)
-        assert math.isclose(a[step], b[step], rel_tol=tol), f"step {step}: {a[step]} vs {b[step]} (relative {tol:.3g})"
+        for key, tol in (("loss", training_loss_rtol(step, forward_n, backward_n)),
+                         ("grad_norm", grad_norm_rtol(step, backward_n, norm_n))):
+            assert math.isclose(a[step][key], b[step][key], rel_tol=tol), (
+                f"step {step} {key}: {a[step][key]} vs {b[step][key]} (relative {tol:.3g})")
 
 
 def assert_loss_falls(run_dir) -> None:

@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from _method_runs import assert_loss_falls, assert_same_end, resume_from, train
+from _method_runs import (
+    assert_loss_falls,
+    assert_same_end,
+    assert_same_training_up_to_summation_order,
+    resume_from,
+    train,
+)
 from _oracles import nm_mask_oracle
 from _tolerances import assert_within, product_bound, unit_roundoff
 from safetensors.torch import load_file
@@ -17,9 +23,9 @@ from slope import cli
 from slope.io import checkpoint
 from slope.srste import SrsteLinear, srste_layers
 from slope.train import models, runconfig
-from slope.train.data import TokenFile
 from slope.train.evaluation import evaluate
 from slope.train.methods import get_method
+from slope.train.token_files import TokenFile
 
 
 def reference_mask(w: torch.Tensor) -> torch.Tensor:
@@ -111,6 +117,17 @@ def test_the_method_converts_what_sparsify_converts_and_splits_the_decay_over_mi
     assert [name for name, _ in srste_layers(model)] == reference.slope_report.converted
     assert {layer.decay for _, layer in srste_layers(model)} == {1e-3 / 4}
     assert not slope.slope_layers(model) and "slope" not in model.config.to_dict()
+
+
+def test_the_run_splits_the_decay_over_its_micro_batches(text_corpus, tmp_path):
+    """Through `slope train`'s own wiring: with train.grad_accum 2 each backward adds half the decay, so two
+    micro-batches of 2 windows train as one batch of 4. The decay is part of each gradient (on the pruned
+    weights), so a decay that reached the layers unsplit shows in the logged gradient norm."""
+    text = text_corpus() / "train.txt"
+    common = ("--method=srste", "--method.srste_decay=0.5", "--train.max_steps=3", "--checkpoint.every=3")
+    train(text, tmp_path / "one", *common, "--train.batch_size=4")
+    train(text, tmp_path / "two", *common, "--train.batch_size=2", "--train.grad_accum=2")
+    assert_same_training_up_to_summation_order(tmp_path / "two", tmp_path / "one")
 
 
 @pytest.fixture(scope="module")
