@@ -69,11 +69,11 @@ def loaded_libraries(name: str = "libcusparseLt") -> str:
 
 def plans_library() -> str:
     """Where the cached plans' library search looks, and which candidate opened."""
-    from slope.backends import cusparselt_plans
+    from slope.backends import cusparselt_library
 
-    candidates = cusparselt_plans._library_candidates()
+    candidates = cusparselt_library.library_candidates()
     try:
-        opened = cusparselt_plans.load_library()._name
+        opened = cusparselt_library.load_library()._name
     except OSError as err:
         opened = f"none ({str(err).splitlines()[0]})"
     return f"opened {opened} (candidates: {', '.join(candidates)})"
@@ -133,12 +133,12 @@ def plan_vs_torch_call(rows=4096, cols=4096, tokens=8192):
 
 def plans_self_test() -> int:
     """Versions, the library search and the cached plans' decision (their self-test); see the docstring."""
-    from slope.backends import cusparselt_plans
+    from slope.backends import cusparselt_library, cusparselt_plans
 
     cslt = torch.backends.cusparselt
     print(f"versions: torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"cuSPARSELt {cslt.version() if cslt.is_available() else None}", flush=True)
-    print("library candidates:", ", ".join(cusparselt_plans._library_candidates()), flush=True)
+    print("library candidates:", ", ".join(cusparselt_library.library_candidates()), flush=True)
     cache = cusparselt_plans.plan_cache()  # runs the self-test on the current GPU
     print(f"cuSPARSELt cached plans: {cusparselt_plans.status()}", flush=True)
     if cache is not None:

@@ -315,7 +315,7 @@ def test_the_probe_says_where_a_library_was_loaded_from():
 
 
 def test_the_library_search_looks_where_newer_cuda_wheels_put_cusparselt(tmp_path, monkeypatch):
-    from slope.backends import cusparselt_plans
+    from slope.backends import cusparselt_library
 
     wanted = []
     for sub in ("nvidia/cusparselt/lib", "nvidia/cu13/lib", "nvidia/cu12/lib"):
@@ -325,6 +325,6 @@ def test_the_library_search_looks_where_newer_cuda_wheels_put_cusparselt(tmp_pat
         lib.write_bytes(b"")
         monkeypatch.syspath_prepend(str(site))
         wanted.append(str(lib))
-    names = cusparselt_plans._library_candidates()
+    names = cusparselt_library.library_candidates()
     assert names[0] == "libcusparseLt.so.0"  # the copy torch loaded stays first
     assert all(w in names for w in wanted)

@@ -94,6 +94,20 @@ class SlopeConfig:
         ratio = 1 / 64 if self.adapter_rank_ratio is None else self.adapter_rank_ratio
         return max(1, round(ratio * min(in_features, out_features)))
 
+    def grouped_dimensions(self) -> str:
+        """The dimensions N:M groups run along, so must be multiples of m: "in", or "in and out" with M_C."""
+        return "in and out" if self.double_prune else "in"
+
+    def indivisible_dimension(self, out_features: int, in_features: int) -> str | None:
+        """"in" or "out": the first grouped dimension of an (out, in) layer that is not a multiple of m; None if both fit.
+
+        The one shape rule: SlopeLinear refuses such a layer, `sparsify` keeps it dense (or refuses it, per
+        `on_indivisible`).
+        """
+        if in_features % self.m:
+            return "in"
+        return "out" if self.double_prune and out_features % self.m else None
+
     def adapter_step(self, total_steps: int) -> int | None:
         """Optimizer steps completed before the adapters join, for a run of `total_steps`; None: never.
 

@@ -116,15 +116,39 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
     config = config or SlopeConfig()
     if any(isinstance(mod, SlopeLinear) for mod in model.modules()):
         raise ValueError("this model already has SlopeLinear layers; sparsify it only once")
-    params_before = sum(p.numel() for p in model.parameters())
-    report = SparsifyReport(config=config, params_before=params_before)
+    report = SparsifyReport(config=config, params_before=sum(p.numel() for p in model.parameters()))
+    candidates = _convertible_layers(model)
+    eligible = _apply_skip_rule(model, candidates, config, report)
+    eligible = _skip_indivisible(model, eligible, config, report)
+    if not eligible:
+        raise ValueError(
+            f"nothing to sparsify in {type(model).__name__}: all {len(candidates)} linear layers are skipped "
+            f"({report.skipped})"
+        )
+    modules = dict(model.named_modules())
+    for name in eligible:
+        replace_module(model, name, SlopeLinear.from_dense(modules[name], config))
+        report.converted.append(name)
+    report.params_after = sum(p.numel() for p in model.parameters())
+    model.slope_report = report
+    _mark_hf_config(model, config)
+    log.info(report.summary())
+    return model
 
+
+def _convertible_layers(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear / Conv1D of `model`; a ValueError when it has none."""
     candidates = [name for name, mod in model.named_modules() if _is_convertible(mod)]
     if not candidates:
         raise ValueError(
             f"nothing to sparsify in {type(model).__name__}: it has no torch.nn.Linear or transformers "
             "Conv1D layers"
         )
+    return candidates
+
+
+def _apply_skip_rule(model: nn.Module, candidates: list[str], config: SlopeConfig, report: SparsifyReport) -> list[str]:
+    """`candidates` less those `config.skip` names and the first linear(s) after the input, each noted in `report`."""
     eligible = []
     for name in candidates:
         pattern = _matches(name, config.skip)
@@ -138,45 +162,47 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
         for name in first:
             report.skipped[name] = "first linear after the input"
         eligible = [name for name in eligible if name not in first]
+    return eligible
 
+
+def _skip_indivisible(model: nn.Module, eligible: list[str], config: SlopeConfig, report: SparsifyReport) -> list[str]:
+    """`eligible` less the layers N:M groups cannot divide, noted in `report` with one warning for all of them.
+
+    With `config.on_indivisible == "error"` such layers are a ValueError instead, naming each with its shape.
+    """
     modules = dict(model.named_modules())
     indivisible = []
     for name in eligible:
         out_f, in_f = dense_weight_of(modules[name])[0].shape
-        if in_f % config.m or (config.double_prune and out_f % config.m):
+        if config.indivisible_dimension(out_f, in_f) is not None:
             indivisible.append(f"{name} (out={out_f}, in={in_f})")
             report.skipped[name] = f"shape not a multiple of m={config.m}"
     if indivisible:
         message = (
             f"{len(indivisible)} layer(s) have a shape that {config.n}:{config.m} groups cannot divide "
-            f"(in{' and out' if config.double_prune else ''} must be multiples of {config.m}): "
-            + ", ".join(indivisible)
+            f"({config.grouped_dimensions()} must be multiples of {config.m}): " + ", ".join(indivisible)
         )
         if config.on_indivisible == "error":
             raise ValueError(message + "; set on_indivisible='skip' to keep them dense")
         log.warning("slope: keeping dense: %s", message)
-    eligible = [name for name in eligible if name not in report.skipped]
-    if not eligible:
-        raise ValueError(
-            f"nothing to sparsify in {type(model).__name__}: all {len(candidates)} linear layers are skipped "
-            f"({report.skipped})"
-        )
+    return [name for name in eligible if name not in report.skipped]
 
-    for name in eligible:
-        replace_module(model, name, SlopeLinear.from_dense(modules[name], config))
-        report.converted.append(name)
 
-    report.params_after = sum(p.numel() for p in model.parameters())
-    model.slope_report = report
+def _mark_hf_config(model: nn.Module, config: SlopeConfig) -> None:
+    """Mark a transformers model's config as sparsified with `config` (see HF_CONFIG_KEY); other models stay as they are."""
     hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_dict"):  # a transformers model: mark its config.json
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
         setattr(hf_config, HF_CONFIG_KEY, {
             "format": HF_CONFIG_FORMAT, "format_version": 1,
             # the backend is chosen where the model is loaded, not stored
             "slope_config": config.replace(backend="auto").to_dict(),
         })
-    log.info(report.summary())
-    return model
+
+
+def remove_hf_config_mark(model: nn.Module) -> None:
+    """Remove the sparsified mark from `model.config`, if it has one: its config.json must not claim sparse layers."""
+    if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
+        delattr(model.config, HF_CONFIG_KEY)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -280,8 +306,7 @@ def densify(model: nn.Module) -> nn.Module:
         replace_module(model, name, dense)
     if hasattr(model, "slope_report"):
         del model.slope_report
-    if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
-        delattr(model.config, HF_CONFIG_KEY)  # a dense model now: its config.json must not claim otherwise
+    remove_hf_config_mark(model)  # its layers are dense again
     if model.training:
         log.warning("slope: densify replaced %d layers with new parameters; an optimizer built before densify "
                     "no longer updates them: build a new optimizer to keep training", len(layers))

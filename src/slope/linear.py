@@ -465,13 +465,12 @@ def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
 
 
 def _check_shape(out_features: int, in_features: int, config: SlopeConfig) -> None:
-    m = config.m
-    if in_features % m or (config.double_prune and out_features % m):
-        which = "in" if in_features % m else "out (double pruning groups the output dimension too)"
+    m, bad = config.m, config.indivisible_dimension(out_features, in_features)
+    if bad is not None:
+        which = "in" if bad == "in" else "out (double pruning groups the output dimension too)"
         raise ValueError(
-            f"a {config.n}:{config.m} SlopeLinear needs in{' and out' if config.double_prune else ''} to be "
-            f"multiples of m={m}, but this layer has shape (out={out_features}, in={in_features}); "
-            f"{which} is not a multiple of {m}"
+            f"a {config.n}:{m} SlopeLinear needs {config.grouped_dimensions()} to be multiples of m={m}, "
+            f"but this layer has shape (out={out_features}, in={in_features}); {which} is not a multiple of {m}"
         )
 
 

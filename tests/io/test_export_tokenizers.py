@@ -8,7 +8,7 @@ from _export_fixtures import TEXT, tiny_model
 from transformers import AutoTokenizer
 
 import slope
-from slope.train.data import train_bpe
+from slope.train.tokenizing import train_bpe
 
 
 @pytest.mark.parametrize("export", ["compressed", "dense", "serving"])

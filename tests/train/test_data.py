@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 
 from slope import cli
-from slope.train import corpus, data
-from slope.train.data import DataError, TokenFile, WindowSampler
-from slope.train.prepare import prepare_data
+from slope.train import corpus, file_readers
+from slope.train.data_error import DataError
+from slope.train.prepare import prepare_data, split_tail
+from slope.train.sources import resolve_source
+from slope.train.token_files import TokenFile, write_tokens
+from slope.train.tokenizing import train_bpe
+from slope.train.window_sampler import WindowSampler
 
 TEXT = "".join(f"Line {i}: shall I compare thee to a summer's day?\n" for i in range(400))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.train_bpe(iter([TEXT]), vocab_size=300)
+    return train_bpe(iter([TEXT]), vocab_size=300)
 
 
 def test_sources_text_folder_jsonl(tmp_path):
@@ -26,34 +30,34 @@ def test_sources_text_folder_jsonl(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("beta\n")
     (tmp_path / ".hidden.txt").write_text("never\n")
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n")
-    folder = data.resolve_source(str(tmp_path))
+    folder = resolve_source(str(tmp_path))
     assert folder.kind == "folder"
     assert [t for _, t in folder.documents()] == ["alpha\n", "gamma", "delta", "beta\n"]
     assert [h["file"].rsplit("/", 1)[-1] for h in folder.hashes()] == ["a.txt", "c.jsonl", "b.md"]
-    assert data.resolve_source(str(tmp_path / "c.jsonl")).kind == "jsonl"
+    assert resolve_source(str(tmp_path / "c.jsonl")).kind == "jsonl"
 
 
 def test_source_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        data.resolve_source(str(tmp_path / "nope.txt"))
+        resolve_source(str(tmp_path / "nope.txt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no text files"):
-        data.resolve_source(str(tmp_path / "empty"))
+        resolve_source(str(tmp_path / "empty"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string 'text' field"):
-        list(data.resolve_source(str(bad)).documents())
+        list(resolve_source(str(bad)).documents())
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(DataError, match="not UTF-8"):
-        list(data.resolve_source(str(binary)).documents())
+        list(resolve_source(str(binary)).documents())
 
 
 def test_big_text_files_are_streamed_in_line_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(file_readers, "CHUNK_BYTES", 100)
     path = tmp_path / "big.txt"
     path.write_text(TEXT)
-    pieces = [t for _, t in data.resolve_source(str(path)).documents()]
+    pieces = [t for _, t in resolve_source(str(path)).documents()]
     assert len(pieces) > 10 and "".join(pieces) == TEXT
     assert all(p.endswith("\n") for p in pieces)
 
@@ -61,19 +65,19 @@ def test_big_text_files_are_streamed_in_line_chunks(tmp_path, monkeypatch):
 def test_tail_split_is_deterministic_disjoint_and_complete(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(TEXT)
-    source = data.resolve_source(str(path))
-    head, tail = data.split_tail(source.documents, 0.1)
+    source = resolve_source(str(path))
+    head, tail = split_tail(source.documents, 0.1)
     head_text = "".join(t for _, t in head())
     tail_text = "".join(t for _, t in tail())
     assert head_text + tail_text == TEXT
     assert head_text.endswith("\n")
     assert abs(len(tail_text) / len(TEXT) - 0.1) < 0.01
-    assert "".join(t for _, t in data.split_tail(source.documents, 0.1)[1]()) == tail_text
+    assert "".join(t for _, t in split_tail(source.documents, 0.1)[1]()) == tail_text
 
 
 def test_write_tokens_and_metadata(tmp_path, tokenizer):
     docs = [("d1", "hello world\n"), ("d2", "shall I compare\n")]
-    tokens = data.write_tokens(tmp_path / "x", iter(docs), tokenizer, description={"source": "test"})
+    tokens = write_tokens(tmp_path / "x", iter(docs), tokenizer, description={"source": "test"})
     ids = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for _, t in docs]
     assert tokens.tokens.tolist() == ids[0] + ids[1]
     meta = json.loads((tmp_path / "x.json").read_text())
@@ -81,11 +85,11 @@ def test_write_tokens_and_metadata(tmp_path, tokenizer):
     assert meta["dtype"] == "uint16" and meta["source"] == "test"
     assert isinstance(TokenFile(tmp_path / "x").tokens, np.memmap)
     with pytest.raises(DataError, match="is empty"):
-        data.write_tokens(tmp_path / "y", iter([("e", "")]), tokenizer, description={"source": "e.txt"})
+        write_tokens(tmp_path / "y", iter([("e", "")]), tokenizer, description={"source": "e.txt"})
 
 
 def test_sampler_windows_and_state(tmp_path, tokenizer):
-    tokens = data.write_tokens(tmp_path / "s", iter([("d", TEXT)]), tokenizer, description={})
+    tokens = write_tokens(tmp_path / "s", iter([("d", TEXT)]), tokenizer, description={})
     sampler = WindowSampler(tokens, seq_len=16, batch_size=3, seed=7)
     x, y = sampler.next()
     assert x.shape == y.shape == (3, 16)
@@ -127,7 +131,7 @@ def test_prepare_command_and_training_on_its_output(tmp_path, capsys):
 def test_saved_hugging_face_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["one\n", "two\n"], "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
-    source = data.resolve_source(str(tmp_path / "ds"))
+    source = resolve_source(str(tmp_path / "ds"))
     assert source.kind == "hf_dataset"
     assert [t for _, t in source.documents()] == ["one\n", "two\n"]
 
@@ -166,39 +170,39 @@ def _write_arrow(path, rows, column="text", stream=False):
 def test_parquet_file_with_a_named_column(tmp_path):
     path = tmp_path / "corpus.parquet"
     _write_parquet(path, [*ROWS[:5], None, *ROWS[5:]], column="content", id=list(range(31)))
-    source = data.resolve_source(str(path), text_column="content")
+    source = resolve_source(str(path), text_column="content")
     assert source.kind == "parquet"
     docs = list(source.documents())
     assert [t for _, t in docs] == ROWS  # every row in order, the null cell left out
     assert docs[5][0] == f"{path}[6]"  # names count rows of the file, nulls included
     assert source.hashes()[0]["bytes"] == path.stat().st_size
     with pytest.raises(DataError, match=r"has no column 'text' \(columns: content, id\); set data.text_column"):
-        data.resolve_source(str(path))
+        resolve_source(str(path))
     with pytest.raises(DataError, match=r"column 'id' of .* holds int64, not text"):
-        data.resolve_source(str(path), text_column="id")
+        resolve_source(str(path), text_column="id")
 
 
 def test_arrow_files_in_both_layouts(tmp_path):
     for stream in (False, True):
         path = tmp_path / f"c{int(stream)}.arrow"
         _write_arrow(path, ROWS, stream=stream)
-        source = data.resolve_source(str(path))
+        source = resolve_source(str(path))
         assert source.kind == "arrow"
         assert [t for _, t in source.documents()] == ROWS
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(DataError, match="is not an Arrow file"):
-        data.resolve_source(str(tmp_path / "junk.arrow"))
+        resolve_source(str(tmp_path / "junk.arrow"))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="is not a parquet file"):
-        data.resolve_source(str(tmp_path / "junk.parquet"))
+        resolve_source(str(tmp_path / "junk.parquet"))
 
 
 def test_jsonl_with_a_configurable_field(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(ROWS[:3])))
-    assert [t for _, t in data.resolve_source(str(path), text_column="body").documents()] == ROWS[:3]
+    assert [t for _, t in resolve_source(str(path), text_column="body").documents()] == ROWS[:3]
     with pytest.raises(DataError, match=r"c.jsonl:1: expected an object with a string 'text' field \(this line has: body, n\)"):
-        list(data.resolve_source(str(path)).documents())
+        list(resolve_source(str(path)).documents())
 
 
 def test_folder_of_shards_skips_the_readme(tmp_path):
@@ -206,13 +210,13 @@ def test_folder_of_shards_skips_the_readme(tmp_path):
     _write_parquet(tmp_path / "train-00001.parquet", ROWS[10:20])
     (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ROWS[20:]))
     (tmp_path / "README.md").write_text("# a dataset card, not training text\n")
-    source = data.resolve_source(str(tmp_path))
+    source = resolve_source(str(tmp_path))
     assert source.kind == "folder"
     assert [p.name for p in source.files()] == ["extra.jsonl", "train-00000.parquet", "train-00001.parquet"]
     assert [t for _, t in source.documents()] == ROWS[20:] + ROWS[:20]
     # a missing column in a folder's table is found before anything is read, with the file named
     with pytest.raises(DataError, match=r"train-00000.parquet has no column 'body'"):
-        data.resolve_source(str(tmp_path), text_column="body")
+        resolve_source(str(tmp_path), text_column="body")
 
 
 def test_a_parquet_file_is_no_longer_refused_as_binary_text(tmp_path):
@@ -234,7 +238,7 @@ def test_dataset_dict_trains_on_train_and_validates_on_validation(tmp_path):
     datasets = pytest.importorskip("datasets")
     _dataset_dict(datasets, "story").save_to_disk(str(tmp_path / "dd"))
     spec = str(tmp_path / "dd")
-    source = data.resolve_source(spec, text_column="story")
+    source = resolve_source(spec, text_column="story")
     assert (source.kind, source.split, source.splits) == ("hf_dataset", "train", ("train", "validation"))
     assert [t for _, t in source.documents()] == ROWS[:20] * 3
     assert all(p.parts[-2] == "train" for p in source.files())  # hashes only the split it reads
@@ -252,14 +256,14 @@ def test_dataset_dict_trains_on_train_and_validates_on_validation(tmp_path):
 
     assert tokenize_source(tmp_path / "ev", "eval", spec, tok, text_column="story").meta["n_bytes"] == valid.meta["n_bytes"]
     with pytest.raises(DataError, match=r"dd has no column 'text' \(columns: story, id\)"):
-        data.resolve_source(spec)
+        resolve_source(spec)
     # without a validation split the tail of `train` is held out, as for any other source
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ROWS})}).save_to_disk(str(tmp_path / "t"))
     _, _, valid = prepare_data(tmp_path / "run-t", str(tmp_path / "t"), "auto", 0.2, "", 300)
     assert valid.meta["split"] == "last 0.2 of the text"
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ROWS})}).save_to_disk(str(tmp_path / "x"))
     with pytest.raises(DataError, match="has splits test, none named 'train'"):
-        data.resolve_source(str(tmp_path / "x"))
+        resolve_source(str(tmp_path / "x"))
 
 
 def test_cached_hub_dataset_is_read_offline(tmp_path, monkeypatch):
@@ -289,17 +293,17 @@ def test_cached_hub_dataset_is_read_offline(tmp_path, monkeypatch):
         raise AssertionError("the network was asked")
 
     monkeypatch.setattr("socket.socket.connect", no_network)
-    source = data.resolve_source("someone/tiny_text")
+    source = resolve_source("someone/tiny_text")
     assert (source.kind, source.split) == ("hub", "train")
     assert [t for _, t in source.documents()] == ROWS[:20]
     assert [t for _, t in source.validation().documents()] == ROWS[20:]
     assert source.files()[0].name == "tiny_text-train.arrow"
     with pytest.raises(DataError, match=r"'someone/other' not found: .* nor a `datasets` hub name in the local cache"):
-        data.resolve_source("someone/other")
+        resolve_source("someone/other")
     with pytest.raises(DataError, match=r"no configuration 'nope' in the local cache \(cached: 'default'\)"):
-        data.resolve_source("someone/tiny_text:nope")
+        resolve_source("someone/tiny_text:nope")
     with pytest.raises(DataError, match=r"someone/tiny_text has no column 'body' \(columns: text\)"):
-        data.resolve_source("someone/tiny_text", text_column="body")
+        resolve_source("someone/tiny_text", text_column="body")
     assert datasets  # imported for the builder above
 
 

@@ -13,10 +13,10 @@ import torch
 from _tolerances import sum_order_bound
 from torch import nn
 
-from slope.train.data import TokenFile
 from slope.train.evaluation import evaluate
+from slope.train.optim import lr_at
 from slope.train.runconfig import RunConfig
-from slope.train.trainer import lr_at
+from slope.train.token_files import TokenFile
 
 
 def test_learning_rate_warms_up_linearly_then_follows_the_cosine():
@@ -91,8 +91,8 @@ def test_gradient_clipping_bounds_the_update(text_corpus, tmp_path):
 def test_ranks_slice_the_global_batch_one_process_would_draw(text_corpus, tmp_path):
     """Each of 3 ranks with batch 2 takes its slice of the batch of 6 one process draws, step after step,
     also after a resume from the (shared) sampler state."""
-    from slope.train.data import WindowSampler
     from slope.train.prepare import prepare_data
+    from slope.train.window_sampler import WindowSampler
 
     _, tokens, _ = prepare_data(tmp_path / "data", str(text_corpus(30_000) / "train.txt"), "", 0.1, "", 320)
     one = WindowSampler(tokens, 16, 6, seed=3)

@@ -12,7 +12,8 @@ layouts and algorithm, not on the data, so this module builds one per
 The compressed operand still comes from `torch._cslt_compress`: it is data laid out by the sparse
 matrix's descriptor alone (rows, cols, leading dimension, 16-byte alignment, dtype, row-major,
 50 %), and the plans here describe the sparse matrix exactly as torch does. The library is the one
-torch loaded (the version must match torch's), so the format is the same.
+torch loaded (the version must match torch's), so the format is the same; `cusparselt_library` opens
+it and binds the functions called here.
 
 Descriptors, mirroring `_cslt_sparse_mm(packed, b.t(), transpose_result=layout == "tr")` for
 b (T, cols) row-major:
@@ -40,19 +41,15 @@ Safety rules, each one a failure seen or documented for the library:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
-import site
-import sys
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
+from slope.backends.cusparselt_library import OpaqueStruct, load_library
 from slope.backends.numerics import rel_error, tolerance
 from slope.masks import nm_mask
 
@@ -68,9 +65,6 @@ _SPARSITY_50 = 0
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _ALIGNMENT = 16  # bytes, as torch passes for every descriptor
-# Opaque structs are 512 bytes, 16-byte aligned, in 0.8's header; twice that is allocated so an
-# older or newer layout of the same API can never write past the buffer.
-_OPAQUE_BYTES = 1024
 SUPPORTED_VERSIONS = range(600, 900)  # cusparseLtGetVersion: major * 1000 + minor * 100 + patch
 MAX_PLANS = 256  # least recently used plans beyond this are destroyed
 ENV_SWITCH = "SLOPE_CUSPARSELT_PLANS"
@@ -95,100 +89,6 @@ def _stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-class _Opaque:
-    """A zeroed, 16-byte aligned block for one cuSPARSELt opaque struct; `.ptr` is its address."""
-
-    def __init__(self):
-        self._buf = ctypes.create_string_buffer(_OPAQUE_BYTES + 16)
-        base = ctypes.addressof(self._buf)
-        self.ptr = ctypes.c_void_p(base + (-base) % 16)
-
-
-_SIGNATURES = {
-    # name: argument types (every function returns a cusparseStatus_t)
-    "cusparseLtInit": [ctypes.c_void_p],
-    "cusparseLtGetVersion": [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)],
-    "cusparseLtDenseDescriptorInit": [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
-        ctypes.c_int, ctypes.c_int,
-    ],
-    "cusparseLtStructuredDescriptorInit": [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ],
-    "cusparseLtMatDescriptorDestroy": [ctypes.c_void_p],
-    "cusparseLtMatmulDescriptorInit": [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ],
-    "cusparseLtMatmulAlgSelectionInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
-    "cusparseLtMatmulAlgSetAttribute": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t],
-    "cusparseLtMatmulAlgGetAttribute": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t],
-    "cusparseLtMatmulAlgSelectionDestroy": [ctypes.c_void_p],
-    "cusparseLtMatmulPlanInit": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
-    "cusparseLtMatmulGetWorkspace": [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)],
-    "cusparseLtMatmulPlanDestroy": [ctypes.c_void_p],
-    "cusparseLtSpMMACompressedSize": [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t),
-    ],
-    "cusparseLtMatmul": [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-    ],
-}
-
-
-def _bind(lib) -> None:
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    lib.cusparseLtGetErrorString.argtypes = [ctypes.c_int]
-    lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
-
-
-# Where pip wheels put libcusparseLt under site-packages: nvidia-cusparselt-cu12 in nvidia/cusparselt/lib;
-# the newer per-CUDA-major wheels (torch +cu130 pulls nvidia-cusparselt-cu13) in nvidia/cu13/lib or
-# nvidia/cu12/lib; some torch builds bundle it in torch/lib.
-WHEEL_LIB_DIRS = ("nvidia/cusparselt/lib", "nvidia/cu13/lib", "nvidia/cu12/lib", "torch/lib")
-
-
-def _site_dirs() -> list[str]:
-    """sys.path, then the interpreter's site-packages folders (a venv may not list them all)."""
-    dirs = list(sys.path)
-    with contextlib.suppress(AttributeError, OSError):  # some embedded interpreters lack `site` helpers
-        dirs += [*site.getsitepackages(), site.getusersitepackages()]
-    return list(dict.fromkeys(d for d in dirs if d))
-
-
-def _library_candidates() -> list[str]:
-    # The copy torch loaded comes first: dlopen of its soname returns the object already in the process.
-    names = ["libcusparseLt.so.0"]
-    for entry in _site_dirs():
-        for sub in WHEEL_LIB_DIRS:
-            lib = Path(entry) / sub / "libcusparseLt.so.0"
-            if lib.is_file() and str(lib) not in names:
-                names.append(str(lib))
-    found = ctypes.util.find_library("cusparseLt")
-    if found:
-        names.append(found)
-    return names
-
-
-def load_library():
-    """The cuSPARSELt shared library, bound; raises OSError when none can be opened."""
-    errors = []
-    for name in _library_candidates():
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError as err:
-            errors.append(f"{name}: {err}")
-            continue
-        _bind(lib)
-        return lib
-    raise OSError("cuSPARSELt could not be opened: " + "; ".join(errors))
-
-
 class Library:
     """The C API of one cuSPARSELt library with one handle per (thread, CUDA device).
 
@@ -207,10 +107,10 @@ class Library:
             text = text.decode() if isinstance(text, bytes) else str(text)
             raise CusparseLtError(f"cuSPARSELt {what} failed with status {status} ({text})")
 
-    def handle(self, device_index: int) -> _Opaque:
+    def handle(self, device_index: int) -> OpaqueStruct:
         handles = self._local.__dict__.setdefault("handles", {})
         if device_index not in handles:
-            handle = _Opaque()
+            handle = OpaqueStruct()
             with _on_device(device_index):
                 self.check(self.lib.cusparseLtInit(handle.ptr), "cusparseLtInit")
             handles[device_index] = handle
@@ -236,62 +136,75 @@ class MatmulPlan:
             raise ValueError(f"cuSPARSELt plans support float16 and bfloat16, not {dtype}")
         if layout not in ("tr", "nt"):
             raise ValueError(f"layout {layout!r} is invalid: expected 'tr' or 'nt'")
-        self.library, self.device_index, self.dtype = library, device_index, dtype
-        self.thread = threading.get_ident()  # the thread whose handle the plan is bound to
         if split_k < 1:
             raise ValueError(f"split_k={split_k} is invalid: expected an integer >= 1")
+        self.library, self.device_index, self.dtype = library, device_index, dtype
+        self.thread = threading.get_ident()  # the thread whose handle the plan is bound to
         self.rows, self.cols, self.tokens, self.layout, self.alg_id = rows, cols, tokens, layout, alg_id
         self.split_k = split_k
-        lib, check = library.lib, library.check
-        handle = library.handle(device_index).ptr
-        self._handle = handle
-        ctype = _CUDA_TYPE[dtype]
-        self._a, self._b, self._d = _Opaque(), _Opaque(), _Opaque()
-        self._matmul, self._alg, self._plan = _Opaque(), _Opaque(), _Opaque()
-        self._live: list[tuple[str, _Opaque]] = []  # what `destroy` must release, in creation order
+        self._handle = library.handle(device_index).ptr
+        self._a, self._b, self._d = OpaqueStruct(), OpaqueStruct(), OpaqueStruct()
+        self._matmul, self._alg, self._plan = OpaqueStruct(), OpaqueStruct(), OpaqueStruct()
+        self._live: list[tuple[str, OpaqueStruct]] = []  # what `destroy` must release, in creation order
         try:
-            check(lib.cusparseLtStructuredDescriptorInit(
-                handle, self._a.ptr, rows, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW, _SPARSITY_50), "A descriptor")
-            self._live.append(("mat", self._a))
-            check(lib.cusparseLtDenseDescriptorInit(
-                handle, self._b.ptr, tokens, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW), "B descriptor")
-            self._live.append(("mat", self._b))
-            d_ld, d_order = (rows, _ORDER_COL) if layout == "tr" else (tokens, _ORDER_ROW)
-            check(lib.cusparseLtDenseDescriptorInit(
-                handle, self._d.ptr, rows, tokens, d_ld, _ALIGNMENT, ctype, d_order), "D descriptor")
-            self._live.append(("mat", self._d))
-            check(lib.cusparseLtMatmulDescriptorInit(
-                handle, self._matmul.ptr, _OP_N, _OP_T, self._a.ptr, self._b.ptr, self._d.ptr, self._d.ptr,
-                _COMPUTE_32F), "matmul descriptor")
-            check(lib.cusparseLtMatmulAlgSelectionInit(handle, self._alg.ptr, self._matmul.ptr, _ALG_DEFAULT),
-                  "algorithm selection")
-            self._live.append(("alg", self._alg))
-            max_id = ctypes.c_int(0)
-            check(lib.cusparseLtMatmulAlgGetAttribute(
-                handle, self._alg.ptr, _ALG_CONFIG_MAX_ID, ctypes.byref(max_id), ctypes.sizeof(max_id)), "max algorithm id")
-            self.max_alg_id = max_id.value
-            alg = ctypes.c_int(alg_id)
-            check(lib.cusparseLtMatmulAlgSetAttribute(
-                handle, self._alg.ptr, _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)), f"algorithm id {alg_id}")
-            if split_k != 1:
-                parts = ctypes.c_int(split_k)
-                check(lib.cusparseLtMatmulAlgSetAttribute(
-                    handle, self._alg.ptr, _ALG_SPLIT_K, ctypes.byref(parts), ctypes.sizeof(parts)), f"split-K {split_k}")
-            with _on_device(device_index):
-                check(lib.cusparseLtMatmulPlanInit(handle, self._plan.ptr, self._matmul.ptr, self._alg.ptr), "plan")
-            self._live.append(("plan", self._plan))
-            size = ctypes.c_size_t(0)
-            check(lib.cusparseLtMatmulGetWorkspace(handle, self._plan.ptr, ctypes.byref(size)), "workspace size")
-            self.workspace_bytes = size.value
-            # what torch._cslt_compress writes for this sparse matrix (values + metadata, padded)
-            compressed, scratch = ctypes.c_size_t(0), ctypes.c_size_t(0)
-            check(lib.cusparseLtSpMMACompressedSize(handle, self._plan.ptr, ctypes.byref(compressed),
-                                                    ctypes.byref(scratch)), "compressed size")
-            self.compressed_bytes = compressed.value
+            self._describe_product()
+            self._select_algorithm()
+            self._init_plan()
         except Exception:
             self.destroy()
             raise
         self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def _describe_product(self) -> None:
+        """The descriptors of A, B and D and of the product D = A · Bᵀ (laid out as the module doc says)."""
+        lib, check, handle = self.library.lib, self.library.check, self._handle
+        rows, cols, tokens, ctype = self.rows, self.cols, self.tokens, _CUDA_TYPE[self.dtype]
+        check(lib.cusparseLtStructuredDescriptorInit(
+            handle, self._a.ptr, rows, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW, _SPARSITY_50), "A descriptor")
+        self._live.append(("mat", self._a))
+        check(lib.cusparseLtDenseDescriptorInit(
+            handle, self._b.ptr, tokens, cols, cols, _ALIGNMENT, ctype, _ORDER_ROW), "B descriptor")
+        self._live.append(("mat", self._b))
+        d_ld, d_order = (rows, _ORDER_COL) if self.layout == "tr" else (tokens, _ORDER_ROW)
+        check(lib.cusparseLtDenseDescriptorInit(
+            handle, self._d.ptr, rows, tokens, d_ld, _ALIGNMENT, ctype, d_order), "D descriptor")
+        self._live.append(("mat", self._d))
+        check(lib.cusparseLtMatmulDescriptorInit(
+            handle, self._matmul.ptr, _OP_N, _OP_T, self._a.ptr, self._b.ptr, self._d.ptr, self._d.ptr,
+            _COMPUTE_32F), "matmul descriptor")
+
+    def _select_algorithm(self) -> None:
+        """The algorithm selection with `alg_id` and `split_k` set; reads the largest id into `max_alg_id`."""
+        lib, check, handle = self.library.lib, self.library.check, self._handle
+        check(lib.cusparseLtMatmulAlgSelectionInit(handle, self._alg.ptr, self._matmul.ptr, _ALG_DEFAULT),
+              "algorithm selection")
+        self._live.append(("alg", self._alg))
+        max_id = ctypes.c_int(0)
+        check(lib.cusparseLtMatmulAlgGetAttribute(
+            handle, self._alg.ptr, _ALG_CONFIG_MAX_ID, ctypes.byref(max_id), ctypes.sizeof(max_id)), "max algorithm id")
+        self.max_alg_id = max_id.value
+        alg = ctypes.c_int(self.alg_id)
+        check(lib.cusparseLtMatmulAlgSetAttribute(
+            handle, self._alg.ptr, _ALG_CONFIG_ID, ctypes.byref(alg), ctypes.sizeof(alg)), f"algorithm id {self.alg_id}")
+        if self.split_k != 1:
+            parts = ctypes.c_int(self.split_k)
+            check(lib.cusparseLtMatmulAlgSetAttribute(
+                handle, self._alg.ptr, _ALG_SPLIT_K, ctypes.byref(parts), ctypes.sizeof(parts)), f"split-K {self.split_k}")
+
+    def _init_plan(self) -> None:
+        """The plan, built with its device current, and the workspace and compressed operand sizes it needs."""
+        lib, check, handle = self.library.lib, self.library.check, self._handle
+        with _on_device(self.device_index):
+            check(lib.cusparseLtMatmulPlanInit(handle, self._plan.ptr, self._matmul.ptr, self._alg.ptr), "plan")
+        self._live.append(("plan", self._plan))
+        size = ctypes.c_size_t(0)
+        check(lib.cusparseLtMatmulGetWorkspace(handle, self._plan.ptr, ctypes.byref(size)), "workspace size")
+        self.workspace_bytes = size.value
+        # what torch._cslt_compress writes for this sparse matrix (values + metadata, padded)
+        compressed, scratch = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        check(lib.cusparseLtSpMMACompressedSize(handle, self._plan.ptr, ctypes.byref(compressed),
+                                                ctypes.byref(scratch)), "compressed size")
+        self.compressed_bytes = compressed.value
 
     def check_operands(self, packed: torch.Tensor, b: torch.Tensor) -> None:
         """Refuse operands the plan does not describe, before the library reads them."""

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slope.train.data import DataError, TokenFile
+from slope.train.data_error import DataError
+from slope.train.token_files import TokenFile
 
 
 def window_starts(n_tokens: int, seq_len: int, max_tokens: int | None) -> list[int]:

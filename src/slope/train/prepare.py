@@ -16,10 +16,14 @@ import hashlib
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from slope.train import corpus, data
-from slope.train.data import DataError, TokenFile
+from slope.train import corpus
+from slope.train.data_error import DataError
+from slope.train.sources import Source, resolve_source
+from slope.train.token_files import TokenFile, tokenizer_description, write_tokens
+from slope.train.tokenizing import pretrained_tokenizer, train_bpe
 
 log = logging.getLogger("slope")
 
@@ -38,11 +42,11 @@ def prepare_data(
     out_dir = Path(out_dir)
     if val == "auto":
         val = corpus.HELDOUT_OF.get(train, "")
-    source = data.resolve_source(train, text_column=text_column)
+    source = resolve_source(train, text_column=text_column)
     if source.kind == "prepared":
         if tokenizer_name:
             log.warning("data.train %s is prepared with its own tokenizer; ignoring tokenizer.name", train)
-        tokenizer = data.pretrained_tokenizer(str(source.path / "tokenizer"))
+        tokenizer = pretrained_tokenizer(str(source.path / "tokenizer"))
         train_tokens = TokenFile(source.path / "train")
         if val:
             val_tokens = tokenize_source(out_dir, "val", val, tokenizer, text_column=text_column)
@@ -50,22 +54,22 @@ def prepare_data(
             val_tokens = TokenFile(source.path / "val")
         return tokenizer, train_tokens, val_tokens
 
-    val_src = _held_out(data.resolve_source(val, text_column=text_column)) if val else source.validation()
+    val_src = _held_out(resolve_source(val, text_column=text_column)) if val else source.validation()
     if val_src is not None:
         train_docs, val_docs = source.documents, val_src.documents
         log.info("validation data: %s", val_src.label)
     else:
-        train_docs, val_docs = data.split_tail(source.documents, val_fraction)
+        train_docs, val_docs = split_tail(source.documents, val_fraction)
 
     tok_dir = out_dir / "tokenizer"
     if tok_dir.is_dir():
-        tokenizer = data.pretrained_tokenizer(str(tok_dir))
+        tokenizer = pretrained_tokenizer(str(tok_dir))
     else:
         if tokenizer_name:
-            tokenizer = data.pretrained_tokenizer(tokenizer_name)
+            tokenizer = pretrained_tokenizer(tokenizer_name)
         else:
             log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, source.label)
-            tokenizer = data.train_bpe((text for _, text in train_docs()), vocab_size)
+            tokenizer = train_bpe((text for _, text in train_docs()), vocab_size)
             if len(tokenizer) <= 257:
                 raise DataError(f"corpus {train!r} is empty or too small to train a tokenizer on")
         tmp = out_dir / "tokenizer.tmp"
@@ -73,7 +77,7 @@ def prepare_data(
         tokenizer.save_pretrained(str(tmp))
         tmp.replace(tok_dir)
 
-    desc = data.tokenizer_description(tokenizer, tokenizer_name or "byte-level BPE trained on data.train")
+    desc = tokenizer_description(tokenizer, tokenizer_name or "byte-level BPE trained on data.train")
     columns = {"text_column": text_column} if source.kind not in ("embedded", "text") else {}
     train_tokens = _tokenize(out_dir / "train", train_docs, tokenizer, {**desc, "source": source.label, **columns,
                              "split": "all" if val_src else f"first {1 - val_fraction:g} of the text",
@@ -85,7 +89,39 @@ def prepare_data(
     return tokenizer, train_tokens, val_tokens
 
 
-def _held_out(source: data.Source) -> data.Source:
+def split_tail(
+    documents: Callable[[], Iterator[tuple[str, str]]], fraction: float
+) -> tuple[Callable[[], Iterator[tuple[str, str]]], Callable[[], Iterator[tuple[str, str]]]]:
+    """Two document streams: the first (1 - fraction) of the text, and the rest, cut at a line end.
+
+    Deterministic (the sources are read in a fixed order), and the split is on text, so not even the
+    tokenizer sees the held-out part. Costs one extra reading pass to count the bytes.
+    """
+    total = sum(len(text.encode("utf-8")) for _, text in documents())
+    cut = int(total * (1.0 - fraction))
+
+    def part(want_head: bool) -> Iterator[tuple[str, str]]:
+        seen = 0
+        for name, text in documents():
+            size = len(text.encode("utf-8"))
+            if seen + size <= cut:
+                head, tail = text, ""
+            elif seen >= cut:
+                head, tail = "", text
+            else:  # the piece straddling the cut: split after the first line end past it
+                at = len(text.encode("utf-8")[: cut - seen].decode("utf-8", errors="ignore"))
+                newline = text.find("\n", at)
+                at = len(text) if newline < 0 else newline + 1
+                head, tail = text[:at], text[at:]
+            seen += size
+            chosen = head if want_head else tail
+            if chosen:
+                yield name, chosen
+
+    return (lambda: part(True)), (lambda: part(False))
+
+
+def _held_out(source: Source) -> Source:
     """A source named for validation or evaluation: a dataset's `validation` split when it has one."""
     return source.validation() or source
 
@@ -98,12 +134,12 @@ def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
             raise DataError(f"{err}; delete {stem.with_suffix('.bin')} and {stem.with_suffix('.json')} to "
                             f"tokenize {description['source']} again") from None
     log.info("tokenizing %s -> %s", description["source"], stem.with_suffix(".bin"))
-    return data.write_tokens(stem, documents(), tokenizer, description=description)
+    return write_tokens(stem, documents(), tokenizer, description=description)
 
 
 def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer, *, text_column: str = "text") -> TokenFile:
     """Token file of any source `spec` with `tokenizer`, cached in `out_dir` under a name from `spec`."""
-    source = data.resolve_source(spec, text_column=text_column)
+    source = resolve_source(spec, text_column=text_column)
     if source.kind == "prepared":
         raise DataError(f"{spec!r} is a prepared token folder; evaluate on text, not on token files")
     source = _held_out(source)
@@ -113,6 +149,6 @@ def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer, *, text_co
     # Another column is another text; the default keeps the names that runs of earlier versions cached.
     key = spec if text_column == "text" else f"{spec}\0{text_column}"
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-    desc = {**data.tokenizer_description(tokenizer, "run tokenizer"), "source": source.label,
+    desc = {**tokenizer_description(tokenizer, "run tokenizer"), "source": source.label,
             "split": "all", "source_files": source.hashes()}
     return _tokenize(Path(out_dir) / f"{prefix}-{slug}-{tag}", source.documents, tokenizer, desc)

@@ -8,10 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from slope.convert import (
-    HF_CONFIG_KEY,
-    replace_module,
-)
+from slope.convert import remove_hf_config_mark, replace_module
 from slope.srste import SrsteLinear, srste_layers
 from slope.train.methods.base import Method, Options
 from slope.train.methods.slope_method import sparsify_keeping_dense
@@ -60,9 +57,7 @@ class SrsteMethod(Method):
         dense = sparsify_keeping_dense(model, cfg)
         for name, module in dense.items():
             replace_module(model, name, SrsteLinear.from_dense(module, cfg.n, cfg.m, per_backward))
-        # the model trains dense weights: its config.json must not claim stored sparse layers
-        if HF_CONFIG_KEY in getattr(getattr(model, "config", None), "__dict__", {}):
-            delattr(model.config, HF_CONFIG_KEY)
+        remove_hf_config_mark(model)  # the model trains dense weights, not stored sparse layers
         log.info("srste: those %d layers train dense weights through a dynamic %d:%d magnitude mask, "
                  "sparse-refined decay %g", len(dense), cfg.n, cfg.m, self.decay)
 
