@@ -132,6 +132,7 @@ def sparsify(model: nn.Module, config: SlopeConfig | None = None) -> nn.Module:
     report.params_after = sum(p.numel() for p in model.parameters())
     model.slope_report = report
     _mark_hf_config(model, config)
+    guard_lora_targets(model)
     log.info(report.summary())
     return model
 
@@ -197,6 +198,45 @@ def _mark_hf_config(model: nn.Module, config: SlopeConfig) -> None:
             # the backend is chosen where the model is loaded, not stored
             "slope_config": config.replace(backend="auto").to_dict(),
         })
+
+
+def guard_lora_targets(model: nn.Module) -> None:
+    """Refuse, at the first training forward, a LoRA that went on every dense linear and on no SlopeLinear.
+
+    That is what plain `peft.get_peft_model(model, LoraConfig(target_modules="all-linear"))` does to a
+    sparsified model: PEFT's "all-linear" collects nn.Linear and Conv1D only, and freezes the rest, so
+    the N:M layers would train nothing. `slope.get_peft_model` wraps them too. A LoRA on a chosen subset
+    of layers is not this pattern and passes. A forward pre-hook on the model, registered once; it looks
+    only in training mode with gradients on, so inference pays nothing.
+    """
+    if not getattr(model, "_slope_lora_guard", False):
+        model.register_forward_pre_hook(_refuse_all_linear_lora_without_slope_layers)
+        model._slope_lora_guard = True
+
+
+def _refuse_all_linear_lora_without_slope_layers(model: nn.Module, _args) -> None:
+    if not (model.training and torch.is_grad_enabled()):
+        return
+    lora_layers = {name: mod for name, mod in model.named_modules()
+                   if hasattr(mod, "lora_A") and isinstance(getattr(mod, "base_layer", None), nn.Module)}
+    if not lora_layers:
+        return
+    bases = {id(mod.base_layer) for mod in lora_layers.values()}
+    sparse = slope_layers(model)
+    if not sparse or any(id(layer) in bases for _, layer in sparse):
+        return
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    inside_lora = tuple(f"{name}." for name in lora_layers)
+    unwrapped_dense = [name for name, mod in model.named_modules()
+                       if _is_convertible(mod) and mod is not head and id(mod) not in bases
+                       and not name.startswith(inside_lora)]
+    if not unwrapped_dense:
+        raise ValueError(
+            f"LoRA is on every dense linear layer and on none of the model's {len(sparse)} N:M (SlopeLinear) "
+            "layers, which stay frozen: PEFT's target_modules='all-linear' does not see SlopeLinear; build "
+            "the PEFT model with slope.get_peft_model(model, config) instead of peft.get_peft_model"
+        )
 
 
 def remove_hf_config_mark(model: nn.Module) -> None:

@@ -116,6 +116,33 @@ def test_plain_config_is_refused_by_peft_and_works_once_prepared():
     assert sum(type(m).__name__ == "SlopeLoraLinear" for m in wrapped.modules()) == 2
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_plain_peft_all_linear_on_a_sparse_model_is_refused_at_the_first_training_forward(family, ids, tmp_path):
+    """Plain PEFT's "all-linear" puts LoRA on the dense layers only and freezes the N:M ones: refused, for a
+    sparsified model and for one slope.load gives back. A LoRA on chosen layers, and inference, pass."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "saved")
+    for base in (model, slope.load(tmp_path / "saved", device="cpu")):
+        wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules="all-linear"))
+        assert not any(type(m).__name__ == "SlopeLoraLinear" for m in wrapped.modules())  # PEFT's own choice
+        wrapped.eval()
+        with torch.no_grad():
+            wrapped(input_ids=ids)  # inference is not refused
+        wrapped.train()
+        with pytest.raises(ValueError, match=r"on none of the model's \d+ N:M \(SlopeLinear\) layers.*"
+                                             r"slope\.get_peft_model\(model, config\)"):
+            wrapped(input_ids=ids)
+    dense = sorted(name for name, mod in tiny_model(family).named_modules()
+                   if type(mod).__name__ in ("Linear", "Conv1D") and name != "lm_head")
+    if len(dense) > 1:  # LLaMA keeps q, k and v of its first block dense; GPT-2 one fused c_attn
+        chosen = peft.get_peft_model(tiny_model(family), peft.LoraConfig(r=2, target_modules=dense[:1]))
+        chosen.train()
+        chosen(input_ids=ids).logits.sum().backward()  # a deliberate subset of dense layers trains
+    prepared = get_peft_model(tiny_model(family), peft.LoraConfig(r=2, target_modules="all-linear"))
+    prepared.train()
+    prepared(input_ids=ids).logits.sum().backward()
+
+
 def test_merge_is_refused():
     wrapped = get_peft_model(_one_layer(), peft.LoraConfig(r=2, target_modules=["proj"]))
     with pytest.raises(NotImplementedError, match="N:M weight dense"):

@@ -24,6 +24,7 @@ from slope.convert import (
     SparsifyReport,
     dense_equivalent_params,
     for_inference,
+    guard_lora_targets,
     replace_module,
     slope_layers,
 )
@@ -122,7 +123,11 @@ def load(
             layer.set_backend(backend)
     target = _inference_dtype(dtype, next(model.parameters()).dtype, device)
     model = model.to(device=device, dtype=target).eval()
-    return for_inference(model) if inference else model
+    if inference:
+        return for_inference(model)
+    if slope_layers(model):
+        guard_lora_targets(model)  # a loaded sparse model is a PEFT target like a sparsified one
+    return model
 
 
 def _load_huggingface(path: Path) -> nn.Module:
