@@ -328,6 +328,7 @@ def densify(model: nn.Module) -> nn.Module:
     layers = slope_layers(model)
     if not layers:
         raise ValueError("densify: the model has no SlopeLinear layers")
+    merged = any(layer.rank for _, layer in layers)
     for name, layer in layers:
         weight = layer.merged_dense_weight()  # (out, in)
         bias = layer.bias is not None
@@ -347,6 +348,9 @@ def densify(model: nn.Module) -> nn.Module:
     if hasattr(model, "slope_report"):
         del model.slope_report
     remove_hf_config_mark(model)  # its layers are dense again
+    if merged and hasattr(model, "config"):
+        # recorded in config.json, so that the adapters are not applied a second time (slope.io.peft)
+        model.config.slope_adapters_merged = True
     if model.training:
         log.warning("slope: densify replaced %d layers with new parameters; an optimizer built before densify "
                     "no longer updates them: build a new optimizer to keep training", len(layers))

@@ -143,6 +143,29 @@ def test_plain_peft_all_linear_on_a_sparse_model_is_refused_at_the_first_trainin
     prepared(input_ids=ids).logits.sum().backward()
 
 
+def test_an_adapter_folder_is_refused_on_a_base_that_already_holds_the_adapters(tmp_path):
+    """The folder save_peft_adapter writes holds the adapters the model trained: applying it to the model
+    itself, or to its dense export (adapters merged), would add them twice."""
+    from transformers import AutoModelForCausalLM
+
+    from slope.io.export import save_dense
+
+    model = tiny_model("llama", adapters=True)
+    save_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="carry their own adapters.*strip_adapters"):
+        load_peft_adapter(copy.deepcopy(model), tmp_path / "adapter")
+    save_dense(model, tmp_path / "dense")
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["slope_adapters_merged"] is True
+    assert "count them twice" in (tmp_path / "dense" / "README.md").read_text()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="adapters merged into its weights.*count them twice"):
+        load_peft_adapter(dense, tmp_path / "adapter")
+    # the bases the folder is for: the sparse model without its adapters, and its dense export
+    load_peft_adapter(strip_adapters(copy.deepcopy(model)), tmp_path / "adapter")
+    save_dense(strip_adapters(copy.deepcopy(model)), tmp_path / "dense-base")
+    load_peft_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "dense-base"), tmp_path / "adapter")
+
+
 def test_merge_is_refused():
     wrapped = get_peft_model(_one_layer(), peft.LoraConfig(r=2, target_modules=["proj"]))
     with pytest.raises(NotImplementedError, match="N:M weight dense"):

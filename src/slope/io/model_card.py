@@ -24,7 +24,9 @@ _LOAD = {
     "dense": (
         "a plain transformers model (the sparse weights stored dense, adapters merged): it loads without "
         "slope.\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```"
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```\n\n"
+        "Its adapters are already in its weights: do not apply the run's adapter folder (the serving "
+        "export's `adapter/`) to it, which would count them twice."
     ),
     "serving": (
         "the serving export: a transformers base whose sparse layers keep exactly the N:M zeros, plus the "

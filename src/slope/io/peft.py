@@ -131,8 +131,19 @@ def get_peft_model(model: nn.Module, config, **kwargs):
 
 
 def load_peft_adapter(base: nn.Module, folder: str | Path, **kwargs):
-    """`peft.PeftModel.from_pretrained(base, folder)` that also accepts a sparse (SlopeLinear) base."""
+    """`peft.PeftModel.from_pretrained(base, folder)` that also accepts a sparse (SlopeLinear) base.
+
+    Refused on a base that already holds SLoPe adapters (its own, or merged into its weights by
+    `densify` / the dense export): the folder's adapters would count twice.
+    """
     peft, _ = _lora()
+    if getattr(getattr(base, "config", None), "slope_adapters_merged", False):
+        raise ValueError(f"this model has its adapters merged into its weights (densify or the dense export); "
+                         f"applying {folder} as well would count them twice: load the adapter folder onto the "
+                         "sparse base (the serving export's base, or slope.strip_adapters(model))")
+    if any(layer.rank for _, layer in slope_layers(base)):
+        raise ValueError(f"this model's SlopeLinear layers carry their own adapters; applying {folder} as well "
+                         "would count them twice: remove them first with slope.strip_adapters(model)")
     config = peft.LoraConfig.from_pretrained(str(folder))
     return peft.PeftModel.from_pretrained(base, str(folder), config=prepare_lora_config(config, base), **kwargs)
 
