@@ -152,13 +152,13 @@ def test_an_adapter_folder_is_refused_on_a_base_that_already_holds_the_adapters(
 
     model = tiny_model("llama", adapters=True)
     save_peft_adapter(model, tmp_path / "adapter")
-    with pytest.raises(ValueError, match="carry their own adapters.*strip_adapters"):
+    with pytest.raises(ValueError, match=r"carry their own adapters.*strip_adapters"):
         load_peft_adapter(copy.deepcopy(model), tmp_path / "adapter")
     save_dense(model, tmp_path / "dense")
     assert json.loads((tmp_path / "dense" / "config.json").read_text())["slope_adapters_merged"] is True
     assert "count them twice" in (tmp_path / "dense" / "README.md").read_text()
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
-    with pytest.raises(ValueError, match="adapters merged into its weights.*count them twice"):
+    with pytest.raises(ValueError, match=r"adapters merged into its weights.*count them twice"):
         load_peft_adapter(dense, tmp_path / "adapter")
     # the bases the folder is for: the sparse model without its adapters, and its dense export
     load_peft_adapter(strip_adapters(copy.deepcopy(model)), tmp_path / "adapter")
