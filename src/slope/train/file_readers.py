@@ -62,7 +62,7 @@ def _jsonl_documents(path: Path, text_column: str = "text") -> Iterator[tuple[st
             if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
                 has = f" (this line has: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
                 raise DataError(f"{path}:{lineno}: expected an object with a string {text_column!r} field{has}; "
-                                "set data.text_column (slope prepare --text-column) to the field holding the text")
+                                "set data.text_column (--text-column of slope prepare and slope eval) to the field holding the text")
             yield f"{path}:{lineno}", row[text_column]
 
 
@@ -105,7 +105,7 @@ def check_column(schema, column: str, where: str) -> None:
     pa = _pyarrow()
     if column not in schema.names:
         raise DataError(f"{where} has no column {column!r} (columns: {', '.join(schema.names)}); set "
-                        "data.text_column (slope prepare --text-column) to the one holding the text")
+                        "data.text_column (--text-column of slope prepare and slope eval) to the one holding the text")
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or getattr(pa.types, "is_string_view", lambda _: False)(kind)):

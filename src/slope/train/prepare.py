@@ -138,10 +138,14 @@ def _tokenize(stem: Path, documents, tokenizer, description: dict) -> TokenFile:
 
 
 def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer, *, text_column: str = "text") -> TokenFile:
-    """Token file of any source `spec` with `tokenizer`, cached in `out_dir` under a name from `spec`."""
+    """Token file of any source `spec` with `tokenizer`, cached in `out_dir` under a name from `spec`.
+
+    A prepared token folder (`slope prepare`) gives its validation tokens as they are, when they were
+    made with this same tokenizer (the vocabulary hash it recorded).
+    """
     source = resolve_source(spec, text_column=text_column)
     if source.kind == "prepared":
-        raise DataError(f"{spec!r} is a prepared token folder; evaluate on text, not on token files")
+        return _prepared_validation(source, tokenizer)
     source = _held_out(source)
     # No dots in the name: TokenFile adds .bin/.json with with_suffix, which would cut "notes.txt-1a2b3c4d"
     # back to "notes" and make every eval set named notes.* share one token file.
@@ -152,3 +156,16 @@ def tokenize_source(out_dir: Path, prefix: str, spec: str, tokenizer, *, text_co
     desc = {**tokenizer_description(tokenizer, "run tokenizer"), "source": source.label,
             "split": "all", "source_files": source.hashes()}
     return _tokenize(Path(out_dir) / f"{prefix}-{slug}-{tag}", source.documents, tokenizer, desc)
+
+
+def _prepared_validation(source: Source, tokenizer) -> TokenFile:
+    """The validation tokens of a prepared folder, refused when another tokenizer made them."""
+    tokens = TokenFile(source.path / "val")
+    info = tokens.meta.get("tokenizer")
+    recorded = info.get("vocab_sha256") if isinstance(info, dict) else None
+    ours = tokenizer_description(tokenizer, "")["tokenizer"]["vocab_sha256"]
+    if recorded != ours:
+        raise DataError(f"{source.path} was prepared with another tokenizer (vocabulary sha256 "
+                        f"{str(recorded)[:12]}, the model's is {ours[:12]}); evaluate on the text itself")
+    return tokens
+

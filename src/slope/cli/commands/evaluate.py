@@ -13,7 +13,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     p.add_argument("model", help="a run folder (its latest checkpoint), a checkpoint folder, a slope export "
                                  "or a Hugging Face model folder")
-    p.add_argument("text", nargs="*", help="text file, folder, .jsonl, or embedded corpus name (e.g. milton)")
+    p.add_argument("text", nargs="*", help="text file, folder, .jsonl, Parquet or Arrow file, saved dataset, prepared "
+                                           "token folder (its validation tokens), or embedded corpus name (e.g. milton)")
+    p.add_argument("--text-column", default="text",
+                   help="the field (JSONL) or column (Parquet, Arrow, datasets) holding the text (default: text)")
     p.add_argument("--seq-len", type=int, default=0,
                    help="window length (default: the run's train.seq_len, else the model's positions up to 1024)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -70,6 +73,8 @@ def run(args) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.tasks:
+        if args.text_column != "text":
+            raise UserError("--text-column applies to TEXT; --tasks-data reads the 'text' field of its JSONL")
         if args.text:
             raise UserError("give TEXT or --tasks, not both")
         return _run_tasks(args)
@@ -110,7 +115,7 @@ def run(args) -> int:
         results = {}
         with tempfile.TemporaryDirectory(prefix="slope-eval-") as tmp:
             for spec in args.text:
-                tokens = tokenize_source(Path(tmp), "eval", spec, tokenizer)
+                tokens = tokenize_source(Path(tmp), "eval", spec, tokenizer, text_column=args.text_column)
                 results[spec] = evaluate(model, tokens, seq_len=seq_len, batch_size=args.batch_size,
                                          max_tokens=args.max_tokens or None, device=device, autocast=autocast,
                                          desc=f"eval {Path(spec).name or spec}")
