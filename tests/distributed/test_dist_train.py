@@ -45,7 +45,7 @@ from transformers import AutoConfig
 
 from slope.io.checkpoint import load_checkpoint, verify_checkpoint
 from slope.train import runconfig
-from slope.train.trainer import lr_at
+from slope.train.optim import lr_at
 
 
 def assert_same_run(run_dir, reference) -> None:

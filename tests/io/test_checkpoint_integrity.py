@@ -21,7 +21,7 @@ import slope
 from slope.io import checkpoint
 from slope.io.format import FormatError, UnsupportedFormatError
 from slope.io.load import load, read_metadata, verify_files
-from slope.train.trainer import rng_state, set_rng_state
+from slope.train.resume import rng_state, set_rng_state
 
 
 @pytest.fixture(scope="module")

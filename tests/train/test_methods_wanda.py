@@ -22,7 +22,7 @@ from slope.io import checkpoint
 from slope.train import models, runconfig
 from slope.train.evaluation import causal_lm_loss
 from slope.train.methods import get_method, wanda_mask
-from slope.train.trainer import build_optimizer
+from slope.train.optim import build_optimizer
 
 
 def reference_wanda(w: torch.Tensor, norms: torch.Tensor, n: int, m: int) -> torch.Tensor:

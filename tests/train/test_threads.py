@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slope.cli import main
-from slope.train import trainer
+from slope.train import hardware
 
 
 @pytest.fixture
@@ -20,16 +20,16 @@ def restore_threads():
 
 
 def test_auto_takes_the_free_cores_shared_among_local_processes(monkeypatch):
-    monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (2.2, 0.0, 0.0))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (2.2, 0.0, 0.0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert trainer.pick_threads(0) == 6  # 8 cores, about 2 busy
+    assert hardware.pick_threads(0) == 6  # 8 cores, about 2 busy
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert trainer.pick_threads(0) == 3  # shared by the run's two processes here
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert trainer.pick_threads(0) == 1  # every core busy: one thread, never zero
-    assert trainer.pick_threads(5) == 5  # explicit wins
+    assert hardware.pick_threads(0) == 3  # shared by the run's two processes here
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert hardware.pick_threads(0) == 1  # every core busy: one thread, never zero
+    assert hardware.pick_threads(5) == 5  # explicit wins
 
 
 def test_the_trainer_applies_and_records_it(tmp_path, text_corpus, restore_threads, capsys):

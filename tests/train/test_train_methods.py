@@ -16,7 +16,8 @@ from slope.io import checkpoint
 from slope.train import models, runconfig
 from slope.train.evaluation import causal_lm_loss
 from slope.train.methods import METHODS, SlopeMethod, get_method
-from slope.train.trainer import build_optimizer, lr_at, rng_state, set_rng_state
+from slope.train.optim import build_optimizer, lr_at
+from slope.train.resume import rng_state, set_rng_state
 
 
 def tiny_model(preset: str = "llama"):

@@ -1,4 +1,4 @@
-"""Several processes for one run: the process group, the DDP / FSDP2 wrappers, rank helpers.
+"""Several processes for one run: the process group, the DDP / FSDP2 wrappers, rank helpers, gathered weights.
 
 `slope train` runs the same code on 1 or N processes. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT in the environment) `init` joins the process group; every rank then
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slope.devices import resolve_device
+from slope.train.hardware import check_precision, run_device
 from slope.train.runconfig import ConfigError, RunConfig
 
 log = logging.getLogger("slope")
@@ -128,16 +128,11 @@ def init(cfg: RunConfig) -> Dist:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     mode = resolve_mode(cfg.run.parallel, world)
-    try:
-        device = resolve_device(cfg.run.device)
-    except ValueError as err:
-        raise ConfigError(f"config key 'run.device': {err}") from None
+    device = run_device(cfg.run.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process, as torchrun numbers them
         torch.cuda.set_device(device)
-    if mode == "fsdp" and cfg.run.precision == "fp16":
-        raise ConfigError("run.precision=fp16 with run.parallel=fsdp is not supported (its loss scaler does not see "
-                          "sharded gradients); use bf16")
+    check_precision(cfg.run, device)  # before the process group: a bad precision is one line, on every rank
     state = Dist(mode=mode, rank=rank, world=world, local_rank=local_rank, device=device)
     if rank != 0:
         log.setLevel(logging.WARNING)  # rank 0 tells the story; the others speak only of trouble
@@ -192,6 +187,17 @@ def fully_shard(model: nn.Module, mesh=None) -> nn.Module:
     return model
 
 
+def shard_with_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`fully_shard(model)`, and `optimizer` made again over the sharded parameters, group for group.
+
+    FSDP shards in place and replaces every parameter by its DTensor, so an optimizer made with the
+    method's groups on the plain model would step parameters the sharded model does not use.
+    """
+    groups = named_groups(model, optimizer)
+    fully_shard(model)
+    return regroup(model, optimizer, groups)
+
+
 def named_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
     """The optimizer's param groups with parameter names in place of the tensors (see `regroup`)."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -241,6 +247,29 @@ def full_state_dict(model: nn.Module, cpu: bool = False) -> dict[str, torch.Tens
         value = full_value(value.detach())
         out[name] = value.cpu() if cpu else value
     return out
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """The state_dict names safetensors' save_model leaves out of `model`'s file (one of each tied pair),
+    each with the name it shares its tensor with: what it records in the file's metadata."""
+    import safetensors.torch
+
+    state = model.state_dict()
+    return {removed: kept for kept, group in safetensors.torch._remove_duplicate_names(state).items()
+            for removed in group}
+
+
+def consolidated_weights(model: nn.Module, aliases: dict[str, str], main: bool) -> tuple[dict, dict] | None:
+    """An FSDP model's whole weights for rank 0's model.safetensors, with the tied `aliases` left out.
+
+    Collective: every rank gathers each tensor in turn; rank 0 keeps the whole model, the others get None.
+    aliases: `tied_aliases` of the model before sharding (gathered tensors do not share storage, so the
+    ties cannot be read from them).
+    """
+    full = full_state_dict(model, cpu=True)
+    if not main:
+        return None
+    return {name: t.contiguous() for name, t in full.items() if name not in aliases}, aliases
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ from slope.config import SlopeConfig
 from slope.convert import add_adapters, slope_layers, sparsify
 from slope.io.export import save_compressed
 from slope.io.format import META_FILE
+from slope.io.load import TRAINER_EXPORT_DIR
 from slope.linear import track_steps
+from slope.train.methods.slope_method import adapters_due
 
 log = logging.getLogger("slope")
 
@@ -86,8 +88,7 @@ class SlopeCallback(TrainerCallback):
         self._maybe_add_adapters(args, state, model, optimizer, lr_scheduler)
 
     def _maybe_add_adapters(self, args, state, model, optimizer, lr_scheduler) -> None:
-        step = self.config.adapter_step(state.max_steps)
-        if step is None or state.global_step < step or any(layer.rank for _, layer in slope_layers(model)):
+        if not adapters_due(state.global_step, self.config.adapter_step(state.max_steps), model):
             return
         group = {"weight_decay": args.weight_decay, "lr": args.learning_rate}
         add_adapters(model, optimizer=optimizer, param_group=group)
@@ -99,7 +100,7 @@ class SlopeCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and ckpt.is_dir():
-            _replace_export(model, ckpt / "slope", processing_class, self.export_dtype)
+            _replace_export(model, ckpt / TRAINER_EXPORT_DIR, processing_class, self.export_dtype)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.export_dir is False or not args.should_save:

@@ -1,8 +1,9 @@
 """The run configuration of `slope train`: dataclass sections, TOML files and `--section.key=value` overrides.
 
 Every value is type-checked against its dataclass annotation, so a typo in a key or a wrong type is an
-error naming the key and what it expects. The `[slope]` section *is* `slope.SlopeConfig`, so every knob
-of the method is configurable without being listed twice.
+error naming the key and what it expects; each section then checks its own ranges and choices (`check`).
+The `[slope]` section *is* `slope.SlopeConfig`, so every knob of the method is configurable without
+being listed twice.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class ConfigError(ValueError):
     """A bad key or value in a run file or an override; the message names the key."""
 
 
+# ---- checks: each section checks its own fields (`check`), with these ------------------------------
+
+
+def _finite(key: str, value: float) -> None:
+    # NaN passes every range check, and an infinite lr or eps turns the first step into NaN.
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
 @dataclass
 class RunSection:
     name: str = "shakespeare"  # run directory prefix: <out_dir>/<name>-<method>-<timestamp>
@@ -51,6 +71,14 @@ class RunSection:
     # torch's CPU threads per process: 0 = auto (the cores not busy with other work when the run starts,
     # shared among the processes of this machine; at least 1), else exactly this many
     threads: int = 0
+
+    def check(self) -> None:
+        _finite("run.dist_timeout", self.dist_timeout)
+        _positive("run.threads", self.threads, allow_zero=True)
+        _positive("run.dist_timeout", self.dist_timeout)
+        _one_of("run.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _one_of("run.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        _one_of("run.logger", self.logger, ("tensorboard", "wandb", "none"))
 
 
 @dataclass
@@ -69,6 +97,22 @@ class ModelSection:
     # weights at init scales its output by about sqrt(n/m), so a dense run at 0.7071 starts where SLoPe does)
     linear_init_scale: float = 1.0
 
+    def check(self) -> None:
+        _finite("model.linear_init_scale", self.linear_init_scale)
+        _finite("model.dropout", self.dropout)
+        _positive("model.max_seq_len", self.max_seq_len, allow_zero=True)
+        if self.preset in PRESETS:  # a user's config file or folder brings its own sizes
+            _positive("model.hidden_size", self.hidden_size)
+            _positive("model.num_layers", self.num_layers)
+            _positive("model.num_heads", self.num_heads)
+            _positive("model.intermediate_size", self.intermediate_size, allow_zero=True)
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"config key 'model.hidden_size' ({self.hidden_size}) must be a multiple of "
+                                  f"model.num_heads ({self.num_heads})")
+        _positive("model.linear_init_scale", self.linear_init_scale)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class DataSection:
@@ -81,11 +125,26 @@ class DataSection:
     val_fraction: float = 0.05
     text_column: str = "text"  # the column (or JSON field) holding the text in datasets, parquet and JSONL
 
+    def check(self) -> None:
+        if not self.text_column:
+            raise ConfigError("config key 'data.text_column' must name a column, got ''")
+        _finite("data.val_fraction", self.val_fraction)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {self.val_fraction}")
+
 
 @dataclass
 class TokenizerSection:
     name: str = ""  # "" = train a byte-level BPE on the training text; else an AutoTokenizer path/cached name
     vocab_size: int = 8192  # of the trained BPE
+
+    def check(self) -> None:
+        _positive("tokenizer.vocab_size", self.vocab_size)
+        if not self.name and self.vocab_size < BPE_MIN_VOCAB:
+            raise ConfigError(
+                f"config key 'tokenizer.vocab_size' is too small for the byte-level BPE: it must be at least "
+                f"{BPE_MIN_VOCAB} (256 bytes, the end-of-text token and one merge), got {self.vocab_size}"
+            )
 
 
 @dataclass
@@ -94,6 +153,26 @@ class MethodSection:
     # The method's own keys, written flat in [method] (e.g. srste_decay = 2e-4): each method declares,
     # types and checks them (its `Options`); here they are only carried. The options of slope live in [slope].
     options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """The name, and the method's keys typed by its `Options` and checked by it (kept with every default)."""
+        from slope.train.methods import METHODS  # late: methods imports torch
+        from slope.train.methods.base import make_options
+
+        _one_of("method.name", self.name, tuple(METHODS))
+        method = METHODS[self.name]
+        types_ = typing.get_type_hints(method.Options)
+        for key in self.options:
+            if key not in types_:
+                allowed = ", ".join(sorted(types_)) or "none"
+                raise ConfigError(f"config key 'method.{key}' does not apply to method {method.name!r} "
+                                  f"(its [method] keys: {allowed})")
+        self.options = {key: _coerce(value, types_[key], f"method.{key}") for key, value in self.options.items()}
+        try:
+            options = make_options(method, self.options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.options = dataclasses.asdict(options)  # every key with its value, defaults included: the record
 
 
 @dataclass
@@ -108,6 +187,21 @@ class OptimSection:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     impl: str = "auto"  # auto (fused on GPU, foreach on CPU), fused, foreach, loop
 
+    def check(self) -> None:
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            _finite(f"optim.{name}", getattr(self, name))
+        _positive("optim.lr", self.lr)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.eps", self.eps)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"config key 'optim.{name}' must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        _one_of("optim.impl", self.impl, ("auto", "fused", "foreach", "loop"))
+
 
 @dataclass
 class TrainSection:
@@ -118,6 +212,10 @@ class TrainSection:
     log_every: int = 10
     gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
 
+    def check(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+
 
 @dataclass
 class EvalSection:
@@ -127,11 +225,20 @@ class EvalSection:
     batch_size: int = 8
     sets: list[str] = field(default_factory=lambda: ["shakespeare-heldout", "milton"])
 
+    def check(self) -> None:
+        _positive("eval.every", self.every, allow_zero=True)
+        for name in ("max_tokens", "final_max_tokens", "batch_size"):
+            _positive(f"eval.{name}", getattr(self, name))
+
 
 @dataclass
 class CheckpointSection:
     every: int = 100  # steps between checkpoints (one is always written at the end)
     keep_last: int = 2
+
+    def check(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -239,7 +346,7 @@ def _is_str_list(tp) -> bool:
 
 
 def _build_section(name: str, values: dict):
-    if name == "method":  # [method]: `name`, and keys its method owns (typed in `validate`)
+    if name == "method":  # [method]: `name`, and keys its method owns (typed in `MethodSection.check`)
         options = {k: v for k, v in values.items() if k != "name"}
         return MethodSection(_coerce(values.get("name", MethodSection.name), str, "method.name"), options)
     cls = SECTIONS[name]
@@ -300,7 +407,7 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}' in --{dotted}; sections are: {', '.join(SECTIONS)}")
         types_ = _field_types(SECTIONS[section])
-        if section == "method" and key != "name":  # a method's own key: its type is the method's (see validate)
+        if section == "method" and key != "name":  # a method's own key: its type is the method's (see MethodSection.check)
             try:  # TOML syntax (1e-3, true), else the bare word as a string
                 data.setdefault(section, {})[key] = tomllib.loads(f"v = {text}")["v"]
             except tomllib.TOMLDecodeError:
@@ -341,98 +448,14 @@ def resolve(config: str | None = None, overrides: list[str] | None = None) -> Ru
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field and range checks the types alone cannot express."""
-    def positive(key: str, value, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    """The range and choice checks the types alone cannot express: each section's own `check`.
 
-    def finite(key: str, value: float) -> None:
-        # NaN passes every comparison below, and an infinite lr or eps turns the first step into NaN.
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
-
-    if not cfg.data.text_column:
-        raise ConfigError("config key 'data.text_column' must name a column, got ''")
-    for key in ("model.linear_init_scale", "run.dist_timeout", "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
-                "optim.eps", "optim.grad_clip", "data.val_fraction", "model.dropout"):
-        section, _, name = key.partition(".")
-        finite(key, getattr(getattr(cfg, section), name))
-    positive("run.threads", cfg.run.threads, allow_zero=True)
-    positive("train.max_steps", cfg.train.max_steps)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.grad_accum", cfg.train.grad_accum)
-    positive("train.seq_len", cfg.train.seq_len)
-    positive("train.log_every", cfg.train.log_every)
-    positive("optim.lr", cfg.optim.lr)
-    positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
-    positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
-    positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    positive("eval.every", cfg.eval.every, allow_zero=True)
-    positive("run.dist_timeout", cfg.run.dist_timeout)
-    positive("eval.max_tokens", cfg.eval.max_tokens)
-    positive("eval.final_max_tokens", cfg.eval.final_max_tokens)
-    positive("eval.batch_size", cfg.eval.batch_size)
-    positive("checkpoint.every", cfg.checkpoint.every)
-    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
-    positive("model.max_seq_len", cfg.model.max_seq_len, allow_zero=True)
-    positive("optim.eps", cfg.optim.eps)
-    for key in ("optim.beta1", "optim.beta2"):
-        value = getattr(cfg.optim, key.partition(".")[2])
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1), got {value}")
-    if cfg.model.preset in PRESETS:  # a user's config file or folder brings its own sizes
-        positive("model.hidden_size", cfg.model.hidden_size)
-        positive("model.num_layers", cfg.model.num_layers)
-        positive("model.num_heads", cfg.model.num_heads)
-        positive("model.intermediate_size", cfg.model.intermediate_size, allow_zero=True)
-        if cfg.model.hidden_size % cfg.model.num_heads:
-            raise ConfigError(f"config key 'model.hidden_size' ({cfg.model.hidden_size}) must be a multiple of "
-                              f"model.num_heads ({cfg.model.num_heads})")
-    if not cfg.tokenizer.name and cfg.tokenizer.vocab_size < BPE_MIN_VOCAB:
-        raise ConfigError(
-            f"config key 'tokenizer.vocab_size' is too small for the byte-level BPE: it must be at least "
-            f"{BPE_MIN_VOCAB} (256 bytes, the end-of-text token and one merge), got {cfg.tokenizer.vocab_size}"
-        )
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
-    positive("model.linear_init_scale", cfg.model.linear_init_scale)
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
-    choices = {
-        "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
-        "optim.impl": (cfg.optim.impl, ("auto", "fused", "foreach", "loop")),
-        "run.parallel": (cfg.run.parallel, ("auto", "none", "ddp", "fsdp")),
-        "run.logger": (cfg.run.logger, ("tensorboard", "wandb", "none")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
-    from slope.train.methods import METHODS  # late: methods imports torch
-
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"config key 'method.name' must be one of {', '.join(METHODS)}; got {cfg.method.name!r}")
-    _check_method_options(cfg.method, METHODS[cfg.method.name])
-
-
-def _check_method_options(section: MethodSection, method) -> None:
-    """The method's keys, typed by its `Options` and checked by it; unknown keys name the method's."""
-    from slope.train.methods.base import make_options
-
-    types_ = typing.get_type_hints(method.Options)
-    for key in section.options:
-        if key not in types_:
-            allowed = ", ".join(sorted(types_)) or "none"
-            raise ConfigError(f"config key 'method.{key}' does not apply to method {method.name!r} "
-                              f"(its [method] keys: {allowed})")
-    section.options = {key: _coerce(value, types_[key], f"method.{key}") for key, value in section.options.items()}
-    try:
-        options = make_options(method, section.options)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    section.options = dataclasses.asdict(options)  # every key with its value, defaults included: the record
+    [slope] is a SlopeConfig, which checks itself when it is built. No rule spans two sections; one
+    that did would be checked here, after the sections. [method] comes last: it imports the methods.
+    """
+    for section in (cfg.data, cfg.run, cfg.model, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint, cfg.tokenizer,
+                    cfg.method):
+        section.check()
 
 
 # ---- writing --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pretraining loop of `slope train`.
+"""The pretraining loop of `slope train`: `Trainer`.
 
 One run: prepare data -> build and convert the model -> train with AdamW + warm-up/cosine, logging,
 periodic evaluation and atomic checkpoints -> final evaluation, curves and summary.json. Resuming
@@ -7,6 +7,10 @@ an uninterrupted one.
 
 Under torchrun the same loop runs on every rank (`slope.train.distributed`): each rank trains on its
 slice of the global batch through a DDP or FSDP2 wrapper, and rank 0 alone writes the run directory.
+
+The loop's parts each have a module: the checks before any data work (`preflight`), the device,
+precision and threads (`hardware`), AdamW and its schedule (`optim`), the method's structure changes
+(`structure`), continuing from a checkpoint (`resume`), and how a run stops early (`stopping`).
 """
 
 from __future__ import annotations
@@ -15,206 +19,49 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
-import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from slope.backends import backend_summary
 from slope.convert import slope_layers
-from slope.devices import half_dtype, resolve_device
 from slope.io import checkpoint
-from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR, WEIGHTS_FILE
+from slope.io.format import WEIGHTS_FILE
 from slope.linear import track_steps
 from slope.train import distributed, models, runconfig
-from slope.train.data import DataError
+from slope.train.data import WindowSampler
 from slope.train.evaluation import causal_lm_loss, evaluate
+from slope.train.hardware import apply_threads, autocast_dtype
 from slope.train.logs import MetricsLog, read_metrics
-from slope.train.methods import count_params, get_method
+from slope.train.methods import count_params
+from slope.train.optim import build_optimizer, clip_gradients, lr_at, new_group_options, set_lr
+from slope.train.preflight import preflight, run_method
 from slope.train.prepare import prepare_data, tokenize_source
+from slope.train.resume import check_resume, resumed_data, rng_state, set_rng_state
 from slope.train.runconfig import ConfigError, RunConfig
+from slope.train.stopping import (
+    StopFlag,
+    TrainingFailed,
+    interrupted,
+    is_out_of_memory,
+    kept_checkpoint,
+    non_finite_loss,
+    out_of_memory,
+)
+from slope.train.structure import change_sharded_structure, replay_structure
 
 log = logging.getLogger("slope")
 
 
-class TrainingFailed(Exception):
-    """The run stopped on its own (non-finite loss, out of memory); the message says what is kept."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was written, the run can be resumed."""
-
-
-# ---- set-up helpers -------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as err:
-        raise ConfigError(f"config key 'run.device': {err}") from None
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        # bf16 autocast gave no gain on CPU (measured); a GPU computes in its 16-bit dtype
-        return half_dtype(device) if device.type == "cuda" else None
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("run.precision=fp16 is not supported on CPU; use fp32 or bf16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def pick_threads(setting: int) -> int:
-    """torch's CPU threads for this process: `setting`, or for 0 the cores not busy with other work.
-
-    On a shared 2-core machine torch's default (one thread per core) ran the tiny run at 145 tokens/s
-    against about 2,900 with one thread: threads that wait on cores another process holds spin in vain.
-    So "auto" takes the cores left free by the 1-minute load average, divided among this machine's
-    processes of the run (torchrun's LOCAL_WORLD_SIZE), and never more than torch's default.
-    """
-    if setting > 0:
-        return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    free = max(1, round(cores - busy))
-    return max(1, min(torch.get_num_threads(), free // local))
-
-
-def apply_threads(setting: int) -> int:
-    """Set torch's CPU threads from run.threads (see pick_threads), log it, and return the count."""
-    threads = pick_threads(setting)
-    torch.set_num_threads(threads)
-    log.info("torch CPU threads: %d%s", threads, " (run.threads = auto)" if not setting else "")
-    return threads
-
-
-def preflight(cfg: RunConfig) -> torch.device:
-    """Every check that needs no data, tokenizer or weights, so a bad run fails in seconds, not at the end.
-
-    The device and precision, a backend that runs on that device, the data and evaluation sources, the
-    model config, and the method's conversion of the model's shapes (on the meta device: no memory).
-    Returns the device.
-    """
-    from slope.train.data import resolve_source
-
-    device = pick_device(cfg.run.device)
-    amp_dtype = pick_dtype(cfg.run.precision, device)
-    method = get_method(cfg.method.name, cfg.slope, method_options(cfg))
-    try:
-        method.preflight(device, amp_dtype)  # the method's own rules (e.g. a CUDA-only backend, fp16)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    resolve_source(cfg.data.train, text_column=cfg.data.text_column)
-    if cfg.data.val not in ("", "auto"):
-        resolve_source(cfg.data.val, text_column=cfg.data.text_column)
-    for spec in cfg.eval.sets:
-        resolve_source(spec, text_column=cfg.data.text_column)
-    # The trained BPE's final size is not known yet; presets round it up to a multiple of 64 anyway.
-    model_config = models.model_config(cfg.model, cfg.tokenizer.vocab_size, cfg.train.seq_len)
-    with torch.device("meta"):
-        model = models.build_model(model_config)
-        try:
-            method.apply(model)
-        except ValueError as err:  # nothing left to sparsify, or an indivisible shape with on_indivisible=error
-            raise ConfigError(f"[slope]: {err}") from None
-        except NotImplementedError:
-            pass  # the shape checks passed; building the sparse storage needs real values, which meta has not
-    return device
-
-
-def method_options(cfg: RunConfig) -> dict:
-    """The [method] keys and what a method needs of the loop (grad_accum), for `get_method`."""
-    return {**cfg.method.options, "grad_accum": cfg.train.grad_accum}
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    floor = o.lr * o.min_lr_ratio
-    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only; fused on GPU, foreach on CPU unless told otherwise."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    impl = cfg.optim.impl
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
-    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **kwargs,
-    )
-
-
-def rng_state() -> dict:
-    """Every generator's position as tensors and plain data (a checkpoint stores it without pickle)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(), "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached_gaussian],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-class _StopFlag:
-    """SIGINT sets a flag the loop checks between steps, so a checkpoint is never half a step.
-
-    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort at once)")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-# ---- the run --------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    summary: dict
+    run_dir: Path
 
 
 class _NoMetrics:
@@ -230,23 +77,9 @@ class _NoMetrics:
         pass
 
 
-def _tied_aliases(model) -> dict[str, str]:
-    """The state_dict names safetensors' save_model leaves out of `model`'s file (one of each tied pair),
-    each with the name it shares its tensor with: what it records in the file's metadata."""
-    import safetensors.torch
-
-    state = model.state_dict()
-    return {removed: kept for kept, group in safetensors.torch._remove_duplicate_names(state).items()
-            for removed in group}
-
-
-@dataclass
-class RunResult:
-    summary: dict
-    run_dir: Path
-
-
 class Trainer:
+    """One run of `slope train` in this process: `run()` sets up, trains, evaluates and writes the summary."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
                  dist: distributed.Dist | None = None) -> None:
         """dist: where this process stands in a multi-process run (`distributed.init`); None: joined here."""
@@ -266,65 +99,83 @@ class Trainer:
     # -- set-up --
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        self.device = preflight(cfg)
+        """Everything before the first step: the checks, this process's place, data, model, optimizer,
+        sampler, and on resume the checkpoint's structure and state."""
+        preflight(self.cfg)
+        self._join_processes()
+        self._load_data()
+        self._build_training()
+        ckpt, state = self._resume_point() if self.resume else (None, None)
+        self._wrap()
+        self._start_sampling()
+        if self.resume:
+            self._restore(ckpt, state)
+
+    def _join_processes(self) -> None:
+        """This process's place in the run, its device (cuda:LOCAL_RANK under torchrun), dtype and threads."""
         if self.dist is None:
-            self.dist, self._owns_dist = distributed.init(cfg), True
+            self.dist, self._owns_dist = distributed.init(self.cfg), True
         else:
             self._owns_dist = False
-        self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
-        self.amp_dtype = pick_dtype(cfg.run.precision, self.device)
-        self.threads = apply_threads(cfg.run.threads)
-        if self.resume:
-            self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(self._resume_data)
-        else:
-            self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(lambda: prepare_data(
-                self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column,
-            ))
+        self.device = self.dist.device
+        self.amp_dtype = autocast_dtype(self.cfg.run, self.device)
+        self.threads = apply_threads(self.cfg.run.threads)
+
+    def _load_data(self) -> None:
+        """The tokenizer and the token files, made by rank 0 first; a resumed run keeps its own."""
+        cfg = self.cfg
+
+        def new_run_data():
+            return prepare_data(self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
+                                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column)
+
+        load = partial(resumed_data, cfg, self.run_dir) if self.resume else new_run_data
+        self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(load)
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
 
+    def _build_training(self) -> None:
+        """The model config, the method, the model as the method trains it, its optimizer, the counters."""
+        cfg = self.cfg
         self.model_config = models.model_config(cfg.model, len(self.tokenizer), cfg.train.seq_len,
                                                 eos_token_id=self.tokenizer.eos_token_id)
         models.check_fits(self.model_config, len(self.tokenizer), cfg.train.seq_len)
         torch.manual_seed(cfg.run.seed)
-        self.method = get_method(cfg.method.name, cfg.slope, method_options(cfg))
+        self.method = run_method(cfg)
         if self.method.summary_options():
             log.info("method %s: %s", self.method.name,
                      ", ".join(f"{k} = {v}" for k, v in self.method.summary_options().items()))
         self.model = self._build_model(announce=True)
         # what save_model leaves out (one of each tied pair), for the consolidated weights of an FSDP run
-        self.tied_aliases = _tied_aliases(self.model)
+        self.tied_aliases = distributed.tied_aliases(self.model)
         self.optimizer = track_steps(build_optimizer(self.model, cfg, self.device))
         self.adapter_step = self.method.adapter_step(cfg.train.max_steps)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
-        ckpt, state = None, None
-        if self.resume:
-            # the newest checkpoint that passes its manifest check; a damaged one is skipped with a warning
-            ckpt, state = checkpoint.load_for_resume(self.run_dir)
-            self._check_resume(ckpt, state)
-            # Adapters joined / a prune happened before this checkpoint: the same structure, the same
-            # optimizer group order, then the checkpoint's values are loaded into it (_restore)
-            for step in self.method.structure_steps(cfg.train.max_steps):
-                if step < state["step"]:
-                    self.step = step
-                    self.method.before_step(step, cfg.train.max_steps, self.model, self.optimizer,
-                                            self._adapter_group(), replay=True)
-            self.model.to(self.device)
-        self._wrap()
-        from slope.train.data import WindowSampler
 
+    def _resume_point(self) -> tuple[Path, dict]:
+        """The checkpoint to continue from, checked against this run, and the model given its structure.
+
+        The newest checkpoint that passes its manifest check (a damaged one is skipped with a warning).
+        Adapters that joined and a prune that happened before it are made again, so the parameters and
+        the optimizer's group order match it; its values are loaded afterwards (`_restore`).
+        """
+        ckpt, state = checkpoint.load_for_resume(self.run_dir)
+        check_resume(ckpt, state, self.cfg, self.dist)
+        replay_structure(self.method, self.cfg, state["step"], self.model, self.optimizer)
+        self.model.to(self.device)
+        return ckpt, state
+
+    def _start_sampling(self) -> None:
+        """This rank's window sampler, the fp16 loss scaler, and the global batch they add up to."""
+        cfg = self.cfg
         self.sampler = WindowSampler(self.train_tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed,
                                      rank=self.dist.rank, world=self.dist.world)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.dist.world
         log.info("global batch: %d windows per step (train.batch_size %d x train.grad_accum %d x %d process(es))",
                  self.global_batch, cfg.train.batch_size, cfg.train.grad_accum, self.dist.world)
-        if self.resume:
-            self._restore(ckpt, state)
 
     def _build_model(self, announce: bool = False):
         """The model as the method trains it, on this rank's device, unwrapped (same seed: same on every rank)."""
@@ -348,110 +199,17 @@ class Trainer:
     def _wrap(self) -> None:
         """The DDP / FSDP2 wrapper around self.model (none in a single process); forward_model runs it.
 
-        FSDP shards in place and replaces every parameter, so the optimizer, made with the method's
-        groups on the plain model, is made again group for group over the sharded parameters.
+        FSDP shards in place, so the optimizer is made again over the sharded parameters.
         """
-        mode = self.dist.mode
         self.wrapped = self.model
-        if mode == "ddp":
+        if self.dist.mode == "ddp":
             self.wrapped = distributed.ddp(self.model, self.dist)
-        elif mode == "fsdp":
-            groups = distributed.named_groups(self.model, self.optimizer)
-            distributed.fully_shard(self.model)
-            self.optimizer = track_steps(distributed.regroup(self.model, self.optimizer, groups))
+        elif self.dist.mode == "fsdp":
+            self.optimizer = track_steps(distributed.shard_with_optimizer(self.model, self.optimizer))
         self.forward_model = torch.compile(self.wrapped) if self.cfg.run.compile else self.wrapped
 
-    def _before_step_sharded(self) -> dict | None:
-        """The method's `before_step` on an FSDP model, which cannot take new parameters once sharded.
-
-        The model is gathered (a full state_dict on every rank, once per structure change), built again
-        unsharded with the structure changes before this step replayed, given the method's new parameters,
-        sharded again; the optimizer state of the old parameters moves over by name where the shapes
-        still match (same shards); a replaced parameter (a pruned weight) starts fresh. Chosen over
-        adapters made up front and frozen: see docs/distributed.md for the measurement.
-        """
-        cfg = self.cfg
-        old_model, old_optimizer = self.model, self.optimizer
-        full = distributed.full_state_dict(old_model)
-        with torch.random.fork_rng(devices=[]):  # a fresh init must not move the RNG a single process would not
-            model = self._build_model()
-            scratch = build_optimizer(model, cfg, self.device)
-            for step in self.method.structure_steps(cfg.train.max_steps):
-                if step < self.step:  # e.g. adapters after a prune: the pruned structure first
-                    self.method.before_step(step, cfg.train.max_steps, model, scratch, self._adapter_group(),
-                                            replay=True)
-        model.load_state_dict(full, strict=True)
-        event = self.method.before_step(self.step, cfg.train.max_steps, model, scratch, self._adapter_group())
-        if event is None:
-            return None  # the method added nothing this step; the rebuilt copy is dropped
-        model.to(self.device)
-        groups = distributed.named_groups(model, scratch)
-        distributed.fully_shard(model)
-        optimizer = track_steps(distributed.regroup(model, scratch, groups))
-        old_params = dict(old_model.named_parameters())
-        for name, param in model.named_parameters():
-            old = old_params.get(name)
-            if old is not None and old in old_optimizer.state and old.shape == param.shape:
-                optimizer.state[param] = old_optimizer.state[old]
-        self.model, self.optimizer = model, optimizer
-        self.forward_model = torch.compile(model) if cfg.run.compile else model
-        self.wrapped = model
-        return event
-
-    def _before_step(self) -> dict | None:
-        """The method's hook before each step; new parameters join the wrapper and the optimizer."""
-        cfg = self.cfg
-        if self.dist.mode == "fsdp" and self.step in self.method.structure_steps(cfg.train.max_steps):
-            return self._before_step_sharded()
-        # other steps change no parameters (wanda's calibration hooks), so the sharded model itself will do
-        event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
-                                        self._adapter_group())
-        if event and self.dist.mode == "ddp":
-            # DDP fixes at construction which parameters it reduces: wrap again so the new ones are in
-            del self.wrapped, self.forward_model
-            self._wrap()
-        return event
-
-    def _adapter_group(self) -> dict:
-        return {"weight_decay": self.cfg.optim.weight_decay, "lr": lr_at(self.step, self.cfg)}
-
-    def _resume_data(self):
-        """prepare_data of a resumed run, whose tokenizer must be the one its tokens were made with.
-
-        A missing RUN/data/tokenizer/ is refused rather than trained again, and a damaged one is one line
-        (transformers explains over several): the CLI prints it, exit 2.
-        """
-        cfg, data_dir = self.cfg, self.run_dir / "data"
-        tok_dir = data_dir / "tokenizer"
-        if (data_dir / "train.json").is_file() and not tok_dir.is_dir():
-            raise DataError(
-                f"tokenizer {tok_dir} is missing, but {data_dir / 'train.json'} was tokenized with it; "
-                f"copy it back from a checkpoint ({CHECKPOINTS_DIR}/step_XXXXXXXX/{TOKENIZER_DIR}/) to resume"
-            )
-        try:
-            return prepare_data(data_dir, cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-                                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column)
-        except DataError as err:
-            raise DataError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
-
-    def _check_resume(self, ckpt: Path, state: dict) -> None:
-        """Refuse, in one line, a checkpoint this run cannot continue; warn when the global batch changes."""
-        sharded = checkpoint.has_sharded_state(ckpt)
-        if sharded and self.dist.mode != "fsdp":
-            raise ConfigError(f"{ckpt} was written by an FSDP run (its optimizer state is sharded in "
-                              f"{checkpoint.SHARDED_DIR}/): resume it with --run.parallel=fsdp (any number of processes)")
-        if not sharded and self.dist.mode == "fsdp":
-            raise ConfigError(f"{ckpt} was written without FSDP: resume it with --run.parallel=ddp or none")
-        saved = state.get("global_batch")  # absent in checkpoints written before several processes were possible
-        per_step = self.cfg.train.grad_accum * self.dist.world
-        now = self.cfg.train.batch_size * per_step
-        if saved is not None and saved != now:
-            per_rank, rest = divmod(saved, per_step)
-            log.warning("the checkpoint trained with a global batch of %d windows and this resume has %d "
-                        "(train.batch_size x train.grad_accum x world size)%s", saved, now,
-                        f"; give --train.batch_size={per_rank} to keep it" if not rest else "")
-
     def _restore(self, ckpt: Path, state: dict) -> None:
+        """The checkpoint's weights, optimizer, sampler, scaler, generators, method state and counters."""
         step = state["step"]
         if self.dist.mode == "fsdp":
             # DCP initialises the optimizer state with a zero step, which the layers count; loading the
@@ -470,12 +228,95 @@ class Trainer:
         self.step, self.tokens_seen, self.train_seconds = step, state["tokens_seen"], state["train_seconds"]
         log.info("resumed from %s (step %d)", ckpt, step)
 
+    # -- structure changes --
+
+    def _before_step(self) -> dict | None:
+        """The method's hook before each step; new parameters join the wrapper and the optimizer."""
+        cfg = self.cfg
+        if self.dist.mode == "fsdp" and self.step in self.method.structure_steps(cfg.train.max_steps):
+            return self._before_step_sharded()
+        # other steps change no parameters (wanda's calibration hooks), so the sharded model itself will do
+        event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
+                                        new_group_options(self.step, cfg))
+        if event and self.dist.mode == "ddp":
+            # DDP fixes at construction which parameters it reduces: wrap again so the new ones are in
+            del self.wrapped, self.forward_model
+            self._wrap()
+        return event
+
+    def _before_step_sharded(self) -> dict | None:
+        """The method's `before_step` on an FSDP model, rebuilt with the new parameters (see structure.py)."""
+        changed = change_sharded_structure(self.method, self.cfg, self.step, self.model, self.optimizer,
+                                           self._build_model, self.device)
+        if changed is None:
+            return None
+        event, self.model, self.optimizer = changed
+        self.wrapped = self.model
+        self.forward_model = torch.compile(self.model) if self.cfg.run.compile else self.model
+        return event
+
     # -- pieces of a step --
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self) -> tuple[float, float]:
+        """One optimizer step; (loss, global gradient norm before clipping), the loss averaged over ranks."""
+        cfg = self.cfg
+        set_lr(self.optimizer, lr_at(self.step, cfg))
+        total = 0.0
+        for micro in range(cfg.train.grad_accum):
+            inputs, targets = self.sampler.next()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            # gradients are averaged over the ranks once per step, on the last micro-step
+            with distributed.no_sync(self.wrapped, self.dist.mode, sync=micro == cfg.train.grad_accum - 1):
+                with self._autocast():
+                    loss = causal_lm_loss(self.forward_model, inputs, targets) / cfg.train.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.item()
+        total = self.dist.mean(total)  # every rank sees the same value, so all stop together on a bad one
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total, float("nan")
+        self.scaler.unscale_(self.optimizer)  # the norm of the true gradients (a no-op without fp16)
+        grad_norm = float(distributed.full_value(clip_gradients(self.model, cfg.optim.grad_clip)))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def _checked_step(self) -> tuple[float, float]:
+        """`_train_step`, stopping the run in one line on out of memory or a non-finite loss."""
+        try:
+            loss, grad_norm = self._train_step()
+        except Exception as err:
+            if is_out_of_memory(err):
+                raise out_of_memory(self.step + 1, self.cfg, self._kept_checkpoint()) from None
+            raise
+        if not math.isfinite(loss):
+            raise non_finite_loss(loss, self.step + 1, self._kept_checkpoint())
+        return loss, grad_norm
+
+    def _eval_model(self):
+        """What evaluation runs: every rank evaluates the same windows, so all agree on the result.
+
+        Not DDP's wrapper (an eval forward needs no gradient sync); FSDP's sharded model itself, whose
+        forward gathers the parameters and so must run on every rank.
+        """
+        return self.forward_model if self.dist.mode != "ddp" else self.model
+
+    def _eval_val(self, stop: StopFlag | None = None) -> dict:
+        # Ctrl-C cuts an eval short only in one process: ranks stopping at different windows would desync
+        should_stop = (lambda: stop.requested) if stop and self.dist.world == 1 else None
+        return evaluate(
+            self._eval_model(), self.val_tokens, seq_len=self.cfg.train.seq_len, batch_size=self.cfg.eval.batch_size,
+            max_tokens=self.cfg.eval.max_tokens, device=self.device, autocast=self._autocast,
+            progress=False, should_stop=should_stop,
+        )
+
+    # -- checkpoints --
 
     def _trainer_state(self) -> dict:
         state = {
@@ -492,11 +333,7 @@ class Trainer:
         """One checkpoint; every rank calls it (rank 0 writes, FSDP ranks add their shards)."""
         weights, sharded = None, None
         if self.dist.mode == "fsdp":
-            # collective: every rank gathers each tensor in turn; rank 0 keeps the whole model
-            full = distributed.full_state_dict(self.model, cpu=True)
-            aliases = self.tied_aliases
-            weights = ({name: t.contiguous() for name, t in full.items() if name not in aliases}, aliases) \
-                if self.dist.main else None
+            weights = distributed.consolidated_weights(self.model, self.tied_aliases, self.dist.main)
 
             def sharded(folder: Path) -> None:
                 checkpoint.save_sharded_state(folder, self.model, self.optimizer)
@@ -508,58 +345,13 @@ class Trainer:
                 ranks=self.dist if self.dist.world > 1 else None, weights=weights, sharded=sharded,
             )
         except checkpoint.CheckpointWriteError as err:  # disk full: stop with one line, the older ones kept
-            raise TrainingFailed(f"{err}; {self._kept_message()}") from None
+            raise TrainingFailed(f"{err}; {self._kept_checkpoint()}") from None
         if self.dist.main:
             log.info("checkpoint: %s", path)
         return path
 
-    def _train_step(self) -> tuple[float, float]:
-        """One optimizer step; (loss, global gradient norm before clipping), the loss averaged over ranks."""
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr  # applied to every group, so adapters added later follow the schedule too
-        total = 0.0
-        for micro in range(cfg.train.grad_accum):
-            inputs, targets = self.sampler.next()
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            # gradients are averaged over the ranks once per step, on the last micro-step
-            with distributed.no_sync(self.wrapped, self.dist.mode, sync=micro == cfg.train.grad_accum - 1):
-                with self._autocast():
-                    loss = causal_lm_loss(self.forward_model, inputs, targets) / cfg.train.grad_accum
-                self.scaler.scale(loss).backward()
-            total += loss.item()
-        total = self.dist.mean(total)  # every rank sees the same value, so all stop together on a bad one
-        if not math.isfinite(total):
-            self.optimizer.zero_grad(set_to_none=True)
-            return total, float("nan")
-        self.scaler.unscale_(self.optimizer)  # the norm of the true gradients (a no-op without fp16)
-        if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        grad_norm = float(distributed.full_value(norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
-
-    def _eval_model(self):
-        """What evaluation runs: every rank evaluates the same windows, so all agree on the result.
-
-        Not DDP's wrapper (an eval forward needs no gradient sync); FSDP's sharded model itself, whose
-        forward gathers the parameters and so must run on every rank.
-        """
-        return self.forward_model if self.dist.mode != "ddp" else self.model
-
-    def _eval_val(self, stop: _StopFlag | None = None) -> dict:
-        # Ctrl-C cuts an eval short only in one process: ranks stopping at different windows would desync
-        should_stop = (lambda: stop.requested) if stop and self.dist.world == 1 else None
-        return evaluate(
-            self._eval_model(), self.val_tokens, seq_len=self.cfg.train.seq_len, batch_size=self.cfg.eval.batch_size,
-            max_tokens=self.cfg.eval.max_tokens, device=self.device, autocast=self._autocast,
-            progress=False, should_stop=should_stop,
-        )
+    def _kept_checkpoint(self) -> str:
+        return kept_checkpoint(self.run_dir, self.dist.main)
 
     # -- the loop --
 
@@ -573,104 +365,119 @@ class Trainer:
     def _run(self) -> RunResult:
         start_wall = time.perf_counter()
         self._setup()
-        cfg = self.cfg
-        finished = self.step >= cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
+        finished = self.step >= self.cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
         # rank 0 alone writes metrics.jsonl and TensorBoard / W&B; the others log nothing. Without a
         # progress bar (--no-progress, or stdout not a terminal) every logged step is one plain line.
         metrics = (MetricsLog(self.run_dir, self.step if self.resume else None, finished=self.resume and finished,
-                              logger=cfg.run.logger, plain=not self.progress, config=cfg.to_dict())
+                              logger=self.cfg.run.logger, plain=not self.progress, config=self.cfg.to_dict())
                    if self.dist.main else _NoMetrics())
         params = count_params(self.model)
         if self.adapter_step is not None:
-            log.info("adapters will be added before step %d of %d", self.adapter_step + 1, cfg.train.max_steps)
-        tokens_per_step = self.global_batch * cfg.train.seq_len  # over all ranks
-        last_loss = self._logged_loss() if self.resume and finished else None
-        backends_reported = False
+            log.info("adapters will be added before step %d of %d", self.adapter_step + 1, self.cfg.train.max_steps)
+        self.last_loss = self._logged_loss() if self.resume and finished else None
+        self._backends_reported = False
         try:
-            with _StopFlag() as stop, logging_redirect_tqdm(), tqdm(
-                total=cfg.train.max_steps, initial=self.step, unit="step",
-                disable=not (self.progress and self.dist.main),
-                dynamic_ncols=True, desc=f"train {self.method.name}",
-            ) as bar:
-                while self.step < cfg.train.max_steps:
-                    event = self._before_step()
-                    if event:
-                        log.info("before step %d: %s", self.step + 1, self.method.event_message(event))
-                        metrics.write({"kind": "event", **event})
-                    t0 = time.perf_counter()
-                    try:
-                        loss, grad_norm = self._train_step()
-                    except Exception as err:
-                        if _is_oom(err):
-                            raise TrainingFailed(
-                                f"out of memory at step {self.step + 1} with train.batch_size={cfg.train.batch_size}, "
-                                f"train.seq_len={cfg.train.seq_len}: lower train.batch_size (and raise train.grad_accum "
-                                f"to keep the tokens per step); {self._kept_message()}"
-                            ) from None
-                        raise
-                    if not math.isfinite(loss):
-                        raise TrainingFailed(
-                            f"the loss became {loss} at step {self.step + 1}: training stopped; lower optim.lr or "
-                            f"raise optim.warmup_steps; {self._kept_message()}"
-                        )
-                    dt = time.perf_counter() - t0
-                    self.train_seconds += dt
-                    self.step += 1
-                    self.tokens_seen += tokens_per_step
-                    last_loss = loss
-                    metrics.step(cfg.optim.grad_clip > 0 and grad_norm > cfg.optim.grad_clip)  # the clip rate's tally
-                    if not backends_reported and slope_layers(self.model):
-                        # after the first step each layer has chosen its backend (and any dense fallbacks)
-                        log.info(backend_summary(slope_layers(self.model)))
-                        backends_reported = True
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    tok_s = tokens_per_step / dt
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                    bar.update()
-                    if self.step % cfg.train.log_every == 0 or self.step in (1, cfg.train.max_steps):
-                        clip = cfg.optim.grad_clip
-                        metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": lr,
-                                       "tokens": self.tokens_seen, "tokens_per_s": tok_s, "grad_norm": grad_norm,
-                                       "clipped": 1.0 if clip > 0 and grad_norm > clip else 0.0})
-                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.max_steps:
-                        result = self._eval_val(stop)
-                        if not stop.requested:  # an eval cut short by Ctrl-C is not a result
-                            metrics.write({"kind": "eval", "set": "val", "step": self.step, **result})
-                            if self.progress:  # without the bar, the metrics log printed it as a plain line
-                                log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
-                                         self.step, result["loss"], result["ppl"], result["bpb"])
-                    if self.dist.world > 1:
-                        stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
-                    if stop.requested:
-                        # Between steps: the checkpoint holds exactly `self.step` complete steps.
-                        path = self.save()
-                        raise Interrupted(
-                            f"interrupted at step {self.step}: checkpoint written to {path}; continue with "
-                            f"`slope train --resume {self.run_dir}`"
-                        )
-                    if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
-                        self.save()
+            self._train_loop(metrics)
             final_ckpt = self.save()
-            summary = self._finish(metrics, params, final_ckpt, last_loss, start_wall)
+            summary = self._finish(metrics, params, final_ckpt, start_wall)
         finally:
             metrics.close()
         return RunResult(summary, self.run_dir)
+
+    def _train_loop(self, metrics) -> None:
+        """Steps until train.max_steps, each followed by its logging, evaluation and checkpoint."""
+        cfg = self.cfg
+        with StopFlag() as stop, logging_redirect_tqdm(), tqdm(
+            total=cfg.train.max_steps, initial=self.step, unit="step",
+            disable=not (self.progress and self.dist.main),
+            dynamic_ncols=True, desc=f"train {self.method.name}",
+        ) as bar:
+            while self.step < cfg.train.max_steps:
+                event = self._before_step()
+                if event:
+                    log.info("before step %d: %s", self.step + 1, self.method.event_message(event))
+                    metrics.write({"kind": "event", **event})
+                t0 = time.perf_counter()
+                loss, grad_norm = self._checked_step()
+                self._record_step(metrics, bar, loss, grad_norm, time.perf_counter() - t0)
+                self._between_steps(metrics, stop)
+
+    def _record_step(self, metrics, bar, loss: float, grad_norm: float, seconds: float) -> None:
+        """Count a finished step, and show and log it (every train.log_every steps, the first and the last)."""
+        cfg = self.cfg
+        tokens_per_step = self.global_batch * cfg.train.seq_len  # over all ranks
+        self.train_seconds += seconds
+        self.step += 1
+        self.tokens_seen += tokens_per_step
+        self.last_loss = loss
+        clipped = cfg.optim.grad_clip > 0 and grad_norm > cfg.optim.grad_clip
+        metrics.step(clipped)  # the clip rate's tally
+        if not self._backends_reported and slope_layers(self.model):
+            # after the first step each layer has chosen its backend (and any dense fallbacks)
+            log.info(backend_summary(slope_layers(self.model)))
+            self._backends_reported = True
+        lr = self.optimizer.param_groups[0]["lr"]
+        tok_s = tokens_per_step / seconds
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        bar.update()
+        if self.step % cfg.train.log_every == 0 or self.step in (1, cfg.train.max_steps):
+            metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": lr,
+                           "tokens": self.tokens_seen, "tokens_per_s": tok_s, "grad_norm": grad_norm,
+                           "clipped": 1.0 if clipped else 0.0})
+
+    def _between_steps(self, metrics, stop: StopFlag) -> None:
+        """The periodic evaluation and checkpoint, and Ctrl-C: a checkpoint, then Interrupted."""
+        cfg = self.cfg
+        before_end = self.step < cfg.train.max_steps  # the end evaluates and checkpoints in _run
+        if cfg.eval.every and self.step % cfg.eval.every == 0 and before_end:
+            result = self._eval_val(stop)
+            if not stop.requested:  # an eval cut short by Ctrl-C is not a result
+                metrics.write({"kind": "eval", "set": "val", "step": self.step, **result})
+                if self.progress:  # without the bar, the metrics log printed it as a plain line
+                    log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
+                             self.step, result["loss"], result["ppl"], result["bpb"])
+        if self.dist.world > 1:
+            stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
+        if stop.requested:
+            # Between steps: the checkpoint holds exactly `self.step` complete steps.
+            raise interrupted(self.step, self.save(), self.run_dir)
+        if self.step % cfg.checkpoint.every == 0 and before_end:
+            self.save()
 
     def _logged_loss(self) -> float | None:
         """The training loss metrics.jsonl holds for the resumed step (None if it was not logged)."""
         losses = [r["loss"] for r in read_metrics(self.run_dir) if r.get("kind") == "train" and r.get("step") == self.step]
         return losses[-1] if losses else None
 
-    def _kept_message(self) -> str:
-        if not self.dist.main:
-            return "rank 0 names the last good checkpoint"
-        latest = checkpoint.latest_checkpoint(self.run_dir)
-        return f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
-
     # -- the end --
 
-    def _finish(self, metrics: MetricsLog, params: dict, final_ckpt: Path, last_loss: float | None,
-                start_wall: float) -> dict:
+    def _finish(self, metrics: MetricsLog, params: dict, final_ckpt: Path, start_wall: float) -> dict:
+        """The final evaluation on every rank; curves and summary.json on rank 0, which returns the summary."""
+        results = self._final_eval(metrics)
+        if not self.dist.main:
+            return {}
+        from slope.train.plots import plot_curves
+
+        cfg = self.cfg
+        plot_curves(read_metrics(self.run_dir), self.run_dir / "curves.png", self.adapter_step,
+                    title=f"{cfg.run.name} ({self.method.name})")
+        summary = {
+            "run_dir": str(self.run_dir), "method": self.method.name, "model": type(self.model).__name__,
+            "parameters": params, "steps": self.step, "tokens": self.tokens_seen,
+            "adapter_step": self.adapter_step, "method_options": self.method.summary_options(),
+            "final_train_loss": self.last_loss, "train_seconds": self.train_seconds,
+            "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
+            "wall_seconds": time.perf_counter() - start_wall, "device": str(self.device),
+            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
+            "eval": results, "checkpoint": str(final_ckpt),
+            "world_size": self.dist.world, "parallel": self.dist.mode, "global_batch": self.global_batch,
+            "threads": self.threads,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def _final_eval(self, metrics) -> dict:
+        """The validation set (as periodically) and each of eval.sets (eval.final_max_tokens each)."""
         cfg = self.cfg
         results = {"val": self._eval_val()}
         metrics.write({"kind": "eval", "set": "val", "step": self.step, **results["val"]})
@@ -684,23 +491,4 @@ class Trainer:
                 progress=self.progress and self.dist.main, desc=f"eval {spec}",
             )
             metrics.write({"kind": "eval", "set": spec, "step": self.step, **results[spec]})
-        if not self.dist.main:
-            return {}
-        from slope.train.plots import plot_curves
-
-        history = read_metrics(self.run_dir)
-        plot_curves(history, self.run_dir / "curves.png", self.adapter_step, title=f"{cfg.run.name} ({self.method.name})")
-        summary = {
-            "run_dir": str(self.run_dir), "method": self.method.name, "model": type(self.model).__name__,
-            "parameters": params, "steps": self.step, "tokens": self.tokens_seen,
-            "adapter_step": self.adapter_step, "method_options": self.method.summary_options(),
-            "final_train_loss": last_loss, "train_seconds": self.train_seconds,
-            "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
-            "wall_seconds": time.perf_counter() - start_wall, "device": str(self.device),
-            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
-            "eval": results, "checkpoint": str(final_ckpt),
-            "world_size": self.dist.world, "parallel": self.dist.mode, "global_batch": self.global_batch,
-            "threads": self.threads,
-        }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
+        return results

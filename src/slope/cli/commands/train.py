@@ -155,7 +155,8 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
     from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE, FormatError
     from slope.train.data import DataError
     from slope.train.models import ModelError
-    from slope.train.trainer import Interrupted, Trainer, TrainingFailed
+    from slope.train.stopping import Interrupted, TrainingFailed
+    from slope.train.trainer import Trainer
 
     # Each rank named a new run directory from its own clock: rank 0's name is the run's.
     run_dir = dist.broadcast(run_dir)

@@ -42,7 +42,7 @@ class SlopeMethod(Method):
         return self.slope_config.adapter_step(max_steps)
 
     def before_step(self, step, max_steps, model, optimizer, group, replay=False):
-        if step != self.adapter_step(max_steps) or self.has_adapters(model):
+        if not adapters_due(step, self.adapter_step(max_steps), model):
             return None
         return self._add_adapters(step, model, optimizer, group)
 
@@ -61,7 +61,7 @@ class SlopeMethod(Method):
                 f"{event['param_groups']} groups")
 
     def has_adapters(self, model):
-        return any(layer.rank for _, layer in slope_layers(model))
+        return has_adapters(model)
 
     def checkpoint_info(self, model):
         return {"method": self.name, "slope_config": self.slope_config.to_dict(),
@@ -69,6 +69,20 @@ class SlopeMethod(Method):
 
     def summary_options(self):
         return {**super().summary_options(), "double_prune": self.slope_config.double_prune}
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `model`'s SlopeLinear layers carry adapters (`add_adapters` gives them to all at once)."""
+    return any(layer.rank for _, layer in slope_layers(model))
+
+
+def adapters_due(completed_steps: int, join_step: int | None, model: nn.Module) -> bool:
+    """Whether the lazy adapters join `model` now, after `completed_steps` optimizer steps.
+
+    join_step: when they join, from `SlopeConfig.adapter_step(total)` (None: never). At or after it, so
+    a loop resumed past that step (a Trainer continuing from checkpoint-N) still adds them, and once.
+    """
+    return join_step is not None and completed_steps >= join_step and not has_adapters(model)
 
 
 def sparsify_keeping_dense(model: nn.Module, config: SlopeConfig) -> dict[str, nn.Module]:

@@ -1,0 +1,93 @@
+"""How a run ends before its last step, and the line that says so.
+
+Ctrl-C finishes the step in progress and writes a checkpoint (`StopFlag`, `Interrupted`, exit 130);
+out of memory and a non-finite loss stop the run with what to change and which checkpoint is kept
+(`TrainingFailed`, exit 3). `slope.cli.commands.train` turns each into its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import torch
+
+from slope.io import checkpoint
+from slope.train.runconfig import RunConfig
+
+log = logging.getLogger("slope")
+
+
+class TrainingFailed(Exception):
+    """The run stopped on its own (non-finite loss, out of memory); the message says what is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written, the run can be resumed."""
+
+
+class StopFlag:
+    """SIGINT sets a flag the loop checks between steps, so a checkpoint is never half a step.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort at once)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's RuntimeError saying the same."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def kept_checkpoint(run_dir: Path, main: bool) -> str:
+    """Which checkpoint a stopped run leaves to resume from, as the end of its error line."""
+    if not main:
+        return "rank 0 names the last good checkpoint"
+    latest = checkpoint.latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+
+
+def out_of_memory(step: int, cfg: RunConfig, kept: str) -> TrainingFailed:
+    """Step `step` (1-based) ran out of memory: what to lower, and what is kept."""
+    return TrainingFailed(
+        f"out of memory at step {step} with train.batch_size={cfg.train.batch_size}, "
+        f"train.seq_len={cfg.train.seq_len}: lower train.batch_size (and raise train.grad_accum "
+        f"to keep the tokens per step); {kept}"
+    )
+
+
+def non_finite_loss(loss: float, step: int, kept: str) -> TrainingFailed:
+    """Step `step` (1-based) gave a NaN or infinite loss: what to change, and what is kept."""
+    return TrainingFailed(
+        f"the loss became {loss} at step {step}: training stopped; lower optim.lr or "
+        f"raise optim.warmup_steps; {kept}"
+    )
+
+
+def interrupted(step: int, path: Path, run_dir: Path) -> Interrupted:
+    """Ctrl-C after `step` complete steps, saved to checkpoint `path`: how to continue."""
+    return Interrupted(
+        f"interrupted at step {step}: checkpoint written to {path}; continue with "
+        f"`slope train --resume {run_dir}`"
+    )
