@@ -36,22 +36,33 @@ def check_precision(run: RunSection, device: torch.device) -> None:
     seen by it, and CPU autocast has no fp16 path. A method's own rules (SR-STE refuses fp16) are in
     its `preflight`.
     """
-    if run.precision != "fp16":
+    if _resolved_precision(run, device) != "fp16":
         return
     if run.parallel == "fsdp":  # run.parallel=fsdp is the only setting that resolves to FSDP
+        if run.precision == "auto":
+            raise ConfigError("run.precision=auto is fp16 on this GPU (it has no bf16), and fp16 with "
+                              "run.parallel=fsdp is not supported (its loss scaler does not see sharded "
+                              "gradients); use run.precision=fp32")
         raise ConfigError("run.precision=fp16 with run.parallel=fsdp is not supported (its loss scaler does not see "
                           "sharded gradients); use bf16")
     if device.type == "cpu":
         raise ConfigError("run.precision=fp16 is not supported on CPU; use fp32 or bf16")
 
 
+def _resolved_precision(run: RunSection, device: torch.device) -> str:
+    """`run.precision` with "auto" resolved on `device`: fp32 on CPU, the GPU's 16-bit dtype on a GPU."""
+    if run.precision != "auto":
+        return run.precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if half_dtype(device) == torch.bfloat16 else "fp16"
+
+
 def autocast_dtype(run: RunSection, device: torch.device) -> torch.dtype | None:
     """The dtype the run's forward autocasts to on `device`, or None for plain fp32 (rules: `check_precision`)."""
     check_precision(run, device)
-    if run.precision == "auto":
-        # bf16 autocast gave no gain on CPU (measured); a GPU computes in its 16-bit dtype
-        return half_dtype(device) if device.type == "cuda" else None
-    return _AUTOCAST_DTYPES[run.precision]
+    # auto: bf16 autocast gave no gain on CPU (measured); a GPU computes in its 16-bit dtype
+    return _AUTOCAST_DTYPES[_resolved_precision(run, device)]
 
 
 def pick_threads(setting: int) -> int:
