@@ -21,7 +21,7 @@ import torch
 import slope
 from slope import cli
 
-EMBEDDED = "(shakespeare, shakespeare-heldout, milton)"
+EMBEDDED = "(shakespeare, shakespeare-heldout, milton, shakespeare-small, sonnets, milton-small)"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Scans README.md and docs/*.md. A reference is checked when it names a repository path: it starts with a
 top-level folder (`src/`, `docs/`, `benchmarks/`, `configs/`, `tests/`, `examples/`), with `slope/` (under
-src/), with a sub-package of slope (`train/data.py`, `backends/`), or is a `.py` file name. Placeholders
+src/), with a sub-package of slope (`train/sources.py`, `backends/`), or is a `.py` file name. Placeholders
 (`<run.name>`, `step_XXXXXXXX`) and paths of a run directory are not repository paths and are skipped.
 """
 
@@ -125,7 +125,7 @@ def test_a_planted_bad_reference_is_found(tmp_path):
     doc = tmp_path / "planted.md"
     doc.write_text(
         "# Title\n\n"
-        "See `src/slope/train/data.py` and `train/logs.py` and `masks.py`, `slope/io/`, `configs/*.toml`.\n"
+        "See `src/slope/train/sources.py` and `train/logs.py` and `masks.py`, `slope/io/`, `configs/*.toml`.\n"
         "Not checked: `runs/<run.name>/`, `RUN_DIR/metrics.jsonl`, `--data.train=x.txt`.\n"
         "```\nslope train --data.train=src/slope/nothing.py\n```\n"
         "Broken: `src/slope/train/nope.py`, `benchmarks/results/missing.{json,md}`,\n"

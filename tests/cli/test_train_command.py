@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from slope import cli
 from slope.io import checkpoint
 from slope.io import format as fmt
-from slope.train import data, runconfig
+from slope.train import runconfig, window_sampler
 from slope.train.logs import read_metrics
 
 STEP_FILES = {fmt.WEIGHTS_FILE, fmt.HF_CONFIG_FILE, fmt.INFO_FILE, fmt.TOKENIZER_DIR, fmt.TRAINER_STATE_FILE,
@@ -144,17 +144,17 @@ def test_resume_with_dropout_is_exact(corpus_dir, tmp_path):
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues_exactly(slope_run, corpus_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "interrupted"
-    original = data.WindowSampler.next
+    original = window_sampler.WindowSampler.next
 
     def next_then_interrupt(self):
         if self.batches == 2:  # during step 3
             os.kill(os.getpid(), signal.SIGINT)
         return original(self)
 
-    monkeypatch.setattr(data.WindowSampler, "next", next_then_interrupt)
+    monkeypatch.setattr(window_sampler.WindowSampler, "next", next_then_interrupt)
     assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 130
     assert checkpoint.latest_checkpoint(run_dir).name == "step_00000003"  # the step in flight completed
-    monkeypatch.setattr(data.WindowSampler, "next", original)
+    monkeypatch.setattr(window_sampler.WindowSampler, "next", original)
     assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert losses(run_dir) == losses(slope_run)
 

@@ -115,6 +115,18 @@ def test_embedded_corpora_hold_out_whole_works():
     assert len(list(corpus.embedded_documents("milton"))) == 7
 
 
+def test_the_small_corpora_are_parts_of_the_full_ones_and_hold_out_what_they_should():
+    def works(name):
+        return {doc.split(":", 1)[1]: text for doc, text in corpus.embedded_documents(name)}
+
+    small, sonnets, milton_small = works("shakespeare-small"), works("sonnets"), works("milton-small")
+    assert len(small) == 2 and small.items() <= works("shakespeare").items()  # training works, none held out
+    assert list(sonnets) == ["sonnets_gut.txt"] and sonnets.items() <= works("shakespeare-heldout").items()
+    assert corpus.HELDOUT_OF["shakespeare-small"] == "sonnets"
+    assert len(milton_small) == 1 and milton_small.items() <= works("milton").items()
+    assert 150_000 < sum(len(t) for t in small.values()) < 250_000  # seconds to train a tokenizer on
+
+
 def test_prepare_command_and_training_on_its_output(tmp_path, capsys):
     (tmp_path / "c.txt").write_text(TEXT)
     out = tmp_path / "prep"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from slope.train import models
-from slope.train.data import resolve_source
 from slope.train.hardware import autocast_dtype, run_device
 from slope.train.methods import Method, get_method
 from slope.train.runconfig import ConfigError, RunConfig
+from slope.train.sources import resolve_source
 
 
 def run_method(cfg: RunConfig) -> Method:

@@ -18,7 +18,7 @@ import torch
 
 from slope.io import checkpoint
 from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
-from slope.train.data import DataError
+from slope.train.data_error import DataError
 from slope.train.distributed import Dist
 from slope.train.prepare import prepare_data
 from slope.train.runconfig import ConfigError, RunConfig

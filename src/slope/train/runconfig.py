@@ -116,7 +116,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # An embedded corpus ("shakespeare", "shakespeare-heldout", "milton"), a text file, a folder of text,
+    # An embedded corpus (slope.train.corpus: "shakespeare", "milton", ...), a text file, a folder of text,
     # a .jsonl file (`text` field), a saved Hugging Face dataset folder, or a `slope prepare` output folder.
     train: str = "shakespeare"
     # Validation source for periodic evaluation; "" = the final `val_fraction` of `train`'s text;

@@ -34,7 +34,6 @@ from slope.io import checkpoint
 from slope.io.format import WEIGHTS_FILE
 from slope.linear import track_steps
 from slope.train import distributed, models, runconfig
-from slope.train.data import WindowSampler
 from slope.train.evaluation import causal_lm_loss, evaluate
 from slope.train.hardware import apply_threads, autocast_dtype
 from slope.train.logs import MetricsLog, read_metrics
@@ -54,6 +53,7 @@ from slope.train.stopping import (
     out_of_memory,
 )
 from slope.train.structure import change_sharded_structure, replay_structure
+from slope.train.window_sampler import WindowSampler
 
 log = logging.getLogger("slope")
 

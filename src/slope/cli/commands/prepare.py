@@ -9,10 +9,11 @@ from pathlib import Path
 from slope.cli.errors import UserError
 from slope.train.runconfig import BPE_MIN_VOCAB
 
-EPILOG = """A source is an embedded corpus (shakespeare, shakespeare-heldout, milton), a text file, a folder
-of files, a .jsonl, .parquet or .arrow file (text in the column --text-column, default `text`), a
-saved Hugging Face dataset folder (a DatasetDict trains on `train`, validates on `validation`), or a
-`datasets` hub name already in the local cache (nothing is downloaded).
+EPILOG = """A source is an embedded corpus (shakespeare, shakespeare-heldout, milton, shakespeare-small, sonnets,
+milton-small), a text file, a folder of files, a .jsonl, .parquet or .arrow file (text in the column
+--text-column, default `text`), a saved Hugging Face dataset folder (a DatasetDict trains on `train`,
+validates on `validation`), or a `datasets` hub name already in the local cache (nothing is
+downloaded).
 The output folder holds tokenizer/, train.bin/.json and val.bin/.json; train on it with
   slope train --data.train=OUT --data.val=''
 """
@@ -35,7 +36,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args) -> int:
-    from slope.train.data import DataError
+    from slope.train.data_error import DataError
     from slope.train.prepare import prepare_data
 
     if args.out.exists():

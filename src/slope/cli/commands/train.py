@@ -153,7 +153,7 @@ def run(args) -> int:
 
 def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> int:
     from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE, FormatError
-    from slope.train.data import DataError
+    from slope.train.data_error import DataError
     from slope.train.models import ModelError
     from slope.train.stopping import Interrupted, TrainingFailed
     from slope.train.trainer import Trainer
