@@ -4,6 +4,7 @@ mistakes, validation before any data work, a lock on a run directory, clean fail
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -176,12 +177,14 @@ def test_resume_takes_allowed_overrides_and_keeps_them(run_copy, text_dir):
     assert 'sets = ["milton"]' in (run_copy / "config.toml").read_text()
 
 
-def test_resume_after_a_kill_past_the_final_checkpoint_writes_a_clean_summary(run_copy):
+def test_resume_after_a_kill_past_the_final_checkpoint_writes_a_clean_summary(run_copy, caplog):
     """Killed after the final checkpoint and its evals, before summary.json, mid-way through a metrics line."""
     (run_copy / "summary.json").unlink()
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"kind": "eval", "set": "va')
-    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    with caplog.at_level(logging.INFO, logger="slope"):
+        assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    assert "resumed from" in caplog.text and "adapters will be added" not in caplog.text  # they joined long ago
     summary = json.loads((run_copy / "summary.json").read_text())
     train = [r for r in read_metrics(run_copy) if r["kind"] == "train"]
     assert summary["final_train_loss"] == train[-1]["loss"] and math.isfinite(summary["final_train_loss"])

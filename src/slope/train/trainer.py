@@ -372,7 +372,7 @@ class Trainer:
                               logger=self.cfg.run.logger, plain=not self.progress, config=self.cfg.to_dict())
                    if self.dist.main else _NoMetrics())
         params = count_params(self.model)
-        if self.adapter_step is not None:
+        if self.adapter_step is not None and self.step <= self.adapter_step:  # not when resumed past it
             log.info("adapters will be added before step %d of %d", self.adapter_step + 1, self.cfg.train.max_steps)
         self.last_loss = self._logged_loss() if self.resume and finished else None
         self._backends_reported = False
