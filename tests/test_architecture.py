@@ -126,3 +126,24 @@ def test_import_slope_loads_no_cuda_only_code():
     )
     assert "slope.backends.cusparselt_plans" not in loaded
     assert not any(m.startswith("triton") for m in loaded)
+
+
+# Small modules with one job each, readable top to bottom: a module that outgrows these limits holds
+# more than one concept and is split along them (docs/architecture.md).
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_or_function_outgrows_its_limit():
+    too_long = []
+    for name, path in sorted(modules().items()):
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {lines} lines")
+    assert not too_long, (f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: "
+                          + "; ".join(too_long))
