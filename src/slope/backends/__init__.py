@@ -11,6 +11,7 @@ Modules, each owning one job:
     fused             adapter inference with one sparse product
     runtime           LayerRuntime: one SlopeLinear's backends, operands and inference
     cusparselt_plans  cached cuSPARSELt plans through its C API (imported on the first cuSPARSELt product)
+    cusparselt_library  opening libcusparseLt and binding its C functions (imported with the plans)
 """
 
 from slope.backends.runtime import LayerRuntime, backend_summary
