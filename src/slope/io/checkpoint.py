@@ -13,6 +13,7 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in for
     manifest.json              size and SHA-256 of every file above (dcp/ included), written last
 In an FSDP run model.safetensors is the consolidated model, gathered to rank 0, so export, eval and
 slope.load read FSDP checkpoints like any other, and trainer_state holds no optimizer (it is in dcp/).
+slope.io.trainer_state encodes the trainer state; slope.io.sharded_state writes and reads dcp/.
 Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 (slope 0.1:
 trainer_state.pt, a pickle, and no manifest) is refused by `read_info` in one line, before any other file
 is read.
@@ -33,9 +34,9 @@ a dense model; otherwise the model is sparsified with that SlopeConfig, and each
 adapters of the rank its `mask_state` records. `prune_on_load: true` (an SR-STE run, whose layers
 train dense weights through their N:M magnitude mask) means model.safetensors is the dense model: it
 is loaded first and then sparsified with `slope_config`, whose magnitude masks are the trained masks,
-so every reader sees the pruned model (resume reads the dense weights itself). `method` only names how the run trained: a method
-this version does not know still loads when its files have this shape, and strict loading of the
-weights refuses any that do not.
+so every reader sees the pruned model (resume reads the dense weights itself). `method` only names how
+the run trained: a method this version does not know still loads when its files have this shape, and
+strict loading of the weights refuses any that do not.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import shutil
 from pathlib import Path
 
 import safetensors.torch
-import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -63,9 +63,9 @@ from slope.io.format import (
     LATEST_FILE,
     MANIFEST_FILE,
     RUN_CONFIG_FILE,
+    SHARDED_DIR,
     TOKENIZER_DIR,
     TRAINER_STATE_FILE,
-    TRAINER_TENSORS_FILE,
     WEIGHTS_FILE,
     FormatError,
     UnsupportedFormatError,
@@ -73,6 +73,10 @@ from slope.io.format import (
     file_digests,
     one_line,
 )
+
+# The trainer saves and resumes the dcp/ part of a checkpoint through this module, like the rest of it.
+from slope.io.sharded_state import has_sharded_state, load_sharded_state, save_sharded_state  # noqa: F401
+from slope.io.trainer_state import load_trainer_state, write_trainer_state
 from slope.linear import SlopeLinear
 
 log = logging.getLogger(__name__)
@@ -89,49 +93,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# ---- the trainer state as JSON + safetensors ----------------------------------------------------
-# JSON has no tensors, tuples or non-string keys; these markers carry them, so that a state dict
-# (optimizer.state_dict() has int keys and tuple betas) comes back exactly as it was saved.
-
-
-def _encode(value, tensors: dict[str, torch.Tensor]):
-    if isinstance(value, torch.Tensor):
-        key = str(len(tensors))
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, tensors) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: _encode(v, tensors) for k, v in value.items()}
-        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise TypeError(f"the trainer state holds a {type(value).__name__}, which a checkpoint cannot store")
-
-
-def _decode(value, tensors: dict[str, torch.Tensor], file: Path):
-    if isinstance(value, list):
-        return [_decode(v, tensors, file) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tensor__" in value:
-        if value["__tensor__"] not in tensors:
-            raise FormatError(f"{file}: tensor {value['__tensor__']!r} is not in {TRAINER_TENSORS_FILE}")
-        return tensors[value["__tensor__"]]
-    if "__tuple__" in value:
-        return tuple(_decode(v, tensors, file) for v in value["__tuple__"])
-    if "__items__" in value:
-        return {_decode(k, tensors, file): _decode(v, tensors, file) for k, v in value["__items__"]}
-    return {k: _decode(v, tensors, file) for k, v in value.items()}
-
-
 # ---- writing ----------------------------------------------------------------------------------
-
-
-SHARDED_DIR = "dcp"  # inside a checkpoint: the FSDP shards (torch.distributed.checkpoint)
 
 
 class _OneProcess:
@@ -155,8 +117,9 @@ def save_checkpoint(
     ranks: in a run of several processes, an object with `main`, `barrier()` and `broadcast(obj)`
     (rank 0's obj on every rank); every rank calls this, rank 0 alone writes the files below.
     weights: (state_dict, safetensors metadata) to write as model.safetensors instead of `model`'s own
-    (the consolidated state of an FSDP model, as save_model would write it; rank 0's only). sharded: called by every rank with the dcp/ folder to write
-    its shards into (FSDP), before rank 0 writes the rest.
+    (the consolidated state of an FSDP model, as save_model would write it; rank 0's only).
+    sharded: called by every rank with the dcp/ folder to write its shards into (FSDP), before rank 0
+    writes the rest.
 
     CheckpointWriteError (one line, on every rank) when the disk is full or not writable; the
     temporary directory is removed and the checkpoints already there are untouched.
@@ -168,46 +131,62 @@ def save_checkpoint(
 
     def failed(err: BaseException) -> str:
         if ranks.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
-        reason = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else one_line(err)
-        return f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact"
+            _discard_partial(root, tmp)
+        return _failure_message(final, err)
 
-    def agree(error: str | None, cause: BaseException | None) -> None:
-        # rank 0's outcome on every rank: all go on, or all stop with the same line
-        error = ranks.broadcast(error)
-        if error is not None:
-            raise CheckpointWriteError(error) from cause
+    def write_and_swap_in() -> None:
+        _write_files(tmp, step, model, tokenizer, method_info, run_config_toml, trainer_state, weights)
+        _swap_in(root, tmp, final)
+        _write_latest(root, final.name)
 
-    error, cause = None, None
-    if ranks.main:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            _recover(root)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        except OSError as err:
-            error, cause = failed(err), err
-    agree(error, cause)
+    _write_on_rank0(ranks, lambda: _start_tmp(root, tmp), failed)
     if sharded is not None:
         try:  # collective: each rank writes its shards, rank 0 the metadata once all are written
             sharded(tmp / SHARDED_DIR)
         except Exception as err:  # DCP raises one CheckpointException on every rank, whatever failed
             raise CheckpointWriteError(failed(err)) from err
     ranks.barrier()  # every rank's files are in tmp before rank 0 makes it the checkpoint
-    if ranks.main:
-        try:
-            _write_files(tmp, step, model, tokenizer, method_info, run_config_toml, trainer_state, weights)
-            _swap_in(root, tmp, final)
-            _write_latest(root, final.name)
-        except OSError as err:
-            error, cause = failed(err), err
-    agree(error, cause)
+    _write_on_rank0(ranks, write_and_swap_in, failed)
     if ranks.main:
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(stale)
     ranks.barrier()  # nobody starts the next step (or the next checkpoint) before this one is in place
     return final
+
+
+def _write_on_rank0(ranks, write, failed) -> None:
+    """`write()` on rank 0 and its outcome on every rank: all go on, or all raise the same CheckpointWriteError.
+
+    failed(err) turns rank 0's OSError into the one line every rank raises.
+    """
+    error, cause = None, None
+    if ranks.main:
+        try:
+            write()
+        except OSError as err:
+            error, cause = failed(err), err
+    error = ranks.broadcast(error)
+    if error is not None:
+        raise CheckpointWriteError(error) from cause
+
+
+def _failure_message(final: Path, err: BaseException) -> str:
+    reason = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else one_line(err)
+    return f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact"
+
+
+def _start_tmp(root: Path, tmp: Path) -> None:
+    """An empty `tmp` to write into, once any swap a kill interrupted is finished."""
+    root.mkdir(parents=True, exist_ok=True)
+    _recover(root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _discard_partial(root: Path, tmp: Path) -> None:
+    """Remove what a failed write left: the temporary checkpoint and the temporary `latest`."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
 
 
 def _write_files(
@@ -227,49 +206,6 @@ def _write_files(
     # Last: a .tmp- directory with a manifest is complete, which is what lets a reader recover it.
     manifest = {"format": CHECKPOINT_FORMAT, "files": file_digests(folder)}
     _write_durably(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-
-
-# ---- the sharded state of an FSDP run ------------------------------------------------------------
-
-
-def has_sharded_state(checkpoint_dir: Path) -> bool:
-    """Whether a checkpoint was written by an FSDP run (its model and optimizer state are in dcp/)."""
-    return (Path(checkpoint_dir) / SHARDED_DIR).is_dir()
-
-
-def save_sharded_state(folder: Path, model, optimizer) -> None:
-    """The model's and optimizer's shards of this rank into `folder` (collective: every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    # the model's own state_dict (DTensor shards, masks and SlopeLinear's mask_state as whole tensors):
-    # DCP's get_model_state_dict would look each key up as a module attribute, which mask_state is not
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(folder))
-
-
-def load_sharded_state(checkpoint_dir: Path, model, optimizer) -> None:
-    """Load dcp/ into an FSDP model and its optimizer, resharded to this world size (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    folder = Path(checkpoint_dir) / SHARDED_DIR
-    # the shapes and shards to fill, at this world size; DCP reads what each rank needs of every shard
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
-    try:
-        dcp.load(state, checkpoint_id=str(folder))
-    except Exception as err:  # a shard missing or of other shapes: DCP raises one CheckpointException
-        raise FormatError(f"{folder}: cannot load the sharded state ({one_line(err)})") from err
-    model.load_state_dict(state["model"], strict=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])
-
-
-def write_trainer_state(folder: Path, state: dict) -> None:
-    """`state` (tensors, plain data, tuples, int keys) as trainer_state.json + trainer_state.safetensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    plain = _encode(state, tensors)
-    safetensors.torch.save_file(tensors, str(Path(folder) / TRAINER_TENSORS_FILE))
-    (Path(folder) / TRAINER_STATE_FILE).write_text(json.dumps(plain) + "\n")
 
 
 def _write_durably(file: Path, text: str) -> None:
@@ -313,28 +249,6 @@ def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST_FILE}.tmp"
     _write_durably(tmp, name + "\n")
     os.replace(tmp, root / LATEST_FILE)
-
-
-def load_trainer_state(checkpoint_dir: Path) -> dict:
-    """The trainer state of a checkpoint (resume only), read without unpickling anything.
-
-    trainer_state.json and trainer_state.safetensors; FormatError (one line) when they are missing or damaged.
-    """
-    folder = Path(checkpoint_dir)
-    plain_file = folder / TRAINER_STATE_FILE
-    if plain_file.is_file():
-        try:
-            plain = json.loads(plain_file.read_text())
-            tensors = safetensors.torch.load_file(folder / TRAINER_TENSORS_FILE)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as err:
-            raise FormatError(f"{folder}: cannot read the trainer state ({one_line(err)})") from err
-        try:
-            return _decode(plain, tensors, plain_file)
-        except FormatError:
-            raise
-        except (TypeError, ValueError) as err:  # a marker with the wrong shape: not what the writer wrote
-            raise FormatError(f"{plain_file}: malformed trainer state ({one_line(err)})") from err
-    raise FormatError(f"{folder} has no trainer state ({TRAINER_STATE_FILE}): it cannot be resumed")
 
 
 # ---- checking a checkpoint ------------------------------------------------------------------------
@@ -483,7 +397,7 @@ def read_info(checkpoint_dir: str | Path) -> dict:
             f"{file} has checkpoint format {version}, which this version of slope does not read (it reads "
             f"format {CHECKPOINT_FORMAT} only; format 1 was written by slope 0.1)"
         )
-    if "slope_config" not in info:  # found by the fuzz (tests/io/test_fuzz_readers.py): was a KeyError
+    if "slope_config" not in info:  # a damaged file is a FormatError, never a KeyError (tests/io/test_fuzz_readers.py)
         raise FormatError(f"{file}: missing field 'slope_config' (an object, or null for a dense model)")
     if not isinstance(info["slope_config"], dict | None):
         raise FormatError(f"{file}: slope_config must be an object or null, got {info['slope_config']!r}")

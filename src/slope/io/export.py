@@ -77,6 +77,47 @@ def save_compressed(
     layers = slope_layers(model)
     n, m = _common_nm(layers)
     out = _prepare_out_dir(out_dir)
+    tensors, layer_meta = _compressed_layers(layers, n, m, dtype)
+    tied = _add_other_tensors(model, layer_meta, tensors, dtype)
+    save_file(
+        tensors, out / EXPORT_WEIGHTS_FILE,
+        metadata={"format": EXPORT_FORMAT_NAME, "format_version": str(EXPORT_FORMAT_VERSION)},
+    )
+    if tokenizer is not None:
+        tokenizer = for_export(tokenizer, model)
+        tokenizer.save_pretrained(out / TOKENIZER_DIR)
+        tokenizer.save_pretrained(out)  # also at the top, where AutoTokenizer (and lm-eval's HFLM) look
+    model_config = model.config.to_dict()
+    if dtype is not None:
+        model_config["dtype"] = stored_dtype
+    _write_top_config(out, model_config)
+    report = getattr(model, "slope_report", None)
+    write_model_card(out, model, "compressed")  # before the checksums, which cover every file
+    meta = {
+        "format": EXPORT_FORMAT_NAME,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "n": n,
+        "m": m,
+        "position_code": ("combinations" if uses_combinations(n, m) else "bitmask") if layers else None,
+        "position_bits": code_bits(n, m) if layers else None,
+        "dtype": stored_dtype,
+        # the backend is chosen where the model is loaded (slope.load's `backend`), not stored
+        "slope_config": layers[0][1].config.replace(backend="auto").to_dict() if layers else None,
+        "layers": layer_meta,
+        "skipped": dict(report.skipped) if report is not None else {},
+        "tied": tied,
+        "model_config": model_config,
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+        "files": _checksums(out),
+    }
+    _write_meta_last(out, meta)
+    return out
+
+
+def _compressed_layers(
+    layers: list[tuple[str, nn.Module]], n: int, m: int, dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(tensors, metadata by layer name) of the SlopeLinear layers: kept values, packed positions, adapters."""
     tensors: dict[str, torch.Tensor] = {}
     layer_meta: dict[str, dict] = {}
     for name, layer in layers:
@@ -94,67 +135,55 @@ def save_compressed(
             "adapter_rank": layer.rank,
             "adapter_scale": layer.adapter_scale if layer.rank else None,
         }
+    return tensors, layer_meta
 
-    # Everything outside the SlopeLinear layers, by state_dict name. A tied tensor (GPT-2's lm_head
-    # and wte) appears under several names but is stored once; `tied` maps each alias to it.
+
+def _add_other_tensors(
+    model: nn.Module, layer_meta: dict[str, dict], tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, str]:
+    """Add to `tensors` everything outside the SlopeLinear layers, by state_dict name; returns `tied`.
+
+    A tied tensor (GPT-2's lm_head and wte) appears under several names but is stored once; `tied`
+    maps each other name to the one it is stored under.
+    """
     stored_by_id: dict[int, str] = {}
     tied: dict[str, str] = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        if key.rsplit(".", 1)[0] in layer_meta:  # stored above in compressed form
+        if key.rsplit(".", 1)[0] in layer_meta:  # stored in compressed form by _compressed_layers
             continue
         if id(value) in stored_by_id:
             tied[key] = stored_by_id[id(value)]
             continue
         stored_by_id[id(value)] = key
         tensors[key] = _cast(value, dtype)
+    return tied
 
-    save_file(
-        tensors, out / EXPORT_WEIGHTS_FILE,
-        metadata={"format": EXPORT_FORMAT_NAME, "format_version": str(EXPORT_FORMAT_VERSION)},
-    )
-    if tokenizer is not None:
-        tokenizer = for_export(tokenizer, model)
-        tokenizer.save_pretrained(out / TOKENIZER_DIR)
-        tokenizer.save_pretrained(out)  # also at the top, where AutoTokenizer (and lm-eval's HFLM) look
 
-    model_config = model.config.to_dict()
-    if dtype is not None:
-        model_config["dtype"] = stored_dtype
-    # config.json at the top: transformers' AutoConfig (model_type) reads it, so tools that inspect a model
-    # folder see what it is; its `slope` entry points at slope_model.json. The weights are not in a layout
-    # transformers reads, and their file name is not one it looks for, so from_pretrained refuses the
-    # folder ("no file named model.safetensors"): load with slope.load, or export with --dense / --serve
-    # for transformers and vLLM.
+def _write_top_config(out: Path, model_config: dict) -> None:
+    """config.json at the top, its `slope` entry pointing at slope_model.json.
+
+    transformers' AutoConfig (model_type) reads it, so tools that inspect a model folder see what it is.
+    The weights are not in a layout transformers reads, and their file name is not one it looks for, so
+    from_pretrained refuses the folder ("no file named model.safetensors"): load with slope.load, or
+    export with --dense / --serve for transformers and vLLM.
+    """
     top_config = {k: v for k, v in model_config.items() if k != HF_CONFIG_KEY}
     top_config[HF_CONFIG_KEY] = {"format": EXPORT_FORMAT_NAME, "format_version": EXPORT_FORMAT_VERSION,
                                  "metadata": META_FILE}
     (out / HF_CONFIG_FILE).write_text(json.dumps(top_config, indent=2, sort_keys=True) + "\n")
-    report = getattr(model, "slope_report", None)
-    write_model_card(out, model, "compressed")  # before the checksums, which cover every file
+
+
+def _checksums(out: Path) -> dict[str, dict]:
+    """{path relative to `out`: {"bytes", "sha256"}} of every file written so far."""
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    meta = {
-        "format": EXPORT_FORMAT_NAME,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "n": n,
-        "m": m,
-        "position_code": ("combinations" if uses_combinations(n, m) else "bitmask") if layers else None,
-        "position_bits": code_bits(n, m) if layers else None,
-        "dtype": stored_dtype,
-        # the backend is chosen where the model is loaded (slope.load's `backend`), not stored
-        "slope_config": layers[0][1].config.replace(backend="auto").to_dict() if layers else None,
-        "layers": layer_meta,
-        "skipped": dict(report.skipped) if report is not None else {},
-        "tied": tied,
-        "model_config": model_config,
-        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
-        "files": {
-            str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
-        },
-    }
+    return {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+
+
+def _write_meta_last(out: Path, meta: dict) -> None:
+    """slope_model.json, renamed into place: the export is complete once its metadata is there."""
     tmp = out / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, out / META_FILE)  # last: the export is complete once its metadata is there
-    return out
+    os.replace(tmp, out / META_FILE)
 
 
 def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:

@@ -4,8 +4,8 @@ Two formats share these names (full description in docs/export.md):
 
 - a training checkpoint (`slope.io.checkpoint`), format 2: RUN_DIR/checkpoints/step_XXXXXXXX/ with
   model.safetensors, config.json, slope.json, tokenizer/, trainer_state.json,
-  trainer_state.safetensors, config.toml and manifest.json, and RUN_DIR/checkpoints/latest naming the
-  newest complete one;
+  trainer_state.safetensors, config.toml, manifest.json (and dcp/ in an FSDP run), and
+  RUN_DIR/checkpoints/latest naming the newest complete one;
 - a compressed export (`slope.io.export` writes it, `slope.io.load` reads it), version 2:
   slope_model.safetensors, tokenizer/, config.json, the tokenizer files at the top and slope_model.json.
 
@@ -58,6 +58,7 @@ RUN_CONFIG_FILE = "config.toml"  # checkpoint and run directory: the resolved ru
 HF_CONFIG_FILE = "config.json"  # checkpoint and Hugging Face directories: the model config (save_pretrained)
 CHECKPOINTS_DIR = "checkpoints"  # run directory: holds the step_XXXXXXXX checkpoints
 LATEST_FILE = "latest"  # in CHECKPOINTS_DIR: one line naming the newest complete checkpoint
+SHARDED_DIR = "dcp"  # checkpoint of an FSDP run: the model and optimizer shards (torch.distributed.checkpoint)
 META_FILE = "slope_model.json"  # export: the metadata, written last
 
 # The floating dtypes a file may store, by the name the metadata records.
@@ -77,9 +78,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype {dtype} cannot be stored: expected one of {', '.join(DTYPES)}")
 
 
-def one_line(err: Exception) -> str:
-    """`err` for a FormatError message: transformers and torch explain over several lines, the CLI prints one."""
-    return f"{type(err).__name__}: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+def one_line(err: BaseException) -> str:
+    """`err` as "Type: message" on one line, for any message a user sees (the CLI prints one line per error).
+
+    transformers, torch, lm-eval and W&B explain over several lines; every line is kept, joined, so the
+    cause is not lost with the first line. An error without a message is its type's name.
+    """
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def confined(base: Path, relative: str, what: str) -> Path:

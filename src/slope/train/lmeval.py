@@ -162,6 +162,7 @@ def run_lm_eval(
         from lm_eval.models.huggingface import HFLM
     except ImportError as err:
         raise LmEvalError(f"lm-eval is not installed ({err}); install it with: pip install 'slope[eval]'") from err
+    from slope.io.format import one_line
     from slope.io.load import load, load_tokenizer
 
     if not tasks:
@@ -179,9 +180,8 @@ def run_lm_eval(
     except KeyError as err:  # lm-eval's answer to an unknown task name
         raise LmEvalError(f"lm-eval does not know task {err}; `lm_eval --tasks list` lists them") from err
     except OSError as err:  # ConnectionError (offline hub), a dataset missing from the cache, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LmEvalError(
-            f"cannot load the data of task(s) {', '.join(tasks)}: {first}; hub-hosted tasks need network access "
+            f"cannot load the data of task(s) {', '.join(tasks)} ({one_line(err)}); hub-hosted tasks need network access "
             "(or a datasets cache that holds them)"
         ) from err
     if results is None:  # only on non-zero ranks of a distributed run

@@ -15,6 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
+from slope.io.format import one_line
 from slope.train.runconfig import ConfigError
 
 log = logging.getLogger("slope")
@@ -139,15 +140,14 @@ class _WandB:
         resumed = resume_step is not None and id_file.is_file()
         run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)  # W&B run ids are short strings of letters and digits
         project = os.environ.get("WANDB_PROJECT") or "slope"
-        # WANDB_MODE read now and passed on: wandb reads its environment once per process, so a second run in
-        # the same process (a notebook, tests) would otherwise keep the first run's mode.
+        # WANDB_MODE read at each start and passed on: wandb reads its environment once per process, so a
+        # second run in the same process (a notebook, tests) would otherwise keep the first run's mode.
         mode = os.environ.get("WANDB_MODE") or None
         try:
             self.run = wandb.init(project=project, name=run_dir.name, id=run_id, dir=str(run_dir), config=config,
                                   resume="allow" if resumed else None, mode=mode)
-        except Exception as err:  # wandb raises its own types (no login, no network); one line is enough
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"run.logger is 'wandb' but W&B could not start ({first}); set WANDB_MODE=offline "
+        except Exception as err:  # wandb raises its own types (no login, no network)
+            raise ConfigError(f"run.logger is 'wandb' but W&B could not start ({one_line(err)}); set WANDB_MODE=offline "
                               "to log locally, or run.logger=tensorboard") from None
         if not resumed:
             id_file.write_text(run_id + "\n")

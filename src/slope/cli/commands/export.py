@@ -31,7 +31,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slope.io.export import export
-    from slope.io.format import DTYPES, FormatError
+    from slope.io.format import DTYPES, FormatError, one_line
 
     try:
         out = export(args.source, args.out, dense=args.dense, serve=args.serve,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, FormatError) as err:
         raise UserError(str(err)) from err
     except ImportError as err:  # --serve without peft
-        raise UserError(str(err).splitlines()[0]) from err
+        raise UserError(one_line(err)) from err
     except ValueError as err:  # --serve of a dense model
         raise UserError(str(err)) from err
     kind = ("serving export (base + PEFT adapter)" if args.serve
