@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from slope.io import checkpoint
-from slope.io.format import CHECKPOINTS_DIR, TOKENIZER_DIR
+from slope.io.format import CHECKPOINTS_DIR, SHARDED_DIR, TOKENIZER_DIR
+from slope.io.sharded_state import has_sharded_state
 from slope.train.data_error import DataError
 from slope.train.distributed import Dist
 from slope.train.prepare import prepare_data
@@ -71,10 +72,10 @@ def resumed_data(cfg: RunConfig, run_dir: Path):
 
 def check_resume(ckpt: Path, state: dict, cfg: RunConfig, dist: Dist) -> None:
     """Refuse, in one line, a checkpoint this run cannot continue; warn when the global batch changes."""
-    sharded = checkpoint.has_sharded_state(ckpt)
+    sharded = has_sharded_state(ckpt)
     if sharded and dist.mode != "fsdp":
         raise ConfigError(f"{ckpt} was written by an FSDP run (its optimizer state is sharded in "
-                          f"{checkpoint.SHARDED_DIR}/): resume it with --run.parallel=fsdp (any number of processes)")
+                          f"{SHARDED_DIR}/): resume it with --run.parallel=fsdp (any number of processes)")
     if not sharded and dist.mode == "fsdp":
         raise ConfigError(f"{ckpt} was written without FSDP: resume it with --run.parallel=ddp or none")
     saved = state.get("global_batch")  # absent in checkpoints written before several processes were possible
