@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slope.io import checkpoint
 from slope.io.format import CHECKPOINTS_DIR, SHARDED_DIR, TOKENIZER_DIR
 from slope.io.sharded_state import has_sharded_state
 from slope.train.data_error import DataError
