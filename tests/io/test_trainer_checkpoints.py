@@ -48,6 +48,8 @@ def test_checkpoint_folder_is_read_through_its_slope_copy(trained, tmp_path, cap
     out, ids, expected = trained
     ckpt = out / "checkpoint-4"
     assert resolve_model_dir(ckpt).path == ckpt / "slope"
+    readme = (ckpt / "README.md").read_text()  # what plain transformers cannot read says how to load it
+    assert 'slope.load("checkpoint-4")' in readme and "from_pretrained" in readme
     assert torch.equal(_logits(slope.load(ckpt, device="cpu", backend="reference"), ids), expected)
     assert main(["export", str(ckpt), "--out", str(tmp_path / "e")]) == 0
     assert torch.equal(_logits(slope.load(tmp_path / "e", device="cpu"), ids), expected)

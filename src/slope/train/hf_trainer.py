@@ -101,6 +101,7 @@ class SlopeCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and ckpt.is_dir():
             _replace_export(model, ckpt / TRAINER_EXPORT_DIR, processing_class, self.export_dtype)
+            (ckpt / "README.md").write_text(_CHECKPOINT_README.format(name=ckpt.name, export=TRAINER_EXPORT_DIR))
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.export_dir is False or not args.should_save:
@@ -108,6 +109,24 @@ class SlopeCallback(TrainerCallback):
         out = Path(self.export_dir or Path(args.output_dir) / "slope-export")
         _replace_export(model, out, processing_class, self.export_dtype)
         log.info("slope: wrote the compressed model to %s (load it with slope.load)", out)
+
+
+# transformers' own from_pretrained cannot read this folder (its sparse layers store kept values only) and
+# fails with a table of mismatched keys; the folder says how to load it instead
+_CHECKPOINT_README = """# {name}: a transformers Trainer checkpoint of a sparse (slope) model
+
+Load it with slope, not with `AutoModelForCausalLM.from_pretrained`, which cannot read its sparse
+layers (they store only the kept weights and their masks):
+
+```python
+import slope
+model = slope.load("{name}")                 # reads the compressed copy in {export}/
+tokenizer = slope.load_tokenizer("{name}")
+```
+
+`slope export {name} --dense --out DIR` writes a plain transformers model; `--serve` one for vLLM.
+Resume the Trainer from this folder as usual (`trainer.train(resume_from_checkpoint=...)`).
+"""
 
 
 def _replace_export(model, out: Path, tokenizer, dtype) -> None:
