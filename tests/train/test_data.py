@@ -62,6 +62,58 @@ def test_big_text_files_are_streamed_in_line_chunks(tmp_path, monkeypatch):
     assert all(p.endswith("\n") for p in pieces)
 
 
+def test_text_without_line_ends_is_streamed_in_bounded_pieces_cut_after_spaces(tmp_path, monkeypatch):
+    monkeypatch.setattr(file_readers, "CHUNK_BYTES", 100)
+    text = TEXT.replace("\n", " ") + "x" * 350 + " end"  # one line: words, then a 350-character word
+    path = tmp_path / "one-line.txt"
+    path.write_text(text)
+    pieces = [t for _, t in resolve_source(str(path)).documents()]
+    assert "".join(pieces) == text  # nothing lost, nothing added
+    assert max(len(p) for p in pieces) <= 2 * 100  # at most two reads of 100 characters in one piece
+    words = [p for p in pieces if "x" * 50 not in p][:-1]
+    assert len(words) > 10 and all(p.endswith(" ") for p in words)  # cut after a space while there is one
+
+
+def test_peak_memory_of_reading_a_long_line_stays_bounded(tmp_path):
+    """64 MB of text without a line end, read through the real reader in a fresh process: its peak
+    resident memory grows by a few MB (1 MB pieces), not by the file's size."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "no-newline.txt"
+    with open(path, "w") as f:
+        for _ in range(64):
+            f.write("lorem ipsum dolor sit amet " * 38_837)  # ~1 MB per write, no line end anywhere
+    # The peak is the kernel's high-water mark of resident memory (VmHWM), reset first (clear_refs 5):
+    # getrusage's maxrss would start at the forking parent's (this test process's) size.
+    code = (
+        "import re, sys\n"
+        "from slope.train.sources import resolve_source\n"
+        "def kib(key): return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kib('VmRSS')\n"
+        "n = sum(len(t) for _, t in resolve_source(sys.argv[1]).documents())\n"
+        "print(n, kib('VmHWM') - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    chars, grew_kib = map(int, out.split())
+    assert chars == path.stat().st_size
+    assert grew_kib < 32 * 1024, f"peak RSS grew by {grew_kib} KiB reading a {chars:,}-character line"
+
+
+@pytest.mark.parametrize("make", ["nul", "device"])
+def test_a_binary_file_or_a_device_is_refused_in_one_line(tmp_path, make):
+    if make == "nul":
+        path = tmp_path / "sparse.txt"
+        with open(path, "wb") as f:
+            f.truncate(8 << 20)  # 8 MB of NUL bytes, as a sparse file reads
+        with pytest.raises(DataError, match="holds NUL characters: it is not a text file"):
+            list(resolve_source(str(path)).documents())
+    else:
+        with pytest.raises(DataError, match="'/dev/zero' is not a regular file or folder"):
+            resolve_source("/dev/zero")
+
+
 def test_tail_split_is_deterministic_disjoint_and_complete(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(TEXT)

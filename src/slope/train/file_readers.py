@@ -31,21 +31,46 @@ def file_documents(path: Path, text_column: str) -> Iterator[tuple[str, str]]:
 
 
 def _text_documents(path: Path) -> Iterator[tuple[str, str]]:
-    """A text file as pieces of about CHUNK_BYTES, cut at line ends."""
+    """A text file as pieces of about CHUNK_BYTES, cut at line ends.
+
+    A line longer than CHUNK_BYTES (text without line ends) is read CHUNK_BYTES characters at a time and
+    cut after its last space, so memory stays bounded whatever the file holds. NUL characters, which no
+    text has, stop the read: a binary or sparse file is refused instead of tokenized.
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            lines, size = [], 0
-            for line in f:
-                lines.append(line)
-                size += len(line)
+            pieces, size = [], 0
+            for piece in _bounded_lines(f):
+                if "\x00" in piece:
+                    raise DataError(f"{path} holds NUL characters: it is not a text file (binary, or a sparse "
+                                    "file); text files, .jsonl, .parquet and .arrow are read")
+                pieces.append(piece)
+                size += len(piece)
                 if size >= CHUNK_BYTES:
-                    yield str(path), "".join(lines)
-                    lines, size = [], 0
-            if lines:
-                yield str(path), "".join(lines)
+                    yield str(path), "".join(pieces)
+                    pieces, size = [], 0
+            if pieces:
+                yield str(path), "".join(pieces)
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); text files, .jsonl, "
                         ".parquet and .arrow are read") from None
+
+
+def _bounded_lines(f) -> Iterator[str]:
+    """The lines of text file `f`; a line longer than CHUNK_BYTES characters comes in pieces of at most
+    CHUNK_BYTES, each cut after its last space (a hard cut where it has none)."""
+    carry = ""
+    while True:
+        read = f.readline(CHUNK_BYTES - len(carry))  # carry + read stays within CHUNK_BYTES
+        if not read:
+            if carry:
+                yield carry
+            return
+        line, carry = carry + read, ""
+        if len(line) >= CHUNK_BYTES and not line.endswith("\n"):
+            cut = line.rfind(" ") + 1 or len(line)
+            line, carry = line[:cut], line[cut:]
+        yield line
 
 
 def _jsonl_documents(path: Path, text_column: str = "text") -> Iterator[tuple[str, str]]:

@@ -129,6 +129,8 @@ def resolve_source(spec: str, *, text_column: str = "text") -> Source:
         return _dataset_source(spec, "hub", None, text_column, dataset)
     if path.is_dir():
         return _folder_source(spec, path, text_column)
+    if not path.is_file():  # a device (/dev/zero never ends), a FIFO, a socket: no corpus has an end there
+        raise DataError(f"corpus {spec!r} is not a regular file or folder; give a file or folder of text")
     suffix = path.suffix.lower()
     kind = suffix[1:] if suffix in RECORD_SUFFIXES else "text"
     source = Source(spec, kind, path, text_column)
