@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from slope import __version__
-from slope.cli.errors import UserError
+from slope.cli.errors import UserError, storage_error
 
 # (command name, module under slope.cli.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush at exit onto the closed pipe
         return 0
     except Exception as err:
+        storage = storage_error(err)
+        if storage:  # a full disk or a read-only folder: the machine's state, not a mistake in the input
+            print(f"slope {args.command}: error: {storage}", file=sys.stderr)
+            return 3
         # Every mistake in the input is a UserError; anything else is slope's fault, so show where.
         traceback.print_exc()
         print(f"slope {args.command}: this is a bug in slope ({type(err).__name__}); please report it with the "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+from pathlib import Path
 
 from slope.cli import UserError
 
@@ -30,12 +32,11 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slope.io.export import export
-    from slope.io.format import DTYPES, FormatError, one_line
+    from slope.io.format import FormatError, one_line
 
+    made_here = not Path(args.out).exists()
     try:
-        out = export(args.source, args.out, dense=args.dense, serve=args.serve,
-                     dtype=DTYPES[args.dtype] if args.dtype else None)
+        out = _export_or_remove(args, made_here)
     except (FileNotFoundError, FileExistsError, FormatError) as err:
         raise UserError(str(err)) from err
     except ImportError as err:  # --serve without peft
@@ -47,3 +48,19 @@ def run(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("slope export: wrote a %s to %s (%.2f MB)", kind, out, size / 1e6)
     return 0
+
+
+def _export_or_remove(args: argparse.Namespace, made_here: bool) -> Path:
+    """The export; a folder this command created is removed when it fails (a full disk, a bad source): a
+    half-written export would be refused as --out next time, and no reader could use it."""
+    from slope.io.export import export
+    from slope.io.format import DTYPES
+
+    try:
+        return export(args.source, args.out, dense=args.dense, serve=args.serve,
+                      dtype=DTYPES[args.dtype] if args.dtype else None)
+    except BaseException:
+        if made_here:
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
