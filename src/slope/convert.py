@@ -293,6 +293,8 @@ def add_adapters(
     """
     _check_type("add_adapters", "model", model, nn.Module, "a torch.nn.Module")
     _check_type("add_adapters", "rank", rank, (int, type(None)), "an int or None")
+    if isinstance(rank, bool):
+        raise TypeError("add_adapters: rank must be an int or None, got bool")
     _check_type("add_adapters", "optimizer", optimizer, (torch.optim.Optimizer, type(None)),
                 "a torch.optim.Optimizer or None")
     _check_type("add_adapters", "param_group", param_group, (dict, type(None)), "a dict or None")

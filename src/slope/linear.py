@@ -338,7 +338,8 @@ class SlopeLinear(nn.Module):
         """Add A (in, r) and B (r, out) = 0; returns the two new parameters."""
         if self.adapter_a is not None:
             raise RuntimeError(f"this SlopeLinear already has adapters of rank {self.rank}; add them only once")
-        if not isinstance(rank, int) or not 1 <= rank <= min(self.in_features, self.out_features):
+        valid = isinstance(rank, int) and not isinstance(rank, bool)
+        if not valid or not 1 <= rank <= min(self.in_features, self.out_features):
             raise ValueError(
                 f"adapter rank {rank!r} is invalid for a layer of shape (out={self.out_features}, "
                 f"in={self.in_features}): expected an integer in [1, {min(self.in_features, self.out_features)}]"

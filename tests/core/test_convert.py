@@ -208,6 +208,7 @@ def test_densify_gives_plain_layers_with_same_output(family):
     (lambda: slope.add_adapters(slope.sparsify(tiny("llama")), optimizer="adamw"),
      "add_adapters: optimizer must be a torch.optim.Optimizer or None, got str"),
     (lambda: slope.add_adapters(slope.sparsify(tiny("llama")), rank="4"), "add_adapters: rank must be an int or None, got str"),
+    (lambda: slope.add_adapters(slope.sparsify(tiny("llama")), rank=True), "add_adapters: rank must be an int or None, got bool"),
     (lambda: slope.densify("model"), "densify: model must be a torch.nn.Module, got str"),
 ])
 def test_api_misuse_is_a_type_error_naming_the_argument(call, message):

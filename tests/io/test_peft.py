@@ -166,6 +166,11 @@ def test_an_adapter_folder_is_refused_on_a_base_that_already_holds_the_adapters(
     load_peft_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "dense-base"), tmp_path / "adapter")
 
 
+def test_a_config_that_is_not_a_lora_config_is_a_type_error():
+    with pytest.raises(TypeError, match=r"the PEFT config must be a peft\.LoraConfig, got NoneType"):
+        get_peft_model(tiny_model("llama"), None)
+
+
 def test_merge_is_refused():
     wrapped = get_peft_model(_one_layer(), peft.LoraConfig(r=2, target_modules=["proj"]))
     with pytest.raises(NotImplementedError, match="N:M weight dense"):

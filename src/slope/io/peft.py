@@ -116,7 +116,9 @@ def prepare_lora_config(config, model: nn.Module):
     Registers `SlopeLoraLinear` for SlopeLinear targets, and replaces target_modules="all-linear" by the
     explicit list of layers PEFT would pick if SlopeLinear were an nn.Linear.
     """
-    _lora()
+    peft, _ = _lora()
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"the PEFT config must be a peft.LoraConfig, got {type(config).__name__}")
     config._register_custom_module({SlopeLinear: _slope_lora_class()})
     target = getattr(config, "target_modules", None)
     if isinstance(target, str) and target.lower() == "all-linear":

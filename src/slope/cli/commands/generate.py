@@ -30,6 +30,10 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        args.prompt.encode("utf-8")  # bytes the terminal could not decode arrive as lone surrogates
+    except UnicodeEncodeError as err:
+        raise UserError(f"--prompt is not valid UTF-8 text (at character {err.start}); give text in UTF-8") from None
 
 
 def run(args: argparse.Namespace) -> int:
