@@ -71,6 +71,7 @@ class RunSection:
     # torch's CPU threads per process: 0 = auto (the cores not busy with other work when the run starts,
     # shared among the processes of this machine; at least 1), else exactly this many
     threads: int = 0
+    init_from: str = ""  # a run or checkpoint whose weights this new run starts from; "" = none (--init-from)
 
     def check(self) -> None:
         _finite("run.dist_timeout", self.dist_timeout)

@@ -10,7 +10,8 @@ slice of the global batch through a DDP or FSDP2 wrapper, and rank 0 alone write
 
 The loop's parts each have a module: the checks before any data work (`preflight`), the device,
 precision and threads (`hardware`), AdamW and its schedule (`optim`), the method's structure changes
-(`structure`), continuing from a checkpoint (`resume`), and how a run stops early (`stopping`).
+(`structure`), continuing from a checkpoint (`resume`), a new run from another's weights (`init_from`), and
+how a run stops early (`stopping`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from slope.convert import slope_layers
 from slope.io import checkpoint
 from slope.io.format import WEIGHTS_FILE
 from slope.linear import track_steps
-from slope.train import distributed, models, runconfig
+from slope.train import distributed, init_from, models, runconfig, stopping
 from slope.train.evaluation import causal_lm_loss, evaluate
 from slope.train.hardware import apply_threads, autocast_dtype
 from slope.train.logs import MetricsLog, read_metrics
@@ -43,15 +44,6 @@ from slope.train.preflight import preflight, run_method
 from slope.train.prepare import prepare_data, tokenize_source
 from slope.train.resume import check_resume, resumed_data, rng_state, set_rng_state
 from slope.train.runconfig import ConfigError, RunConfig
-from slope.train.stopping import (
-    StopFlag,
-    TrainingFailed,
-    interrupted,
-    is_out_of_memory,
-    kept_checkpoint,
-    non_finite_loss,
-    out_of_memory,
-)
 from slope.train.structure import change_sharded_structure, replay_structure
 from slope.train.window_sampler import WindowSampler
 
@@ -86,6 +78,7 @@ class Trainer:
         self.cfg, self.run_dir, self.resume, self.progress = cfg, Path(run_dir), resume, progress
         self.config_toml = runconfig.to_toml(cfg)
         self.dist = dist
+        self.init_record: dict | None = None  # what an init_from run took from its source (init_from.load_source)
 
     def _main_first(self, fn):
         """fn() on rank 0, then on the others: rank 0 writes what they then read (tokenized data)."""
@@ -103,8 +96,16 @@ class Trainer:
         sampler, and on resume the checkpoint's structure and state."""
         preflight(self.cfg)
         self._join_processes()
-        self._load_data()
-        self._build_training()
+        if self.cfg.run.init_from and not self.resume:
+            # the model first, for the source's tokenizer: one that does not fit is refused before any data work
+            source = init_from.find_source(self.cfg)
+            self.tokenizer = init_from.source_tokenizer(source)
+            self._build_training()
+            self.init_record = init_from.load_source(source, self.model, self.optimizer, self.cfg)
+            self._load_data(str(source.tokenizer_dir))
+        else:
+            self._load_data()
+            self._build_training()
         ckpt, state = self._resume_point() if self.resume else (None, None)
         self._wrap()
         self._start_sampling()
@@ -121,13 +122,14 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.cfg.run, self.device)
         self.threads = apply_threads(self.cfg.run.threads)
 
-    def _load_data(self) -> None:
+    def _load_data(self, tokenizer_name: str = "") -> None:
         """The tokenizer and the token files, made by rank 0 first; a resumed run keeps its own."""
         cfg = self.cfg
 
         def new_run_data():
             return prepare_data(self.run_dir / "data", cfg.data.train, cfg.data.val, cfg.data.val_fraction,
-                                cfg.tokenizer.name, cfg.tokenizer.vocab_size, text_column=cfg.data.text_column)
+                                tokenizer_name or cfg.tokenizer.name, cfg.tokenizer.vocab_size,
+                                text_column=cfg.data.text_column)
 
         load = partial(resumed_data, cfg, self.run_dir) if self.resume else new_run_data
         self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(load)
@@ -149,10 +151,7 @@ class Trainer:
         # what save_model leaves out (one of each tied pair), for the consolidated weights of an FSDP run
         self.tied_aliases = distributed.tied_aliases(self.model)
         self.optimizer = track_steps(build_optimizer(self.model, cfg, self.device))
-        self.adapter_step = self.method.adapter_step(cfg.train.max_steps)
-        self.step = 0
-        self.tokens_seen = 0
-        self.train_seconds = 0.0
+        self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
 
     def _resume_point(self) -> tuple[Path, dict]:
         """The checkpoint to continue from, checked against this run, and the model given its structure.
@@ -163,6 +162,8 @@ class Trainer:
         """
         ckpt, state = checkpoint.load_for_resume(self.run_dir)
         check_resume(ckpt, state, self.cfg, self.dist)
+        self.init_record = state.get("init_from")  # its adapters joined before any change of the method's
+        init_from.add_source_adapters(self.model, self.optimizer, self.init_record, self.cfg)
         replay_structure(self.method, self.cfg, state["step"], self.model, self.optimizer)
         self.model.to(self.device)
         return ckpt, state
@@ -233,7 +234,8 @@ class Trainer:
     def _before_step(self) -> dict | None:
         """The method's hook before each step; new parameters join the wrapper and the optimizer."""
         cfg = self.cfg
-        if self.dist.mode == "fsdp" and self.step in self.method.structure_steps(cfg.train.max_steps):
+        if self.dist.mode == "fsdp" and self.step in init_from.structure_steps(self.method, cfg.train.max_steps,
+                                                                                  self.init_record):
             return self._before_step_sharded()
         # other steps change no parameters (wanda's calibration hooks), so the sharded model itself will do
         event = self.method.before_step(self.step, cfg.train.max_steps, self.model, self.optimizer,
@@ -292,11 +294,11 @@ class Trainer:
         try:
             loss, grad_norm = self._train_step()
         except Exception as err:
-            if is_out_of_memory(err):
-                raise out_of_memory(self.step + 1, self.cfg, self._kept_checkpoint()) from None
+            if stopping.is_out_of_memory(err):
+                raise stopping.out_of_memory(self.step + 1, self.cfg, self._kept_checkpoint()) from None
             raise
         if not math.isfinite(loss):
-            raise non_finite_loss(loss, self.step + 1, self._kept_checkpoint())
+            raise stopping.non_finite_loss(loss, self.step + 1, self._kept_checkpoint())
         return loss, grad_norm
 
     def _eval_model(self):
@@ -307,7 +309,7 @@ class Trainer:
         """
         return self.forward_model if self.dist.mode != "ddp" else self.model
 
-    def _eval_val(self, stop: StopFlag | None = None) -> dict:
+    def _eval_val(self, stop: stopping.StopFlag | None = None) -> dict:
         # Ctrl-C cuts an eval short only in one process: ranks stopping at different windows would desync
         should_stop = (lambda: stop.requested) if stop and self.dist.world == 1 else None
         return evaluate(
@@ -323,7 +325,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
             "sampler": self.sampler.state_dict(), "rng": rng_state(),
             "scaler": self.scaler.state_dict(), "world_size": self.dist.world, "global_batch": self.global_batch,
-            "method": self.method.state_dict(),
+            "method": self.method.state_dict(), "init_from": self.init_record,
         }
         if self.dist.mode != "fsdp":  # FSDP: the optimizer state is sharded in dcp/
             state["optimizer"] = self.optimizer.state_dict()
@@ -345,13 +347,13 @@ class Trainer:
                 ranks=self.dist if self.dist.world > 1 else None, weights=weights, sharded=sharded,
             )
         except checkpoint.CheckpointWriteError as err:  # disk full: stop with one line, the older ones kept
-            raise TrainingFailed(f"{err}; {self._kept_checkpoint()}") from None
+            raise stopping.TrainingFailed(f"{err}; {self._kept_checkpoint()}") from None
         if self.dist.main:
             log.info("checkpoint: %s", path)
         return path
 
     def _kept_checkpoint(self) -> str:
-        return kept_checkpoint(self.run_dir, self.dist.main)
+        return stopping.kept_checkpoint(self.run_dir, self.dist.main)
 
     # -- the loop --
 
@@ -365,6 +367,7 @@ class Trainer:
     def _run(self) -> RunResult:
         start_wall = time.perf_counter()
         self._setup()
+        self.adapter_step = init_from.adapter_step(self.method, self.cfg.train.max_steps, self.init_record)
         finished = self.step >= self.cfg.train.max_steps  # resumed from the final checkpoint: only the end is left
         # rank 0 alone writes metrics.jsonl and TensorBoard / W&B; the others log nothing. Without a
         # progress bar (--no-progress, or stdout not a terminal) every logged step is one plain line.
@@ -387,7 +390,7 @@ class Trainer:
     def _train_loop(self, metrics) -> None:
         """Steps until train.max_steps, each followed by its logging, evaluation and checkpoint."""
         cfg = self.cfg
-        with StopFlag() as stop, logging_redirect_tqdm(), tqdm(
+        with stopping.StopFlag() as stop, logging_redirect_tqdm(), tqdm(
             total=cfg.train.max_steps, initial=self.step, unit="step",
             disable=not (self.progress and self.dist.main),
             dynamic_ncols=True, desc=f"train {self.method.name}",
@@ -425,7 +428,7 @@ class Trainer:
                            "tokens": self.tokens_seen, "tokens_per_s": tok_s, "grad_norm": grad_norm,
                            "clipped": 1.0 if clipped else 0.0})
 
-    def _between_steps(self, metrics, stop: StopFlag) -> None:
+    def _between_steps(self, metrics, stop: stopping.StopFlag) -> None:
         """The periodic evaluation and checkpoint, and Ctrl-C: a checkpoint, then Interrupted."""
         cfg = self.cfg
         before_end = self.step < cfg.train.max_steps  # the end evaluates and checkpoints in _run
@@ -440,7 +443,7 @@ class Trainer:
             stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
         if stop.requested:
             # Between steps: the checkpoint holds exactly `self.step` complete steps.
-            raise interrupted(self.step, self.save(), self.run_dir)
+            raise stopping.interrupted(self.step, self.save(), self.run_dir)
         if self.step % cfg.checkpoint.every == 0 and before_end:
             self.save()
 
@@ -471,7 +474,7 @@ class Trainer:
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "eval": results, "checkpoint": str(final_ckpt),
             "world_size": self.dist.world, "parallel": self.dist.mode, "global_batch": self.global_batch,
-            "threads": self.threads,
+            "threads": self.threads, "init_from": init_from.summary_of(self.init_record),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary

@@ -25,6 +25,8 @@ examples:
   slope train --config tiny                     a smoke run in seconds
   slope train --optim.lr=1e-3 --train.max_steps=500 --slope.adapter_start=0.9
   slope train --resume runs/shakespeare-slope-20260101-120000
+  slope train --init-from runs/shakespeare-slope-20260101-120000 --train.max_steps=1000
+                                                a new run from that run's weights and masks, new schedule
   torchrun --nproc_per_node=2 -m slope train --config tiny     two processes, DDP (see docs/distributed.md)
   torchrun --nproc_per_node=2 -m slope train --run.parallel=fsdp
 """
@@ -40,6 +42,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--method", choices=None, help="the training method: dense, slope, srste or wanda (docs/methods.md; same as --method.name)")
     p.add_argument("--run-dir", type=Path, help="run directory (must not exist); default runs/<name>-<method>-<time>")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="a new run that starts from another run's weights, masks and adapters (its latest "
+                        "checkpoint, or a checkpoint folder) and its tokenizer, with a new optimizer and schedule "
+                        "from step 0 (same as --run.init_from; docs/training.md)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar: one plain line per logged step instead (the default when the output "
                         "is not a terminal)")
@@ -74,13 +80,15 @@ def _new_run_dir(cfg: runconfig.RunConfig, explicit: Path | None) -> Path:
 
 def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
     if args.resume is not None:
+        if args.init_from is not None:
+            raise UserError("--resume continues a run from its own checkpoint and --init-from starts a new run "
+                            "from another run's weights; give one of them")
         if args.config or args.method or args.run_dir:
             raise UserError("--resume continues a run with its saved config; give no --config, --method or "
                             "--run-dir with it")
         for key in runconfig.parse_overrides(args.extra):
             if key not in RESUME_OVERRIDES:
-                raise UserError(f"--resume cannot change '{key}': it would change the run's training; the keys "
-                                f"a resume may change are {', '.join(RESUME_OVERRIDES)}")
+                raise UserError(_resume_refusal(key, args.resume))
         from slope.io.format import RUN_CONFIG_FILE
 
         config_file = args.resume / RUN_CONFIG_FILE
@@ -90,8 +98,20 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
     extra = list(args.extra)
     if args.method:
         extra.append(f"--method.name={args.method}")
+    if args.init_from is not None:
+        extra.append(f"--run.init_from={args.init_from}")
     cfg = runconfig.resolve(args.config, extra)
     return cfg, _new_run_dir(cfg, args.run_dir), False
+
+
+def _resume_refusal(key: str, run_dir: Path) -> str:
+    message = (f"--resume cannot change '{key}': it would change the run's training; the keys a resume may "
+               f"change are {', '.join(RESUME_OVERRIDES)}")
+    if key == "train.max_steps":
+        # the steps already taken followed the cosine schedule of the old max_steps
+        message += (f"; to train a run further with a new schedule, start a new run from its weights: "
+                    f"--init-from {run_dir} --train.max_steps=N")
+    return message
 
 
 @contextlib.contextmanager
