@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from slope import cli
+from slope.io import checkpoint
 from slope.train import trainer
 from slope.train.logs import read_metrics
 
@@ -159,6 +161,79 @@ def test_resume_while_the_original_still_trains_is_refused(text_dir, tmp_path):
 
 
 # ---- resume -----------------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path: what a refused command must leave as it was."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_resume_of_a_checkpoint_folder_is_refused_before_anything_is_written(run_copy, capsys):
+    ckpt = checkpoint.latest_checkpoint(run_copy)
+    before = snapshot(run_copy)
+    assert cli.main(["train", "--resume", str(ckpt), "--no-progress"]) == 2
+    assert one_error_line(capsys) == (
+        f"slope train: error: --resume {ckpt}: this is a checkpoint, not a run directory; resume its run "
+        f"(--resume {run_copy}), or start a new run from it with --init-from {ckpt}")
+    assert snapshot(run_copy) == before
+    checkpoint.verify_checkpoint(ckpt)  # its manifest still matches every file
+
+
+@pytest.mark.parametrize("contents", ["config only", "no checkpoint yet"])
+def test_resume_of_a_folder_that_is_no_run_with_a_checkpoint_is_refused_untouched(tmp_path, capsys, contents):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.toml").write_text('# my notes\n[run]\nname = "mine"\n')
+    if contents == "no checkpoint yet":
+        (folder / "checkpoints").mkdir()
+    before = snapshot(folder)
+    assert cli.main(["train", "--resume", str(folder), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert ("is not a run directory" if contents == "config only" else "has no checkpoint to resume from") in line
+    assert snapshot(folder) == before
+
+
+def test_a_refused_override_on_resume_is_not_saved(run_copy, capsys):
+    before = snapshot(run_copy)
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress", "--eval.sets=/missing.txt"]) == 2
+    assert "corpus '/missing.txt' not found" in one_error_line(capsys)
+    assert snapshot(run_copy) == before
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0  # the next plain resume works
+
+
+def test_a_plain_resume_keeps_config_toml_as_the_user_left_it(run_copy):
+    config = run_copy / "config.toml"
+    config.write_text("# notes the user added\n" + config.read_text())
+    text = config.read_text()
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    assert config.read_text() == text
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_folder(text_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    (run_dir / "data").mkdir(parents=True)  # what a SIGKILL during the data preparation leaves
+    (run_dir / "config.toml").write_text('[run]\nname = "killed"\n')
+    (run_dir / "data" / "train.bin.tmp").write_bytes(b"half")
+    (run_dir / ".lock").write_text("process 1 on a machine that went away\n")
+    assert cli.main(train_args(text_dir, run_dir)) == 0
+    assert checkpoint.latest_checkpoint(run_dir) is not None and not (run_dir / "data" / "train.bin.tmp").exists()
+
+
+def test_a_folder_in_use_before_its_first_checkpoint_is_not_taken(text_dir, tmp_path, capsys):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text('[run]\nname = "busy"\n')
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run_dir)
+        assert cli.main(train_args(text_dir, run_dir)) == 2
+        assert "already exists" in one_error_line(capsys)
+        assert snapshot(run_dir) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def test_resume_refuses_overrides_that_change_the_training(run_copy, capsys):

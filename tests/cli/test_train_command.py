@@ -142,18 +142,24 @@ def test_resume_with_dropout_is_exact(corpus_dir, tmp_path):
     assert_same_weights(resumed, full)
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_continues_exactly(slope_run, corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stop_signal_writes_a_checkpoint_and_resume_continues_exactly(slope_run, corpus_dir, tmp_path, monkeypatch,
+                                                                         capsys, signum, exit_code):
+    """Ctrl-C, a scheduler's SIGTERM before preemption, a closed terminal's SIGHUP: the step in flight
+    completes, a checkpoint is written, the exit code is 128 + the signal's number."""
     run_dir = tmp_path / "interrupted"
     original = window_sampler.WindowSampler.next
 
     def next_then_interrupt(self):
         if self.batches == 2:  # during step 3
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self)
 
     monkeypatch.setattr(window_sampler.WindowSampler, "next", next_then_interrupt)
-    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 130
+    assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == exit_code
     assert checkpoint.latest_checkpoint(run_dir).name == "step_00000003"  # the step in flight completed
+    name = signal.Signals(signum).name
+    assert f"slope train: {name} at step 3: checkpoint written to" in capsys.readouterr().out
     monkeypatch.setattr(window_sampler.WindowSampler, "next", original)
     assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert losses(run_dir) == losses(slope_run)

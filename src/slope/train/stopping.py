@@ -1,6 +1,7 @@
 """How a run ends before its last step, and the line that says so.
 
-Ctrl-C finishes the step in progress and writes a checkpoint (`StopFlag`, `Interrupted`, exit 130);
+Ctrl-C, SIGTERM and SIGHUP finish the step in progress and write a checkpoint (`StopFlag`,
+`Interrupted`, exit 128 + the signal's number: 130, 143, 129);
 out of memory and a non-finite loss stop the run with what to change and which checkpoint is kept
 (`TrainingFailed`, exit 3). `slope.cli.commands.train` turns each into its exit code.
 """
@@ -24,31 +25,45 @@ class TrainingFailed(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was written, the run can be resumed."""
+    """A stop signal during training: a checkpoint was written, the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for a process ended by that signal
 
 
 class StopFlag:
-    """SIGINT sets a flag the loop checks between steps, so a checkpoint is never half a step.
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP set a flag the loop checks between steps, so a checkpoint is
+    never half a step. SIGTERM is what a cluster scheduler sends before it preempts a job (then SIGKILL
+    after a grace period); SIGHUP what a closed terminal sends.
 
-    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour).
+    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour); a repeated SIGTERM or
+    SIGHUP changes nothing: the checkpoint is already on its way.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous: dict = {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort at once)")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signum = True, signum
+        again = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
+        log.warning("%s: finishing this step, writing a checkpoint%s", signal.Signals(signum).name, again)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -85,9 +100,9 @@ def non_finite_loss(loss: float, step: int, kept: str) -> TrainingFailed:
     )
 
 
-def interrupted(step: int, path: Path, run_dir: Path) -> Interrupted:
-    """Ctrl-C after `step` complete steps, saved to checkpoint `path`: how to continue."""
+def interrupted(step: int, path: Path, run_dir: Path, signum: int = signal.SIGINT) -> Interrupted:
+    """A stop signal after `step` complete steps, saved to checkpoint `path`: how to continue."""
     return Interrupted(
-        f"interrupted at step {step}: checkpoint written to {path}; continue with "
-        f"`slope train --resume {run_dir}`"
+        f"{signal.Signals(signum).name} at step {step}: checkpoint written to {path}; continue with "
+        f"`slope train --resume {run_dir}`", signum,
     )

@@ -440,10 +440,10 @@ class Trainer:
                     log.info("step %d: val loss %.4f, ppl %.2f, bpb %.4f",
                              self.step, result["loss"], result["ppl"], result["bpb"])
         if self.dist.world > 1:
-            stop.requested = self.dist.any(stop.requested)  # Ctrl-C on any rank stops them all here
+            stop.requested = self.dist.any(stop.requested)  # a signal to any rank stops them all here
         if stop.requested:
             # Between steps: the checkpoint holds exactly `self.step` complete steps.
-            raise stopping.interrupted(self.step, self.save(), self.run_dir)
+            raise stopping.interrupted(self.step, self.save(), self.run_dir, stop.signum)
         if self.step % cfg.checkpoint.every == 0 and before_end:
             self.save()
 

@@ -66,7 +66,7 @@ LOCK_FILE = ".lock"
 
 def _new_run_dir(cfg: runconfig.RunConfig, explicit: Path | None) -> Path:
     if explicit is not None:
-        if explicit.exists():
+        if explicit.exists() and not _killed_before_its_first_checkpoint(explicit):
             raise UserError(f"run directory {explicit} already exists; continue it with --resume {explicit} "
                             "or choose another --run-dir")
         return explicit
@@ -91,10 +91,8 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
                 raise UserError(_resume_refusal(key, args.resume))
         from slope.io.format import RUN_CONFIG_FILE
 
-        config_file = args.resume / RUN_CONFIG_FILE
-        if not config_file.is_file():
-            raise UserError(f"{args.resume} is not a run directory (no config.toml)")
-        return runconfig.resolve(str(config_file), args.extra), args.resume, True
+        _check_resume_target(args.resume)
+        return runconfig.resolve(str(args.resume / RUN_CONFIG_FILE), args.extra), args.resume, True
     extra = list(args.extra)
     if args.method:
         extra.append(f"--method.name={args.method}")
@@ -102,6 +100,48 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
         extra.append(f"--run.init_from={args.init_from}")
     cfg = runconfig.resolve(args.config, extra)
     return cfg, _new_run_dir(cfg, args.run_dir), False
+
+
+def _check_resume_target(path: Path) -> None:
+    """Refuse, before anything is written, a --resume target that is not a run with a checkpoint: a
+    checkpoint folder (its manifest would no longer match), any folder that happens to hold a config.toml."""
+    from slope.io import checkpoint
+    from slope.io.format import CHECKPOINTS_DIR, MANIFEST_FILE, RUN_CONFIG_FILE
+
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such run directory")
+    if (path / MANIFEST_FILE).is_file():
+        raise UserError(f"--resume {path}: this is a checkpoint, not a run directory; resume its run "
+                        f"(--resume {path.parent.parent}), or start a new run from it with --init-from {path}")
+    if not (path / RUN_CONFIG_FILE).is_file() or not (path / CHECKPOINTS_DIR).is_dir():
+        raise UserError(f"{path} is not a run directory (it needs a config.toml and a {CHECKPOINTS_DIR}/ folder)")
+    if not checkpoint.list_checkpoints(path):
+        raise UserError(f"{path} has no checkpoint to resume from (its run stopped before the first one); start "
+                        f"it again with the same settings and --run-dir {path}")
+
+
+def _killed_before_its_first_checkpoint(path: Path) -> bool:
+    """A run folder left by a run killed (SIGKILL, a power cut) before its first checkpoint: its config,
+    maybe some tokens, nothing to resume. It is started again in place; a live run holding it is not."""
+    import fcntl
+    import os
+
+    from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE
+
+    checkpoints = path / CHECKPOINTS_DIR
+    if not (path / RUN_CONFIG_FILE).is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return False
+    if (path / LOCK_FILE).is_file():
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close: only asking whether it is free
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+    log.warning("run directory %s holds a run stopped before its first checkpoint: starting it again", path)
+    shutil.rmtree(path)
+    return True
 
 
 def _resume_refusal(key: str, run_dir: Path) -> str:
@@ -175,6 +215,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
     from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE, FormatError
     from slope.train.data_error import DataError
     from slope.train.models import ModelError
+    from slope.train.preflight import preflight
     from slope.train.stopping import Interrupted, TrainingFailed
     from slope.train.trainer import Trainer
 
@@ -183,14 +224,19 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
     if dist.main:
         toml_text = runconfig.to_toml(cfg)
         print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
-        if not resume:
-            _make_run_dir(run_dir)
+    try:
+        preflight(cfg)  # every check that needs no data, on every rank, before anything is written
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    if dist.main and not resume:
+        _make_run_dir(run_dir)
     dist.barrier()
     try:
         # rank 0 holds the lock for the whole job; the other ranks write nothing outside their shards
         with run_lock(run_dir) if dist.main else contextlib.nullcontext():
-            if dist.main:
-                # Written under the lock: on resume it records the allowed overrides for the next resume.
+            if dist.main and (not resume or args.extra):
+                # Written under the lock, once checked: on resume it records the allowed overrides for the
+                # next resume (a plain resume leaves the file, and its comments, as they are).
                 runconfig.save(cfg, run_dir / RUN_CONFIG_FILE)
             # A bar only on a terminal: redirected to a file (a cluster job's log) its \r updates would
             # be all there is between evaluations, so the log gets one plain line per logged step instead.
@@ -210,7 +256,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
         if isinstance(err, Interrupted):
             if dist.main:
                 print(f"slope train: {err}", flush=True)
-            return 130
+            return err.exit_code
         raise
     if dist.main:
         print(format_summary(result.summary))
