@@ -308,6 +308,22 @@ MUTANTS: list[Mutant] = [
            "        if self.adapter_step is not None:",
            ("tests/cli/test_reliability.py",),
            "resuming a finished run announces adapters that joined long ago"),
+    # ---- a run its own commands cannot damage ----------------------------------------------------------
+    Mutant("sigterm-kills-without-checkpoint", "train/stopping.py",
+           "    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)",
+           "    SIGNALS = (signal.SIGINT,)",
+           ("tests/cli/test_train_command.py",),
+           "a preempted job (SIGTERM) loses everything since its last periodic checkpoint"),
+    Mutant("resume-target-unchecked", "cli/commands/train.py",
+           "        _check_resume_target(args.resume)",
+           "        pass",
+           ("tests/cli/test_reliability.py",),
+           "--resume of a checkpoint folder rewrites its config.toml and leaves it failing its manifest"),
+    Mutant("long-line-read-whole", "train/file_readers.py",
+           "            for piece in _bounded_lines(f):",
+           "            for piece in f:",
+           ("tests/train/test_data.py",),
+           "a corpus without line ends is read into memory whole"),
 ]
 
 
