@@ -120,11 +120,31 @@ def write_training_checkpoint(run_dir: Path, model, tokenizer, step: int = 10, r
         "adapters": bool(layers) and max(ranks) > 0,
         "adapter_rank": max(ranks) if layers and max(ranks) else None,
     }
-    ckpt = save_checkpoint(run_dir, step, model, tokenizer, info, run_config or "", {"step": step}, keep_last=1)
+    ckpt = save_checkpoint(run_dir, step, model, tokenizer, info, run_config or "", resumable_state(step, model),
+                           keep_last=1)
     if run_config is None:
         (ckpt / RUN_CONFIG_FILE).unlink()
         reseal(ckpt)
     return run_dir
+
+
+def resumable_state(step: int, model=None) -> dict:
+    """A trainer state of the shape `slope train` writes: what a resume reads of it
+    (slope.io.trainer_state.check_resumable) is there, each of its type."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.RandomState(step).get_state()
+    params = list(model.parameters()) if model is not None else [torch.zeros(1, requires_grad=True)]
+    return {
+        "step": step, "tokens_seen": 16 * step, "train_seconds": 0.5 * step,
+        "sampler": {"generator": torch.Generator().manual_seed(step).get_state(), "batches": step},
+        "rng": {"torch": torch.Generator().manual_seed(step + 1).get_state(), "python": random.Random(step).getstate(),
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]},
+        "scaler": {}, "world_size": 1, "global_batch": 8, "method": {},
+        "optimizer": torch.optim.AdamW(params).state_dict(),
+    }
 
 
 class _Payload:
@@ -160,6 +180,19 @@ def reseal(checkpoint_dir: Path) -> None:
 
     files = file_digests(checkpoint_dir, skip=(MANIFEST_FILE,))
     (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "files": files}, indent=1))
+
+
+def reseal_export(export_dir: Path, relist: bool = True) -> None:
+    """Write a compressed export's checksums again: with `relist`, the list of its files (sizes and SHA-256),
+    then slope_model.json's own checksum. A file changed on purpose then passes them, so the checks behind
+    them (the loader's own) are what a test reaches."""
+    from slope.io.format import META_CHECKSUM_KEY, META_FILE, file_digests, sealed_json
+
+    meta = json.loads((export_dir / META_FILE).read_text())
+    meta.pop(META_CHECKSUM_KEY, None)
+    if relist:
+        meta["files"] = file_digests(export_dir, skip=(META_FILE,))
+    (export_dir / META_FILE).write_text(sealed_json(meta, META_CHECKSUM_KEY))
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,14 @@ def bad(tmp_path_factory) -> Path:
     (d / "notable.toml").write_text("optim = 3\n")
     (d / "nosect.toml").write_text("[nosuch]\na = 1\n")
     (d / "file.txt").write_text("hello world\n" * 50)
+    (d / "nul.txt").write_bytes(b"\x00" * 4096)  # what a sparse file reads as
     _write_model_files(d)
+    # a Hugging Face folder whose weights are a pickle only (never unpickled: refused by its name)
+    (d / "pickle_only").mkdir()
+    config = json.loads((d / "export" / "config.json").read_text())
+    config.pop("slope")
+    (d / "pickle_only" / "config.json").write_text(json.dumps(config))
+    (d / "pickle_only" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     return d
 
 
@@ -230,7 +237,11 @@ CLI_CASES = [
     ("train-run-dir-under-file", ["train", "--config", "tiny", "--run-dir", "{bad}/file.txt/r"],
      "cannot create run directory", 2),
     ("train-resume-not-run", ["train", "--resume", "{bad}/emptydir"],
-     "emptydir is not a run directory (no config.toml)", 2),
+     "emptydir is not a run directory (it needs a config.toml and a checkpoints/ folder)", 2),
+    ("train-resume-checkpoint-folder", ["train", "--resume", "{bad}/run/checkpoints/step_00000004"],
+     "step_00000004: this is a checkpoint, not a run directory; resume its run", 2),
+    ("train-data-device", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.train=/dev/zero"],
+     "corpus '/dev/zero' is not a regular file or folder", 2),
     ("train-resume-with-config", ["train", "--resume", "{bad}/emptydir", "--config", "tiny"],
      "--resume continues a run with its saved config; give no --config, --method or --run-dir with it", 2),
     ("train-preset-empty-folder", ["train", "--config", "tiny", "--run-dir", "{tmp}/r",
@@ -249,6 +260,28 @@ CLI_CASES = [
      "holds no text files", 2),
     ("train-unknown-option-before", ["train", "--nosuchopt"],
      "unrecognized argument '--nosuchopt'; overrides look like --section.key=value", 2),
+    # slope train --init-from: refused before any data work
+    ("train-init-from-missing", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", "/missing"],
+     "--init-from /missing: /missing does not exist; give a training run directory or one of its "
+     "checkpoints/step_N", 2),
+    ("train-init-from-empty-folder", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from",
+                                      "{bad}/emptydir"],
+     "emptydir: not a slope export (slope_model.json), a training run/checkpoint", 2),
+    ("train-init-from-export", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", "{bad}/export"],
+     "export: this is a slope export, not a training run or checkpoint; give the training run directory it came "
+     "from", 2),
+    # the module's run has 2 key/value heads, the tiny config 4
+    ("train-init-from-other-model", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", "{bad}/run"],
+     "model.layers.0.self_attn.k_proj.weight has shape (32, 64) in the source checkpoint and (64, 64) in this run's "
+     "model; give the same [model] settings as the source run", 2),
+    ("train-init-from-other-nm", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", "{bad}/run",
+                                  "--slope.n=1"],
+     "the source checkpoint is 2:4 sparse and this run's [slope] is 1:4; give --slope.n=2 --slope.m=4", 2),
+    ("train-init-from-with-resume", ["train", "--resume", "{bad}/run", "--init-from", "{bad}/run"],
+     "--resume continues a run from its own checkpoint and --init-from starts a new run from another run's "
+     "weights; give one of them", 2),
+    ("train-resume-new-max-steps", ["train", "--resume", "{bad}/run", "--train.max_steps=100"],
+     "to train a run further with a new schedule, start a new run from its weights: --init-from", 2),
     # slope prepare
     ("prepare-missing", ["prepare", "/missing.txt", "--out", "{tmp}/p"], "corpus '/missing.txt' not found", 2),
     ("prepare-empty-file", ["prepare", "{bad}/empty.txt", "--out", "{tmp}/p"],
@@ -300,6 +333,12 @@ CLI_CASES = [
     ("eval-text-and-tasks", ["eval", "{bad}/export", "milton", "--tasks", "nosuchtask"],
      "give TEXT or --tasks, not both", 2),
     ("eval-no-args", ["eval"], "the following arguments are required: model, text", SE),
+    ("eval-jsonl-other-field", ["eval", "{bad}/export", "{bad}/notext.jsonl"],
+     "set data.text_column (--text-column of slope prepare and slope eval) to the field holding the text", 2),
+    ("eval-text-column-with-tasks", ["eval", "{bad}/export", "--tasks", "x", "--text-column", "body"],
+     "--text-column applies to TEXT; --tasks-data reads the 'text' field of its JSONL", 2),
+    ("eval-text-nul", ["eval", "{bad}/export", "{bad}/nul.txt"], "holds NUL characters: it is not a text file", 2),
+    ("eval-text-device", ["eval", "{bad}/export", "/dev/zero"], "'/dev/zero' is not a regular file or folder", 2),
     # slope generate
     ("generate-missing", ["generate", "/missing", "--prompt", "hi"], "/missing does not exist", 2),
     ("generate-not-model", ["generate", "{bad}/emptydir", "--prompt", "hi"], "emptydir: not a slope export", 2),
@@ -325,6 +364,9 @@ CLI_CASES = [
     ("generate-device-nonsense", ["generate", "{bad}/export", "--prompt", "hi", "--device", "nonsense"],
      "--device: 'nonsense' is not a device", 2),
     ("generate-no-prompt", ["generate", "{bad}/export"], "the following arguments are required: --prompt", SE),
+    # bytes a terminal could not decode reach argv as lone surrogates
+    ("generate-prompt-not-utf8", ["generate", "{bad}/export", "--prompt", "\udcff"],
+     "--prompt is not valid UTF-8 text (at character 0); give text in UTF-8", 2),
     ("generate-seed-not-int", ["generate", "{bad}/export", "--prompt", "hi", "--seed", "x"],
      "argument --seed: invalid int value: 'x'", SE),
     # slope export
@@ -337,6 +379,11 @@ CLI_CASES = [
     ("export-no-out", ["export", "{bad}/run"], "the following arguments are required: --out", SE),
     ("export-unknown-option", ["export", "{bad}/run", "--out", "{tmp}/e", "--format", "nope"],
      "unrecognized arguments: --format nope", SE),
+    # a Hugging Face folder with pytorch_model.bin only: refused by its name, never unpickled
+    *[(f"{cmd}-pickle-only", [cmd, "{bad}/pickle_only", *rest],
+       "pickle_only holds only pytorch_model.bin (pickle); slope reads safetensors only: convert it with "
+       "transformers' save_pretrained(safe_serialization=True)", 2)
+      for cmd, rest in (("eval", ["milton"]), ("generate", ["--prompt", "hi"]), ("export", ["--out", "{tmp}/e"]))],
     # slope check
     ("check-missing", ["check", "/missing"], "/missing does not exist", 2),
     ("check-empty-folder", ["check", "{bad}/emptydir"],
@@ -373,17 +420,94 @@ def _set_json(path: Path, key: str, value) -> None:
 
 
 STEP = "checkpoints/step_00000004"
+SPARSE_LAYER = "model.layers.1.mlp.up_proj"
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads, before
+
+
+def _replace_bytes(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new))
+
+
+def _resealed(damage):
+    """`damage` to a checkpoint of the run, then its manifest written again: past the checksums."""
+    from _export_fixtures import reseal
+
+    def apply(d: Path) -> None:
+        damage(d / STEP)
+        reseal(d / STEP)
+    return apply
+
+
+def _resealed_export(damage, relist=True):
+    from _export_fixtures import reseal_export
+
+    def apply(d: Path) -> None:
+        damage(d)
+        reseal_export(d, relist)
+    return apply
+
+
+def _row_mask_keeps_4_of_4(ckpt: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[f"{SPARSE_LAYER}.row_bits"][0, 0] = 0b1111
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _drop_manifest_entry(ckpt: Path, name: str) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"][name]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _format1(d: Path) -> None:
+    """The run as slope 0.1 left it: slope.json format 1 and no manifest."""
+    (d / STEP / "manifest.json").unlink()
+    _set_json(d / STEP / "slope.json", "format", 1)
+
+
+def _export_version1(d: Path) -> None:
+    """The export as slope 0.1 left it: format_version 1, without the metadata's own checksum."""
+    meta = json.loads((d / "slope_model.json").read_text())
+    meta.pop("metadata_sha256")
+    (d / "slope_model.json").write_text(json.dumps({**meta, "format_version": 1}))
+
+
 DAMAGES = {  # name: (fixture, damage)
     "export-truncated": ("export", lambda d: os.truncate(d / "slope_model.safetensors", 100)),
     "export-json-corrupt": ("export", lambda d: (d / "slope_model.json").write_text("{bad")),
     "export-no-tokenizer": ("export", lambda d: shutil.rmtree(d / "tokenizer")),
-    "export-newer-format": ("export", lambda d: _set_json(d / "slope_model.json", "format_version", 99)),
-    "export-older-format": ("export", lambda d: _set_json(d / "slope_model.json", "format_version", 1)),
+    "export-newer-format": ("export", _resealed_export(lambda d: _set_json(d / "slope_model.json", "format_version", 99),
+                                                       relist=False)),
+    "export-older-format": ("export", _export_version1),
+    # slope_model.json checksums itself: an edited field (the version included) is caught before it is believed
+    "export-edited-version": ("export", lambda d: _replace_bytes(d / "slope_model.json", b'"format_version": 2',
+                                                                 b'"format_version": 1')),
+    "export-edited-scale": ("export", lambda d: _replace_bytes(d / "slope_model.json", b'"adapter_scale": null',
+                                                               b'"adapter_scale": 100.0')),
+    "export-unlisted-readme": ("export", _resealed_export(
+        lambda d: _set_json(d / "slope_model.json", "files", {k: v for k, v in json.loads(
+            (d / "slope_model.json").read_text())["files"].items() if k != "README.md"}), relist=False)),
+    "export-added-file": ("export", lambda d: (d / "tokenizer" / "added_tokens.json").write_text("{}")),
+    "export-deep-json": ("export", lambda d: (d / "slope_model.json").write_text(DEEP)),
     "run-truncated": ("run", lambda d: os.truncate(d / STEP / "model.safetensors", 100)),
-    "run-json-corrupt": ("run", lambda d: (d / STEP / "slope.json").write_text("{bad")),
+    "run-json-corrupt": ("run", _resealed(lambda c: (c / "slope.json").write_text("{bad"))),
     "run-no-tokenizer": ("run", lambda d: shutil.rmtree(d / STEP / "tokenizer")),
-    "run-newer-format": ("run", lambda d: _set_json(d / STEP / "slope.json", "format", 99)),
-    "run-older-format": ("run", lambda d: _set_json(d / STEP / "slope.json", "format", 1)),
+    "run-newer-format": ("run", _resealed(lambda c: _set_json(c / "slope.json", "format", 99))),
+    "run-older-format": ("run", _format1),
+    # the manifest covers slope.json: an edited format is a checksum error, never a skipped check
+    "run-edited-version": ("run", lambda d: _replace_bytes(d / STEP / "slope.json", b'"format": 2', b'"format": 1')),
+    "run-unlisted-config": ("run", lambda d: _drop_manifest_entry(d / STEP, "config.json")),
+    "run-added-file": ("run", lambda d: (d / STEP / "tokenizer" / "added_tokens.json").write_text("{}")),
+    "run-deep-json": ("run", _resealed(lambda c: (c / "slope.json").write_text(DEEP))),
+    "run-step-mismatch": ("run", _resealed(lambda c: _set_json(c / "slope.json", "step", 6))),
+    "run-row-mask-4-of-4": ("run", _resealed(_row_mask_keeps_4_of_4)),
+    "run-trainer-state-list": ("run", _resealed(lambda c: (c / "trainer_state.json").write_text("[]"))),
+    "run-trainer-state-no-rng": ("run", _resealed(lambda c: _set_json(c / "trainer_state.json", "rng", None))),
+    "run-trainer-state-deep": ("run", _resealed(lambda c: (c / "trainer_state.json").write_text(DEEP))),
 }
 
 
@@ -405,6 +529,12 @@ EXPORT_MSG = {
                            "upgrade slope to load it",
     "export-older-format": "slope_model.json has format version 1, which this version of slope does not read (it "
                            "reads version 2 only; version 1 was written by slope 0.1)",
+    "export-edited-version": "slope_model.json fails its own SHA-256 check (metadata_sha256): the file is corrupted "
+                             "or was edited",
+    "export-edited-scale": "slope_model.json fails its own SHA-256 check (metadata_sha256)",
+    "export-unlisted-readme": "README.md is not listed in",
+    "export-added-file": "tokenizer/added_tokens.json is not listed in",
+    "export-deep-json": "slope_model.json: cannot read the export metadata (JSON nested more than 100 levels deep)",
 }
 RUN_MSG = {
     "run-truncated": "model.safetensors has 100 bytes, expected 367424: the file is truncated or altered",
@@ -414,12 +544,27 @@ RUN_MSG = {
                         "upgrade slope",
     "run-older-format": "slope.json has checkpoint format 1, which this version of slope does not read (it reads "
                         "format 2 only; format 1 was written by slope 0.1)",
+    "run-edited-version": "slope.json fails its SHA-256 check: the file is corrupted",
+    "run-unlisted-config": "step_00000004/config.json is not listed in",
+    "run-added-file": "tokenizer/added_tokens.json is not listed in",
+    "run-deep-json": "slope.json: cannot read the checkpoint info (JSON nested more than 100 levels deep)",
+    "run-step-mismatch": "step_00000004: the folder is named for step 4, but slope.json records step 6",
+    "run-row-mask-4-of-4": f"model.safetensors: {SPARSE_LAYER}: 1 row group(s) of M_R do not keep exactly 2 of 4",
+}
+# the trainer state: read by a resume (slope.io.checkpoint.load_for_resume) and `slope check`, not by eval or export
+RESUME_MSG = {
+    "run-trainer-state-list": "trainer_state.json: malformed trainer state (expected a JSON object, got list)",
+    "run-trainer-state-no-rng": "trainer_state.json: malformed trainer state: rng must be an object with the torch, "
+                                "python and numpy generator states, got None",
+    "run-trainer-state-deep": "trainer_state.json: cannot read the trainer state (JSON nested more than 100 levels deep)",
 }
 DAMAGE_CASES = [
-    *[(f"check-{n}", ["check", n], f, 1) for n, f in {**EXPORT_MSG, **RUN_MSG}.items()],
+    *[(f"check-{n}", ["check", n], f, 1) for n, f in {**EXPORT_MSG, **RUN_MSG, **RESUME_MSG}.items()],
     *[(f"eval-{n}", ["eval", n, "milton"], f, 2) for n, f in EXPORT_MSG.items()],
     *[(f"generate-{n}", ["generate", n, "--prompt", "hi"], f, 2) for n, f in EXPORT_MSG.items()],
     *[(f"export-{n}", ["export", n, "--out", "{tmp}/e"], f, 2) for n, f in RUN_MSG.items()],
+    *[(f"train-init-from-{n}", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", n], f, 2)
+      for n, f in RUN_MSG.items()],
 ]
 
 
@@ -447,6 +592,18 @@ def _linear_model():
 
 def _sparsified():
     return slope.sparsify(_linear_model(), slope.SlopeConfig(skip=(), keep_first_linear_dense=False))
+
+
+def _tiny_transformers():
+    from _export_fixtures import tiny_model
+
+    return tiny_model("llama")
+
+
+def _export(*args, **kwargs):
+    from slope.io.export import export
+
+    return export(*args, **kwargs)
 
 
 CFG_FIELDS = [
@@ -496,6 +653,23 @@ API_CASES = [
     ("densify-dense", lambda: slope.densify(_linear_model()), ValueError,
      "densify: the model has no SlopeLinear layers"),
     ("load-missing", lambda: slope.load("/missing/model"), FileNotFoundError, "/missing/model"),
+    # the exports: checked before anything is written (the output folder is never created)
+    *[(f"{name}-None", lambda save=save: save(None, "/nonexistent/out"), TypeError,
+       f"{name}: model must be a transformers model (a torch.nn.Module with a .config), got NoneType")
+      for name, save in (("save_compressed", slope.save_compressed), ("save_dense", slope.save_dense),
+                         ("save_serving", slope.save_serving))],
+    *[(f"{name}-int8", lambda save=save: save(_tiny_transformers(), "/nonexistent/out", dtype=torch.int8), ValueError,
+       f"{name}: dtype must be one of torch.float32, torch.float16, torch.bfloat16, torch.float64 or None, "
+       "got torch.int8")
+      for name, save in (("save_compressed", slope.save_compressed), ("save_dense", slope.save_dense),
+                         ("save_serving", slope.save_serving))],
+    ("export-int8", lambda: _export("/nonexistent/run", "/nonexistent/out", dtype=torch.int8), ValueError,
+     "export: dtype must be one of torch.float32, torch.float16, torch.bfloat16, torch.float64 or None, got torch.int8"),
+    ("save_compressed-dtype-str", lambda: slope.save_compressed(_tiny_transformers(), "/nonexistent/out", dtype="float16"),
+     TypeError, "save_compressed: dtype must be one of torch.float32, torch.float16, torch.bfloat16, torch.float64 "
+     "or None, got str 'float16'"),
+    ("save_compressed-tokenizer-str", lambda: slope.save_compressed(_tiny_transformers(), "/nonexistent/out", "gpt2"),
+     TypeError, "save_compressed: tokenizer must be a transformers tokenizer or None, got str"),
 ]
 
 

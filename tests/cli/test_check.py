@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _export_fixtures import make_tokenizer, tiny_model
+from _export_fixtures import make_tokenizer, resumable_state, tiny_model
 from safetensors.torch import load_file, save_file
 
 import slope
@@ -39,7 +39,7 @@ def run(tmp_path, trained, tokenizer):
     layers = slope.slope_layers(trained)
     info = {"method": "slope", "slope_config": layers[0][1].config.to_dict(), "adapters": False, "adapter_rank": None}
     for step in (2, 4):
-        checkpoint.save_checkpoint(tmp_path / "run", step, trained, tokenizer, info, "", {"step": step}, 3)
+        checkpoint.save_checkpoint(tmp_path / "run", step, trained, tokenizer, info, "", resumable_state(step, trained), 3)
     return tmp_path / "run"
 
 
@@ -86,8 +86,8 @@ def test_a_row_group_keeping_three_of_four_is_found(capsys, run):
     _rewrite_tensor(ckpt, f"{LAYER}.row_bits", third_bit)
     code, out = _check(capsys, ckpt)
     assert code == 1
-    assert out[0] == f"{LAYER}: 1 row group(s) of M_R do not keep exactly 2 of 4"
-    assert out[-1].startswith("FAILED:")
+    assert out == [f"{ckpt / 'model.safetensors'}: {LAYER}: 1 row group(s) of M_R do not keep exactly 2 of 4",
+                   f"FAILED: {ckpt}: 1 finding(s), 1 checkpoint checked"]
 
 
 def test_a_column_bit_outside_the_row_mask_is_found(capsys, run, trained):
@@ -106,14 +106,14 @@ def test_a_column_bit_outside_the_row_mask_is_found(capsys, run, trained):
     _rewrite_tensor(ckpt, f"{LAYER}.col_bits", move_bit)
     code, out = _check(capsys, ckpt)
     assert code == 1
-    assert out[0] == f"{LAYER}: 1 column group(s) of M_C keep positions W_R does not (W_RC ⊄ W_R)"
+    assert out[0] == f"{ckpt / 'model.safetensors'}: {LAYER}: 1 column group(s) of M_C keep positions W_R does not (W_RC ⊄ W_R)"
 
 
 def test_a_wrong_shape_is_found(capsys, run):
     ckpt = run / "checkpoints" / "step_00000004"
     _rewrite_tensor(ckpt, f"{LAYER}.row_bits", lambda bits: bits[:, :-1].contiguous())
     code, out = _check(capsys, ckpt)
-    assert code == 1 and "does not fit" in out[0] and len(out) == 2
+    assert code == 1 and f"{LAYER}: values have shape (64, 32), expected (64, 30)" in out[0] and len(out) == 2
 
 
 def test_latest_naming_a_folder_outside_the_run_is_a_finding(capsys, run):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _export_fixtures import format1_run, tiny_model
+from _export_fixtures import format1_run, reseal, reseal_export, resumable_state, tiny_model
 
 import slope
 from slope.io import checkpoint
@@ -37,7 +37,7 @@ def _method_info(model) -> dict:
 
 def _save(run_dir, step, model, tokenizer, state=None, keep_last=3):
     return checkpoint.save_checkpoint(run_dir, step, model, tokenizer, _method_info(model),
-                                      "[train]\nseq_len = 32\n", state or {"step": step}, keep_last)
+                                      "[train]\nseq_len = 32\n", state or resumable_state(step, model), keep_last)
 
 
 def _flip_bit(file: Path, offset: int | None = None) -> None:
@@ -90,6 +90,9 @@ def test_a_pickle_payload_in_trainer_state_never_runs(tmp_path, model, tokenizer
         assert "\n" not in str(err.value)
     ckpt = checkpoint.latest_checkpoint(run)
     shutil.copy(old / "checkpoints" / ckpt.name / "trainer_state.pt", ckpt)  # a stray pickle in a format-2 checkpoint
+    with pytest.raises(FormatError, match="no intact checkpoint"):  # not in the manifest: refused unread
+        checkpoint.load_for_resume(run)
+    reseal(ckpt)  # listed now: still never opened
     assert checkpoint.load_for_resume(run)[1]["step"] == 2
     assert not marker.exists()
 
@@ -125,6 +128,7 @@ def test_export_files_outside_the_export_are_never_read(tmp_path, model, tokeniz
     meta = json.loads((out / "slope_model.json").read_text())
     meta["files"][entry] = {"bytes": 1, "sha256": "0" * 64}
     (out / "slope_model.json").write_text(json.dumps(meta))
+    reseal_export(out, relist=False)  # past the metadata's own checksum, to the list it holds
     with pytest.raises(FormatError, match="points outside") as err:
         verify_files(out, read_metadata(out))
     assert "bytes" not in str(err.value) and "\n" not in str(err.value)  # nothing about the file leaks

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _export_fixtures import logits, tiny_config, tiny_model, write_training_checkpoint
+from _export_fixtures import logits, reseal_export, tiny_config, tiny_model, write_training_checkpoint
 from _tolerances import logits_atol
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +17,7 @@ import slope
 from slope.cli import main
 from slope.io.export import export, save_compressed
 from slope.io.format import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE  # the compressed export's
-from slope.io.format import META_FILE, FormatError, sha256_file
+from slope.io.format import META_FILE, FormatError
 from slope.io.load import load, load_tokenizer
 
 # ---- exact round trips ----------------------------------------------------------------------------
@@ -197,23 +197,21 @@ def exported(tmp_path, tokenizer):
     return save_compressed(tiny_model("gpt2", adapters=True), tmp_path / "e", tokenizer)
 
 
-def _edit_meta(path, change):
+def _edit_meta(path, change, reseal=True):
+    """Change slope_model.json; `reseal`: and its own checksum, so the reader's checks behind it see the change."""
     meta = json.loads((path / META_FILE).read_text())
     change(meta)
     (path / META_FILE).write_text(json.dumps(meta))
+    if reseal:
+        reseal_export(path, relist=False)
 
 
 def _rewrite_weights(path, change):
-    """Rewrite the weights file and its checksum, so only the structural check can catch `change`."""
+    """Rewrite the weights file and the checksums, so only the structural check can catch `change`."""
     tensors = load_file(path / WEIGHTS_FILE)
     change(tensors)
     save_file(tensors, path / WEIGHTS_FILE)
-    file = path / WEIGHTS_FILE
-
-    def fix(meta):
-        meta["files"][WEIGHTS_FILE] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
-
-    _edit_meta(path, fix)
+    reseal_export(path)
 
 
 def _truncate(path):
@@ -231,6 +229,12 @@ LAYER = "transformer.h.1.attn.c_attn"
 
 CASES = {
     "newer format": (lambda p: _edit_meta(p, lambda m: m.update(format_version=99)), "newer than this slope reads"),
+    # the metadata checksums itself: an edit is caught before any field of it is believed
+    "edited metadata": (lambda p: _edit_meta(p, lambda m: m["layers"][LAYER].update(adapter_scale=100), reseal=False),
+                        "fails its own SHA-256 check"),
+    "edited version": (lambda p: _edit_meta(p, lambda m: m.update(format_version=1), reseal=False),
+                       "fails its own SHA-256 check"),
+    "added file": (lambda p: (p / "tokenizer" / "added_tokens.json").write_text("{}"), "is not listed in"),
     "not an export": (lambda p: _edit_meta(p, lambda m: m.update(format="other")), "not a slope export"),
     "truncated": (_truncate, "truncated"),
     "corrupted byte": (_flip_byte, "SHA-256"),

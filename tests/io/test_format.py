@@ -113,8 +113,10 @@ GOLDEN_EXPORT_META = {  # slope_model.json without model_config and the entry of
                 "model.layers.0.self_attn.v_proj"],  # the reasons are prose: only the names are pinned
     "tied": {}, "tokenizer": None, "files": {"slope_model.safetensors": {"bytes": 13888}},  # its sha256: see above
 }
+# metadata_sha256 (last, since it reads the file with its own value as 64 zeros) is not pinned: the bytes it
+# covers include model_config, which transformers writes; test_golden_compressed_export checks it verifies.
 GOLDEN_META_KEYS = ["format", "format_version", "n", "m", "position_code", "position_bits", "dtype", "slope_config",
-                    "layers", "skipped", "tied", "model_config", "tokenizer", "files"]
+                    "layers", "skipped", "tied", "model_config", "tokenizer", "files", "metadata_sha256"]
 
 # checkpoint format 2, step 3: the files that do not depend on transformers, as manifest.json lists them
 GOLDEN_CHECKPOINT_FILES = {
@@ -201,8 +203,13 @@ def test_golden_compressed_export(golden):
     export = golden["export"]
     weights = export / fmt.EXPORT_WEIGHTS_FILE
     assert _tensors_digest(weights) == GOLDEN_EXPORT_WEIGHTS, _header(weights)
-    meta = json.loads((export / fmt.META_FILE).read_text())
+    raw = (export / fmt.META_FILE).read_bytes()
+    meta = json.loads(raw)
     assert list(meta) == GOLDEN_META_KEYS
+    # its own checksum: the SHA-256 of the file as it reads with that value replaced by 64 zeros
+    digest = meta.pop(fmt.META_CHECKSUM_KEY)
+    assert hashlib.sha256(raw.replace(digest.encode(), b"0" * 64)).hexdigest() == digest
+    assert raw.endswith(f'"metadata_sha256": "{digest}"\n}}\n'.encode())
     assert set(meta["files"]) == {fmt.EXPORT_WEIGHTS_FILE, fmt.HF_CONFIG_FILE, "README.md"}
     meta["files"].pop(fmt.HF_CONFIG_FILE)
     assert meta["files"].pop("README.md")["sha256"] == fmt.sha256_file(export / "README.md")  # the model card
@@ -273,8 +280,45 @@ def test_a_version1_export_is_refused_in_one_line(golden, tmp_path):
     export = tmp_path / "export"
     shutil.copytree(golden["export"], export)
     meta = json.loads((export / "slope_model.json").read_text())
+    meta.pop(fmt.META_CHECKSUM_KEY)  # version 1 had no checksum of its own
     (export / "slope_model.json").write_text(json.dumps({**meta, "format_version": 1}))
     with pytest.raises(fmt.UnsupportedFormatError) as err:
         slope.load(export, device="cpu")
     assert str(err.value) == (f"{export / 'slope_model.json'} has format version 1, which this version of slope does "
                               "not read (it reads version 2 only; version 1 was written by slope 0.1)")
+
+
+def test_an_edited_version_fails_the_checksum_and_never_skips_it(golden, tmp_path):
+    """A format version read from a file the checksums cover: an edit of it is a checksum error, for the
+    export (slope_model.json's own checksum) and the checkpoint (the manifest covers slope.json)."""
+    from slope.io import checkpoint
+
+    export = tmp_path / "export"
+    shutil.copytree(golden["export"], export)
+    meta_file = export / "slope_model.json"
+    meta_file.write_bytes(meta_file.read_bytes().replace(b'"format_version": 2', b'"format_version": 1'))
+    with pytest.raises(fmt.FormatError, match="fails its own SHA-256 check") as err:
+        slope.load(export, device="cpu")
+    assert not isinstance(err.value, fmt.UnsupportedFormatError)
+    run = tmp_path / "run"
+    shutil.copytree(golden["run"], run)
+    info = run / "checkpoints" / "step_00000003" / "slope.json"
+    for version in (b"1", b"true"):
+        info.write_bytes(info.read_bytes().replace(b'"format": 2', b'"format": ' + version))
+        for read in (checkpoint.load_checkpoint, checkpoint.load_for_resume, lambda p: slope.load(p, device="cpu")):
+            with pytest.raises(fmt.FormatError, match=r"slope\.json (fails its SHA-256 check|has \d+ bytes, expected)") as err:
+                read(run)
+            assert not isinstance(err.value, fmt.UnsupportedFormatError) and "\n" not in str(err.value)
+        info.write_bytes(info.read_bytes().replace(b'"format": ' + version, b'"format": 2'))
+
+
+def test_a_version2_export_without_its_own_checksum_is_refused(golden, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(golden["export"], export)
+    meta = json.loads((export / "slope_model.json").read_text())
+    meta.pop(fmt.META_CHECKSUM_KEY)  # as slope 0.2 before the checksum wrote it, or an edit that removed it
+    meta["layers"][SPARSE[0]]["adapter_scale"] = 100.0
+    (export / "slope_model.json").write_text(json.dumps(meta))
+    with pytest.raises(fmt.FormatError, match="has no metadata_sha256") as err:
+        slope.load(export, device="cpu")
+    assert "\n" not in str(err.value)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _export_fixtures import logits, make_tokenizer, tiny_model, write_training_checkpoint
+from _export_fixtures import logits, make_tokenizer, reseal, tiny_model, write_training_checkpoint
 from _tolerances import logits_atol, loss_reductions, sum_order_bound
 
 import slope
@@ -202,11 +202,13 @@ def test_cli_eval_of_an_export_and_a_dense_directory(three_forms, capsys):
 def test_cli_eval_window_comes_from_the_run_config(three_forms, capsys):
     ckpt = three_forms["run"] / "checkpoints" / "step_00000010"
     (ckpt / "config.toml").write_text("[train]\nseq_len = 32\n")
+    reseal(ckpt)  # the manifest lists every file of the checkpoint: an added one would be refused
     try:
         assert _eval_json(capsys, three_forms["run"])["seq_len"] == 32
         assert _eval_json(capsys, three_forms["run"], "--seq-len", "16")["seq_len"] == 16
     finally:
         (ckpt / "config.toml").unlink()
+        reseal(ckpt)
 
 
 def test_cli_eval_reports_user_mistakes_in_one_line(tmp_path, three_forms, capsys):

@@ -6,6 +6,7 @@ full disk."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -107,3 +108,53 @@ def test_a_full_disk_while_training_stops_in_one_line(corpus_file, tmp_path, mon
     assert lines == [f"slope train: error: cannot write checkpoint {run_dir / 'checkpoints' / 'step_00000002'} "
                      "(the disk is full); the previous checkpoints are intact; no checkpoint had been written yet"]
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def _set_json(file: Path, key: str, value) -> None:
+    data = json.loads(file.read_text())
+    data[key] = value
+    file.write_text(json.dumps(data))
+
+
+def _row_mask_keeps_4_of_4(ckpt: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    key = next(k for k in sorted(tensors) if k.endswith(".row_bits"))
+    tensors[key][0, 0] = 0b1111
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+RESUME_DAMAGE = {  # what `slope check` finds, resume now refuses too, in the same words
+    "row mask keeps 4 of 4": (_row_mask_keeps_4_of_4, "row group(s) of M_R do not keep exactly 2 of 4"),
+    "trainer state a list": (lambda c: (c / "trainer_state.json").write_text("[]"),
+                             "malformed trainer state (expected a JSON object, got list)"),
+    "trainer state without its sampler": (lambda c: _set_json(c / "trainer_state.json", "sampler", None),
+                                          "malformed trainer state: sampler must be an object"),
+    "trainer state of another step": (lambda c: _set_json(c / "trainer_state.json", "step", 6),
+                                      "the trainer state is at step 6, but slope.json records step 8"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RESUME_DAMAGE))
+def test_resume_refuses_what_check_refuses_in_one_line(full_run, tmp_path, capsys, damage):
+    """The damage passes the checksums (written again); before, it reached the trainer (a KeyError,
+    AttributeError or TypeError traceback) or, for the masks, trained on."""
+    from _export_fixtures import reseal
+
+    change, finding = RESUME_DAMAGE[damage]
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    for step in (2, 4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
+    ckpt = run / "checkpoints" / "step_00000008"
+    change(ckpt)
+    reseal(ckpt)
+    capsys.readouterr()
+    assert cli.main(["check", str(run)]) == 1
+    assert finding in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and "no intact checkpoint to resume from" in err[0] and finding in err[0], err
+    assert "Traceback" not in stderr

@@ -95,3 +95,17 @@ def test_to_toml_writes_none_as_a_comment():
     text = runconfig.to_toml(RunConfig())
     assert "# adapter_rank = none" in text
     assert dataclasses.asdict(runconfig.from_dict(runconfig.tomllib.loads(text))) == dataclasses.asdict(RunConfig())
+
+
+@pytest.mark.parametrize(("method", "defaults"), [("srste", {"srste_decay": 2e-4}),
+                                                  ("wanda", {"wanda_dense_fraction": 0.5}), ("slope", {})])
+def test_a_methods_options_are_recorded_with_every_default(method, defaults, tmp_path):
+    """config.toml (and so a resume or a rerun) holds every [method] key, given or not: a later default
+    change cannot silently change what an old config trains."""
+    cfg = runconfig.resolve("tiny", [f"--method.name={method}"])
+    assert cfg.method.options == defaults
+    runconfig.save(cfg, tmp_path / "config.toml")
+    assert runconfig.resolve(str(tmp_path / "config.toml")).method.options == defaults
+    for key, value in defaults.items():
+        assert f"{key} = {value}" in (tmp_path / "config.toml").read_text()
+

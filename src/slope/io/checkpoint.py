@@ -10,13 +10,15 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in for
     config.toml                the resolved run config
     dcp/                       FSDP runs only: the sharded model and optimizer state, written by every rank
                                with torch.distributed.checkpoint (DCP), which reshards on load to any world size
-    manifest.json              size and SHA-256 of every file above (dcp/ included), written last
+    manifest.json              size and SHA-256 of every other file of the folder (dcp/ included), written last
 In an FSDP run model.safetensors is the consolidated model, gathered to rank 0, so export, eval and
 slope.load read FSDP checkpoints like any other, and trainer_state holds no optimizer (it is in dcp/).
 slope.io.trainer_state encodes the trainer state; slope.io.sharded_state writes and reads dcp/.
-Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Format 1 (slope 0.1:
-trainer_state.pt, a pickle, and no manifest) is refused by `read_info` in one line, before any other file
-is read.
+Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Every reader checks the
+whole folder against the manifest before it believes any file of it (`verify_checkpoint`); resume also
+the trainer state and the masks (`check_for_resume`); `slope check` all of it (`check_checkpoint`).
+Format 1 (slope 0.1: trainer_state.pt, a pickle, no manifest) is refused in one line, before any other
+file is read.
 
 In a run of several processes rank 0 alone writes and renames; the others write only their dcp/
 shards (FSDP) or nothing (DDP, whose checkpoint is the single-process one), and every rank waits for
@@ -66,17 +68,20 @@ from slope.io.format import (
     SHARDED_DIR,
     TOKENIZER_DIR,
     TRAINER_STATE_FILE,
+    TRAINER_TENSORS_FILE,
     WEIGHTS_FILE,
     FormatError,
     UnsupportedFormatError,
-    check_digests,
+    check_checkpoint_masks,
+    check_manifest,
     file_digests,
     one_line,
+    read_json,
 )
 
 # The trainer saves and resumes the dcp/ part of a checkpoint through this module, like the rest of it.
 from slope.io.sharded_state import has_sharded_state, load_sharded_state, save_sharded_state  # noqa: F401
-from slope.io.trainer_state import load_trainer_state, write_trainer_state
+from slope.io.trainer_state import load_trainer_state, read_resume_state, write_trainer_state  # noqa: F401
 from slope.linear import SlopeLinear
 
 log = logging.getLogger(__name__)
@@ -255,26 +260,44 @@ def _write_latest(root: Path, name: str) -> None:
 
 
 def verify_checkpoint(checkpoint_dir: str | Path) -> dict:
-    """slope.json of a checkpoint, after checking every file against its manifest.
-
-    FormatError, in one line, for a missing, truncated or corrupted file.
-    """
+    """slope.json of a checkpoint, read once every file of the folder has passed the manifest: FormatError,
+    in one line, for a file missing, truncated, corrupted or not listed, another manifest format, a folder
+    named for another step. Without a manifest, slope.json is read only to refuse it (slope 0.1's format 1,
+    which had none, as unsupported)."""
     ckpt = Path(checkpoint_dir)
-    info = read_info(ckpt)
-    file = ckpt / MANIFEST_FILE
+    if not (ckpt / MANIFEST_FILE).is_file():
+        read_info(ckpt)  # UnsupportedFormatError for slope 0.1's format; "upgrade slope" for a newer one
+        raise FormatError(f"{ckpt / MANIFEST_FILE} is missing: every checkpoint of format {CHECKPOINT_FORMAT} "
+                          "lists its files there")
+    required = (WEIGHTS_FILE, INFO_FILE, HF_CONFIG_FILE, TRAINER_STATE_FILE, TRAINER_TENSORS_FILE)
+    check_manifest(ckpt, ckpt / MANIFEST_FILE, CHECKPOINT_FORMAT, required)
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{file}: cannot read the checkpoint manifest ({one_line(err)})") from err
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not {WEIGHTS_FILE, INFO_FILE, TRAINER_STATE_FILE} <= set(files):
-        raise FormatError(f"{file}: the manifest does not list {WEIGHTS_FILE}, {INFO_FILE} and {TRAINER_STATE_FILE}")
-    check_digests(ckpt, files, file)
+        info = read_info(ckpt)
+    except UnsupportedFormatError as err:  # format 1 never had a manifest: this slope.json was edited
+        raise FormatError(f"{ckpt / INFO_FILE}: format {CHECKPOINT_FORMAT - 1} in a checkpoint with a "
+                          f"format-{CHECKPOINT_FORMAT} manifest: the file was edited") from err
+    named = _STEP_DIR.match(_LEFTOVER.sub(r"\2", ckpt.name))
+    if named and int(named.group(1)) != info["step"]:
+        raise FormatError(f"{ckpt}: the folder is named for step {int(named.group(1))}, but {INFO_FILE} records "
+                          f"step {info['step']}")
     return info
 
 
+def check_for_resume(checkpoint_dir: str | Path) -> tuple[dict, dict]:
+    """(slope.json, trainer state) of a checkpoint, after every check a resume makes: the manifest
+    (`verify_checkpoint`), then the trainer state and the stored masks (`read_resume_state`)."""
+    info = verify_checkpoint(checkpoint_dir)
+    return info, read_resume_state(Path(checkpoint_dir), info, sharded=has_sharded_state(checkpoint_dir))
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Every check a reader of one checkpoint makes, each file hashed once (`slope check`): those of a
+    resume (`check_for_resume`), then the model built as `load_checkpoint` builds it."""
+    _build(Path(checkpoint_dir), check_for_resume(checkpoint_dir)[0])
+
+
 def load_for_resume(run_dir: Path) -> tuple[Path, dict]:
-    """(checkpoint, trainer state) of the newest checkpoint of a run that passes its checks.
+    """(checkpoint, trainer state) of the newest checkpoint of a run that passes `check_for_resume`.
 
     The one `latest` names comes first; a damaged one is skipped with a warning naming the one used
     instead. FileNotFoundError when the run has no checkpoint; FormatError when none is intact, and
@@ -284,22 +307,22 @@ def load_for_resume(run_dir: Path) -> tuple[Path, dict]:
     if newest is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from")
     candidates = [newest] + [p for p in reversed(list_checkpoints(run_dir)) if p != newest]
-    damaged: list[str] = []
+    damaged: dict[str, FormatError] = {}
     for ckpt in candidates:
         try:
-            info = verify_checkpoint(ckpt)
+            info, state = check_for_resume(ckpt)
         except UnsupportedFormatError:
             raise  # slope 0.1's format: an older checkpoint would be no better, so the run is refused
         except FormatError as err:
             log.warning("checkpoint %s is damaged, not resuming from it: %s", ckpt.name, err)
-            damaged.append(ckpt.name)
+            damaged[ckpt.name] = err
             continue
-        state = load_trainer_state(ckpt)
         if damaged:
-            log.warning("resuming from %s (step %d) instead: %s failed the manifest check",
-                        ckpt.name, info.get("step", -1), ", ".join(damaged))
+            log.warning("resuming from %s (step %d) instead: %s failed the checks", ckpt.name, info["step"],
+                        ", ".join(damaged))
         return ckpt, state
-    raise FormatError(f"{run_dir}: no intact checkpoint to resume from ({', '.join(damaged)} failed the manifest check)")
+    raise FormatError(f"{run_dir}: no intact checkpoint to resume from ({', '.join(damaged)} failed the checks; "
+                      f"{newest.name}: {damaged[newest.name]})")
 
 
 # ---- finding a checkpoint -----------------------------------------------------------------------
@@ -378,14 +401,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_info(checkpoint_dir: str | Path) -> dict:
     """slope.json of a checkpoint directory, checked: FormatError if unreadable or of another format."""
     file = Path(checkpoint_dir) / INFO_FILE
-    try:
-        info = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{file}: cannot read the checkpoint info ({err})") from err
+    info = read_json(file, "the checkpoint info")
     if not isinstance(info, dict):
         raise FormatError(f"{file}: expected a JSON object, got {type(info).__name__}")
     version = info.get("format")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"{file}: invalid format {version!r} (expected the integer {CHECKPOINT_FORMAT})")
     if version > CHECKPOINT_FORMAT:
         raise FormatError(
@@ -410,6 +430,9 @@ def read_info(checkpoint_dir: str | Path) -> dict:
     if not isinstance(prune_on_load, bool) or (prune_on_load and info["slope_config"] is None):
         raise FormatError(f"{file}: prune_on_load must be true or false, and true only with a slope_config; "
                           f"got {prune_on_load!r}")
+    step = info.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise FormatError(f"{file}: step must be an integer >= 0, got {step!r}")
     return info
 
 
@@ -419,15 +442,22 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
     FileNotFoundError when there is no checkpoint at `path`; FormatError when one of its files is
     missing, fails its manifest check, is of a newer format, or does not fit the others.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     ckpt = resolve_checkpoint(path)
     info = verify_checkpoint(ckpt)
+    model, tokenizer = _build(ckpt, info)
+    return model, tokenizer, info
+
+
+def _build(ckpt: Path, info: dict) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a verified checkpoint; FormatError when its files do not fit together or a
+    sparse layer's masks break a rule of `slope.io.format.mask_findings`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     for part in (HF_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
         if not (ckpt / part).exists():
-            raise FormatError(
-                f"{ckpt / part} is missing: a checkpoint holds {HF_CONFIG_FILE}, {WEIGHTS_FILE} and {TOKENIZER_DIR}/"
-            )
+            raise FormatError(f"{ckpt / part} is missing: a checkpoint holds {HF_CONFIG_FILE}, {WEIGHTS_FILE} and "
+                              f"{TOKENIZER_DIR}/")
+    read_json(ckpt / HF_CONFIG_FILE, "the model config")  # too deep, not UTF-8: one line naming the file
     try:
         config = AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(ckpt / TOKENIZER_DIR, trust_remote_code=False)
@@ -444,12 +474,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, object, dict]:
             _add_adapters_as_saved(model, weights)
         safetensors.torch.load_model(model, weights, strict=True)
     except (RuntimeError, OSError, ValueError, IndexError, SafetensorError) as err:
-        raise FormatError(
-            f"{weights} does not fit the checkpoint's {INFO_FILE} and {HF_CONFIG_FILE}: {one_line(err)}"
-        ) from err
+        raise FormatError(f"{weights} does not fit the checkpoint's {INFO_FILE} and {HF_CONFIG_FILE}: "
+                          f"{one_line(err)}") from err
     if prune_on_load:
         _sparsify_as_saved(model, info, ckpt)  # from the loaded dense weights: their magnitude masks
-    return model.eval(), tokenizer, info
+    check_checkpoint_masks(weights, info)  # as saved: what resume reads too
+    return model.eval(), tokenizer
 
 
 def _sparsify_as_saved(model: nn.Module, info: dict, ckpt: Path) -> None:

@@ -10,9 +10,13 @@ slope.io.format), one directory:
                         L.adapter_b (r, out); every other tensor of the state_dict under its own name,
                         tied weights stored once
     tokenizer/          PreTrainedTokenizer.save_pretrained output (optional)
-    slope_model.json    format name and version, N:M, layers, skip list, model config, checksums
+    README.md           the model card
+    slope_model.json    format name and version, N:M, layers, skip list, model config, the size and
+                        SHA-256 of every other file, and last `metadata_sha256`: its own checksum
 
-slope_model.json is written last, so an interrupted export is never mistaken for a complete one.
+slope_model.json is written last, so an interrupted export is never mistaken for a complete one. A reader
+refuses an export whose slope_model.json fails its own checksum, or whose folder holds a file that is
+missing, altered or not listed (slope.io.format.check_sealed, check_digests).
 `export` converts anything `slope.io.load.load` reads (run, checkpoint, export) into either form.
 """
 
@@ -33,10 +37,14 @@ from slope.io.format import (
     EXPORT_FORMAT_VERSION,
     EXPORT_WEIGHTS_FILE,
     HF_CONFIG_FILE,
+    META_CHECKSUM_KEY,
     META_FILE,
     TOKENIZER_DIR,
+    check_dtype_arg,
+    check_export_args,
     dtype_name,
-    sha256_file,
+    file_digests,
+    sealed_json,
 )
 from slope.io.load import load, load_tokenizer
 from slope.io.model_card import write_model_card
@@ -73,6 +81,7 @@ def save_compressed(
 
     dtype: cast floating tensors (values, adapters, dense weights) to it; None keeps the model's.
     """
+    check_export_args("save_compressed", model, tokenizer, dtype)
     stored_dtype = dtype_name(dtype or next(model.parameters()).dtype)  # before anything is written
     layers = slope_layers(model)
     n, m = _common_nm(layers)
@@ -108,7 +117,7 @@ def save_compressed(
         "tied": tied,
         "model_config": model_config,
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
-        "files": _checksums(out),
+        "files": file_digests(out),  # every file written so far: all but this one
     }
     _write_meta_last(out, meta)
     return out
@@ -173,16 +182,11 @@ def _write_top_config(out: Path, model_config: dict) -> None:
     (out / HF_CONFIG_FILE).write_text(json.dumps(top_config, indent=2, sort_keys=True) + "\n")
 
 
-def _checksums(out: Path) -> dict[str, dict]:
-    """{path relative to `out`: {"bytes", "sha256"}} of every file written so far."""
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    return {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-
-
 def _write_meta_last(out: Path, meta: dict) -> None:
-    """slope_model.json, renamed into place: the export is complete once its metadata is there."""
+    """slope_model.json, its own checksum last, renamed into place: the export is complete once its
+    metadata is there."""
     tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(sealed_json(meta, META_CHECKSUM_KEY))
     os.replace(tmp, out / META_FILE)
 
 
@@ -191,6 +195,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: tor
 
     `model` itself is left untouched: a copy is densified.
     """
+    check_export_args("save_dense", model, tokenizer, dtype)
     out = _prepare_out_dir(out_dir)
     dense = copy.deepcopy(model)
     if slope_layers(dense):
@@ -215,6 +220,7 @@ def export(
     """
     if dense and serve:
         raise ValueError("choose one of dense and serve")
+    check_dtype_arg("export", dtype)
     model = load(source, device="cpu", backend="reference")
     tokenizer = load_tokenizer(source)
     if serve:

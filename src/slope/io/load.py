@@ -8,7 +8,6 @@ half-loaded model. Which device and half-precision dtype to use is slope.devices
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +36,25 @@ from slope.io.format import (
     EXPORT_WEIGHTS_FILE,
     HF_CONFIG_FILE,
     INFO_FILE,
+    META_CHECKSUM_KEY,
     META_FILE,
+    PICKLE_WEIGHTS_FILES,
     SERVE_FORMAT,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     FormatError,
     UnsupportedFormatError,
     check_digests,
+    check_model_masks,
+    check_sealed,
+    check_state_masks,
     confined,
     one_line,
+    parse_json,
+    read_json,
 )
 from slope.io.packing import code_bits, unpack_positions
-from slope.io.peft import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
+from slope.io.serve import rebuild_serving
 from slope.linear import SlopeLinear, dense_weight_of
 
 __all__ = [
@@ -134,26 +140,34 @@ def _load_huggingface(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     marker = slope_marker(path)
+    refuse_pickle_only(path)
     try:
         if marker is not None and marker["format"] == HF_CONFIG_FORMAT:
-            return _load_sparse_state_dict(path, marker)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
-        if marker is not None:  # a serving export (slope.io.serve): back to SlopeLinear + adapters
-            _rebuild_serving(model, path, marker)
-        return model
+            model = _load_sparse_state_dict(path, marker)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
+        if marker is not None and marker["format"] == SERVE_FORMAT:  # back to SlopeLinear + adapters
+            rebuild_serving(model, path, marker)
     except FormatError:
         raise
-    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError, IndexError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise FormatError(f"{path}: cannot load this Hugging Face model directory ({one_line(err)})") from err
+    check_model_masks(model, path)
+    return model
+
+
+def refuse_pickle_only(path: Path) -> None:
+    """FormatError for a Hugging Face folder whose weights are pickled only: slope never unpickles."""
+    pickled = [name for name in PICKLE_WEIGHTS_FILES if (path / name).is_file()]
+    if pickled and not any(path.glob("*.safetensors")):
+        raise FormatError(f"{path} holds only {pickled[0]} (pickle); slope reads safetensors only: convert it with "
+                          "transformers' save_pretrained(safe_serialization=True)")
 
 
 def slope_marker(path: Path) -> dict | None:
     """config.json's `slope` entry when `model.save_pretrained` wrote a sparsified model or `slope export --serve`
     wrote the folder, else None."""
-    try:
-        config = json.loads((path / HF_CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{path / HF_CONFIG_FILE}: cannot read it ({err})") from err
+    config = read_json(path / HF_CONFIG_FILE, "the model config")
     marker = config.get(HF_CONFIG_KEY) if isinstance(config, dict) else None
     if isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT_NAME:
         # the config.json of a compressed export whose metadata is gone: transformers would load it with
@@ -173,8 +187,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a save_pretrained folder: model.safetensors, or the shards its index lists."""
     index = path / (WEIGHTS_FILE + ".index.json")
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [confined(path, shard, str(index)) for shard in shards]
+        weight_map = read_json(index, "the weights index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index}: expected an object with a 'weight_map' object")
+        files = [confined(path, shard, str(index)) for shard in sorted(set(map(str, weight_map.values())))]
     else:
         files = [path / WEIGHTS_FILE]
     state: dict[str, torch.Tensor] = {}
@@ -183,41 +200,6 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             raise FormatError(f"{file} is missing")
         state.update(load_file(file))
     return state
-
-
-def _rebuild_serving(model: nn.Module, path: Path, marker: dict) -> None:
-    """The model of a serving export, in place: its sparse layers as SlopeLinear, its PEFT adapter as SLoPe adapters.
-
-    Each sparse weight keeps exactly n of every m nonzero, so the magnitude mask `from_dense` computes is the
-    stored one and the kept values are the stored ones. The adapter folder holds lora_A = Aᵀ, lora_B = Bᵀ and
-    scaling α/r = s (slope.io.peft); A, B and s come back from it.
-    """
-    cfg = SlopeConfig(**marker["slope_config"])
-    for name in marker["sparse_layers"]:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as err:
-            raise FormatError(f"{path / HF_CONFIG_FILE}: sparse layer {name} is not in the model") from err
-        replace_module(model, name, SlopeLinear.from_dense(module, cfg))
-    if not marker.get("adapter"):
-        return
-    folder = confined(path, marker["adapter"], str(path / HF_CONFIG_FILE))
-    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
-    weights = load_file(folder / ADAPTER_WEIGHTS_FILE)
-    for name in config["target_modules"]:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, SlopeLinear):
-            raise FormatError(f"{folder}: the adapter targets {name}, which is not a sparse layer of this export")
-        a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]  # (r, in)
-        b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]  # (out, r)
-        rank = config.get("rank_pattern", {}).get(name, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
-        if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
-            raise FormatError(f"{folder}: {name} has adapter shapes {tuple(a.shape)}, {tuple(b.shape)}, expected rank {rank}")
-        layer.add_adapter(rank, scale=alpha / rank)
-        with torch.no_grad():
-            layer.adapter_a.copy_(a.t())
-            layer.adapter_b.copy_(b.t())
 
 
 def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
@@ -235,6 +217,7 @@ def _load_sparse_state_dict(path: Path, marker: dict) -> nn.Module:
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)  # as saved, not the default
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _under_model_names(model, state)
+    check_state_masks(state.get, state, cfg.n, cfg.m, cfg.double_prune, path)  # as saved, before loading
     for key in [k for k in state if k.endswith(".row_bits")]:
         name = key.removesuffix(".row_bits")
         try:
@@ -317,16 +300,21 @@ def load_tokenizer(path: str | Path):
 
 
 def read_metadata(path: str | Path) -> dict:
-    """slope_model.json, checked for format name and version."""
+    """slope_model.json, believed only once it passes its own checksum (`slope.io.format.check_sealed`),
+    then checked for format name and version. Without a checksum it is read only to refuse it: slope
+    0.1's version 1 (which had none) as unsupported, a newer version with "upgrade slope"."""
     file = Path(path) / META_FILE
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{file}: cannot read the export metadata ({err})") from err
+        raw = file.read_bytes()
+    except OSError as err:
+        raise FormatError(f"{file}: cannot read the export metadata ({one_line(err)})") from err
+    meta = parse_json(raw, file, "the export metadata")
+    if isinstance(meta, dict) and META_CHECKSUM_KEY in meta:
+        check_sealed(file, raw, meta, META_CHECKSUM_KEY)  # before any field of it is believed
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT_NAME:
         raise FormatError(f"{file}: not a slope export (format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"{file}: invalid format_version {version!r}")
     if version > EXPORT_FORMAT_VERSION:
         raise FormatError(
@@ -338,6 +326,9 @@ def read_metadata(path: str | Path) -> dict:
             f"{file} has format version {version}, which this version of slope does not read (it reads version "
             f"{EXPORT_FORMAT_VERSION} only; version 1 was written by slope 0.1)"
         )
+    if META_CHECKSUM_KEY not in meta:
+        raise FormatError(f"{file} has no {META_CHECKSUM_KEY}, the checksum of the file itself: written by an "
+                          "earlier slope, or edited; export the model again")
     for key in ("n", "m", "layers", "tied", "model_config", "files", "dtype"):
         if key not in meta:
             raise FormatError(f"{file}: missing field {key!r}")
@@ -345,7 +336,8 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def verify_files(path: str | Path, meta: dict) -> None:
-    """Every file listed in the metadata is inside `path` and has its size and SHA-256 (truncation, corruption)."""
+    """The metadata lists every other file of `path`, each inside it with its size and SHA-256 (truncation,
+    corruption, an edit, a file added or its entry removed)."""
     path = Path(path)
     if not isinstance(meta["files"], dict) or EXPORT_WEIGHTS_FILE not in meta["files"]:
         raise FormatError(f"{path / META_FILE}: {EXPORT_WEIGHTS_FILE} is not listed under files")
@@ -358,7 +350,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
     meta = read_metadata(path)
     try:
         verify_files(path, meta)
-        return _build(path, meta, dtype, backend)
+        model = _build(path, meta, dtype, backend)
+        check_model_masks(model, path / EXPORT_WEIGHTS_FILE)
+        return model
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, SafetensorError) as err:

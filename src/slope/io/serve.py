@@ -13,7 +13,10 @@ in the current versions of either. The base written here loads everywhere; the 2
 values, and config.json's `slope.sparsity_config` records it with compressed-tensors' own
 `DenseSparsityConfig` (format "dense": stored uncompressed; structure "2:4") for tools that re-compress it. It is kept out
 of `quantization_config` on purpose: there, current vLLM would refuse the model. `slope.load` of the folder
-rebuilds the SLoPe model (slope.io.load reads `slope.slope_config`, `sparse_layers` and the adapter folder).
+rebuilds the SLoPe model (`rebuild_serving`, from `slope.slope_config`, `sparse_layers` and the adapter folder).
+
+The folder has no checksums (unlike a checkpoint or a compressed export): it is a plain Hugging Face
+folder, read by tools that know nothing of slope. `slope check` checks its structure (exactly n:m).
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from slope.convert import HF_CONFIG_KEY, densify, slope_layers
-from slope.io.format import SERVE_FORMAT
+from slope.config import SlopeConfig
+from slope.convert import HF_CONFIG_KEY, densify, replace_module, slope_layers
+from slope.io.format import HF_CONFIG_FILE, SERVE_FORMAT, FormatError, check_export_args, confined, read_json
 from slope.io.model_card import write_model_card
-from slope.io.peft import save_peft_adapter, strip_adapters
+from slope.io.peft import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    PEFT_PREFIX,
+    save_peft_adapter,
+    strip_adapters,
+)
 from slope.io.tokenizers import for_export
+from slope.linear import SlopeLinear
 
 ADAPTER_DIR = "adapter"
 
@@ -55,6 +67,7 @@ def save_serving(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: t
 
     `model` itself is left untouched. dtype: cast the floating tensors (base and adapter) to it.
     """
+    check_export_args("save_serving", model, tokenizer, dtype)
     layers = slope_layers(model)
     if not layers:
         raise ValueError("a serving export needs a sparse (SLoPe) model; for a dense one use --dense")
@@ -82,3 +95,41 @@ def save_serving(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: t
         for_export(tokenizer, model).save_pretrained(out)
     write_model_card(out, model, "serving")
     return out
+
+
+def rebuild_serving(model: nn.Module, path: Path, marker: dict) -> None:
+    """The model of a serving export (`slope.load` of it), in place: its sparse layers as SlopeLinear, its PEFT adapter as SLoPe adapters.
+
+    Each sparse weight keeps exactly n of every m nonzero, so the magnitude mask `from_dense` computes is the
+    stored one and the kept values are the stored ones. The adapter folder holds lora_A = Aᵀ, lora_B = Bᵀ and
+    scaling α/r = s (slope.io.peft); A, B and s come back from it.
+    """
+    cfg = SlopeConfig(**marker["slope_config"])
+    for name in marker["sparse_layers"]:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise FormatError(f"{path / HF_CONFIG_FILE}: sparse layer {name} is not in the model") from err
+        replace_module(model, name, SlopeLinear.from_dense(module, cfg))
+    if not marker.get("adapter"):
+        return
+    folder = confined(path, marker["adapter"], str(path / HF_CONFIG_FILE))
+    config = read_json(folder / ADAPTER_CONFIG_FILE, "the adapter config")
+    weights = load_file(folder / ADAPTER_WEIGHTS_FILE)
+    for name in config["target_modules"]:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, SlopeLinear):
+            raise FormatError(f"{folder}: the adapter targets {name}, which is not a sparse layer of this export")
+        a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]  # (r, in)
+        b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]  # (out, r)
+        rank = config.get("rank_pattern", {}).get(name, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
+            raise FormatError(f"{folder}: {name} has adapter rank {rank!r} and alpha {alpha!r}: expected an integer "
+                              ">= 1 and a number")
+        if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
+            raise FormatError(f"{folder}: {name} has adapter shapes {tuple(a.shape)}, {tuple(b.shape)}, expected rank {rank}")
+        layer.add_adapter(rank, scale=alpha / rank)
+        with torch.no_grad():
+            layer.adapter_a.copy_(a.t())
+            layer.adapter_b.copy_(b.t())

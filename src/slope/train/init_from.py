@@ -32,6 +32,7 @@ from slope.io.format import (
     WEIGHTS_FILE,
     FormatError,
     UnsupportedFormatError,
+    check_checkpoint_masks,
     one_line,
 )
 from slope.io.load import resolve_model_dir
@@ -120,6 +121,7 @@ def _intact_checkpoint(given: Path, resolved: Path) -> tuple[Path, dict]:
     for ckpt in candidates:
         try:
             info = checkpoint.verify_checkpoint(ckpt)
+            check_checkpoint_masks(ckpt / WEIGHTS_FILE, info)  # the invariants resume and slope.load check
         except UnsupportedFormatError as err:
             raise ConfigError(f"--init-from {given}: {err}") from None
         except FormatError as err:

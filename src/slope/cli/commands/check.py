@@ -6,13 +6,15 @@ PATH: a run directory (every checkpoint), one checkpoint, a compressed export, a
 most n nonzero of every m along `in` (else serving it would not be the trained model), and its PEFT
 adapter must load onto those layers.
 
-Integrity: a checkpoint against its manifest, an export against the checksums of its
-slope_model.json (slope 0.1's format 1 is refused: a finding). Then the model
-is built exactly as `slope.load` builds it, and every sparse layer's stored masks are checked:
-    - shapes: values (out, in·n/m), row bits (out, in/m), column bits (out/m, in);
-    - M_R keeps exactly n of every m along `in` (no stray bits above the m positions);
-    - M_C, once computed, keeps exactly n of every m along `out`, and only where M_R keeps a weight
-      (W_RC ⊆ W_R), unless fewer than n of that column group are kept at all.
+Every check is a reader's own, so what `slope check` passes, `slope.load`, eval, export and resume accept:
+    - integrity: a checkpoint against its manifest, an export against slope_model.json (its own checksum,
+      and every other file listed with its size and SHA-256); a file missing, altered or not listed is a
+      finding, and so is slope 0.1's format 1;
+    - a checkpoint's folder name against its step, and its trainer state as a resume reads it
+      (`slope.io.checkpoint.check_checkpoint`);
+    - the model built as `slope.load` builds it, and every sparse layer's stored masks and step counters
+      (`slope.io.format.mask_findings`: exactly n of every m kept along `in`, M_C n:m along `out` within
+      M_R once computed, valid counters).
 One line per finding, then OK or FAILED. Exit 0 when intact, 1 when damaged, 2 for a bad path.
 """
 
@@ -31,43 +33,6 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run)
 
 
-def layer_findings(name: str, layer) -> list[str]:
-    """What is wrong with one SlopeLinear's stored masks (empty when nothing is)."""
-    import torch
-
-    n, m = layer.config.n, layer.config.m
-    out_f, in_f = layer.out_features, layer.in_features
-    shapes = {"values": (layer.weight, (out_f, in_f * n // m)), "row bits": (layer.row_bits, (out_f, in_f // m))}
-    if layer.col_bits is not None:
-        shapes["column bits"] = (layer.col_bits, (out_f // m, in_f))
-    wrong = [f"{name}: {what} have shape {tuple(t.shape)}, expected {shape}"
-             for what, (t, shape) in shapes.items() if tuple(t.shape) != shape]
-    if wrong:
-        return wrong
-    found = []
-    shifts = torch.arange(m, dtype=torch.int64)
-    rows = layer.row_bits.to(torch.int64)
-    row_kept = (rows.unsqueeze(-1) >> shifts) & 1  # (out, in/m, m)
-    if (rows >> m).any() or (row_kept.sum(-1) != n).any():
-        bad = int(((rows >> m) != 0).logical_or(row_kept.sum(-1) != n).sum())
-        found.append(f"{name}: {bad} row group(s) of M_R do not keep exactly {n} of {m}")
-    if layer.col_bits is None or layer.column_mask_step < 0:
-        return found  # no M_C stored, or not computed yet (it is built on the first training step)
-    cols = layer.col_bits.to(torch.int64)
-    col_kept = (cols.unsqueeze(1) >> shifts.view(1, m, 1)) & 1  # (out/m, m, in): bit i = row g·m + i
-    if (cols >> m).any() or (col_kept.sum(1) != n).any():
-        bad = int(((cols >> m) != 0).logical_or(col_kept.sum(1) != n).sum())
-        found.append(f"{name}: {bad} column group(s) of M_C do not keep exactly {n} of {m}")
-    row_dense = row_kept.reshape(out_f, in_f).view(out_f // m, m, in_f)
-    both = (col_kept & row_dense).sum(1)
-    # Where a column group keeps fewer than n weights of W_R, M_C also marks zeros of W_R: harmless.
-    expected = row_dense.sum(1).clamp(max=n)
-    if (both != expected).any():
-        bad = int((both != expected).sum())
-        found.append(f"{name}: {bad} column group(s) of M_C keep positions W_R does not (W_RC ⊄ W_R)")
-    return found
-
-
 def _marked(path: Path) -> bool:
     """Whether config.json has a slope entry (a damaged one counts: the check reports it)."""
     from slope.io.format import FormatError
@@ -83,12 +48,19 @@ def serving_findings(path: Path, marker: dict) -> list[str]:
     """What is wrong with a serving export's base: a sparse layer keeping more than n of m nonzero."""
     from transformers import AutoModelForCausalLM
 
+    from slope.io.format import FormatError, one_line
     from slope.linear import dense_weight_of
 
-    n, m = marker["slope_config"]["n"], marker["slope_config"]["m"]
-    base = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)  # the weights as vLLM reads them
+    try:
+        n, m = marker["slope_config"]["n"], marker["slope_config"]["m"]
+        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+            raise ValueError(f"slope.slope_config has n={n!r}, m={m!r}: expected integers with 1 <= n < m")
+        # the weights as vLLM reads them (safetensors only: slope never unpickles)
+        base = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise FormatError(f"{path}: cannot load this serving export ({one_line(err)})") from err
     found = []
-    for name in marker["sparse_layers"]:
+    for name in marker.get("sparse_layers") or []:
         try:
             weight, _ = dense_weight_of(base.get_submodule(name))  # (out, in)
         except (AttributeError, TypeError):
@@ -105,26 +77,27 @@ def serving_findings(path: Path, marker: dict) -> list[str]:
 
 
 def check_model_dir(path: Path, kind: str) -> list[str]:
-    """Findings for one checkpoint or export: its checksums, then (if those pass) its masks."""
-    from slope.convert import HF_CONFIG_FORMAT, slope_layers
+    """Findings for one checkpoint or export: every check its readers make (see the module's docstring)."""
+    from slope.convert import HF_CONFIG_FORMAT
     from slope.io import checkpoint
     from slope.io.format import FormatError
-    from slope.io.load import load, load_compressed, slope_marker
+    from slope.io.load import load, load_compressed, refuse_pickle_only, slope_marker
 
-    try:  # every loader checks what it can (checksums, shapes, the adapter) before it builds anything
+    try:  # each reader checks what it can (checksums, shapes, masks, the adapter) before it returns a model
         if kind == "export":
-            model = load_compressed(path, backend="reference")
+            load_compressed(path, backend="reference")
         elif kind == "huggingface":
             marker = slope_marker(path)
+            refuse_pickle_only(path)
             found = [] if marker["format"] == HF_CONFIG_FORMAT else serving_findings(path, marker)
             if found:
                 return found
-            model = load(path, device="cpu", dtype=None, backend="reference")
+            load(path, device="cpu", dtype=None, backend="reference")
         else:
-            model, _, _ = checkpoint.load_checkpoint(path)
+            checkpoint.check_checkpoint(path)
     except FormatError as err:
         return [str(err)]
-    return [finding for name, layer in slope_layers(model) for finding in layer_findings(name, layer)]
+    return []
 
 
 def run(args) -> int:
