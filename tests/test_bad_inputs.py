@@ -242,6 +242,9 @@ CLI_CASES = [
      "step_00000004: this is a checkpoint, not a run directory; resume its run", 2),
     ("train-data-device", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.train=/dev/zero"],
      "corpus '/dev/zero' is not a regular file or folder", 2),
+    # out_dir {tmp}/a/b: a name that escaped it would create {tmp}/x-..., which the test sees
+    ("train-run-name-escapes", ["train", "--config", "tiny", "--run.out_dir={tmp}/a/b", "--run.name=../../x"],
+     "run.name '../../x' must be a plain name (no '/' or '..')", 2),
     ("train-resume-with-config", ["train", "--resume", "{bad}/emptydir", "--config", "tiny"],
      "--resume continues a run with its saved config; give no --config, --method or --run-dir with it", 2),
     ("train-preset-empty-folder", ["train", "--config", "tiny", "--run-dir", "{tmp}/r",

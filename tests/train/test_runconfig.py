@@ -109,3 +109,8 @@ def test_a_methods_options_are_recorded_with_every_default(method, defaults, tmp
     for key, value in defaults.items():
         assert f"{key} = {value}" in (tmp_path / "config.toml").read_text()
 
+
+def test_an_eval_set_named_twice_is_evaluated_once():
+    cfg = runconfig.resolve("tiny", ['--eval.sets=["milton", "sonnets", "milton"]'])
+    assert cfg.eval.sets == ["milton", "sonnets"]
+

@@ -227,6 +227,7 @@ class EvalSection:
     sets: list[str] = field(default_factory=lambda: ["shakespeare-heldout", "milton"])
 
     def check(self) -> None:
+        self.sets = list(dict.fromkeys(self.sets))  # a set named twice is evaluated once, in the order given
         _positive("eval.every", self.every, allow_zero=True)
         for name in ("max_tokens", "final_max_tokens", "batch_size"):
             _positive(f"eval.{name}", getattr(self, name))

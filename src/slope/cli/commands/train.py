@@ -70,6 +70,9 @@ def _new_run_dir(cfg: runconfig.RunConfig, explicit: Path | None) -> Path:
             raise UserError(f"run directory {explicit} already exists; continue it with --resume {explicit} "
                             "or choose another --run-dir")
         return explicit
+    if cfg.run.name in ("", ".", "..") or Path(cfg.run.name).name != cfg.run.name:
+        raise UserError(f"run.name {cfg.run.name!r} must be a plain name (no '/' or '..'): it names the run's "
+                        f"folder inside run.out_dir ({cfg.run.out_dir}); give --run-dir for another place")
     base = Path(cfg.run.out_dir) / f"{cfg.run.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
     while path.exists():  # two runs started in the same second
