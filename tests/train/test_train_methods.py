@@ -104,7 +104,7 @@ def test_rng_states_round_trip_through_the_trainer_state_file(tmp_path):
     random.seed(12)
     np.random.seed(13)
     _draws()  # not at a fresh seed: the state must be the generators' position, not only their seed
-    checkpoint.write_trainer_state(tmp_path, {"rng": rng_state()})
+    checkpoint.write_trainer_state(tmp_path, {"step": 0, "rng": rng_state()})  # a step: what every state has
     expected = _draws()
     assert _draws() != expected  # moved on
     set_rng_state(checkpoint.load_trainer_state(tmp_path)["rng"])
