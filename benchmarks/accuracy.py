@@ -60,10 +60,10 @@ Threads and concurrency: `--threads N` (default: $OMP_NUM_THREADS if set, else t
 to every run as OMP_NUM_THREADS and MKL_NUM_THREADS and recorded in its JSON ("threads", with "jobs"); it is
 not part of the settings, so runs at any thread count belong to one study. `--jobs N` (default 1) trains up
 to N runs at once, in the same dependency order (a follower starts only once its head's sweep has finished;
-an arm's seeds only once its own sweep has). Owed measurement: whether two 1-thread runs at a time
-(`--jobs 2 --threads 1`) finish the study sooner than one 2-thread run (`--jobs 1 --threads 2`) on a 2-core
-machine has not been measured (the machine was busy with this study): compare runs finished per hour, i.e.
-jobs / wall_seconds of runs recorded at each setting, on an otherwise idle machine.
+an arm's seeds only once its own sweep has). On a 2-core machine two 1-thread runs at a time
+(`--jobs 2 --threads 1`) train 1.18x the tokens per second of one 2-thread run (`--jobs 1 --threads 2`;
+bound 2x), measured by `benchmarks/threads.py` on the study's model and batch
+(benchmarks/results/threads.md): so the study runs `--jobs 2 --threads 1` there.
 
 Time: the first five 8m runs (dense and dense-init0.71, 800 steps, on 2 shared CPU cores alongside other
 work) took 640-958 s each, median 669 s (about 11 minutes), so the 36 runs are about 7 hours one at a time
