@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from _cli_output import one_error_line
 from _method_runs import assert_same_end, assert_same_training_up_to_summation_order, losses, resume_from
 from safetensors.torch import load_file
 
@@ -199,9 +200,3 @@ def test_resume_refuses_a_new_max_steps_and_points_to_init_from(source_run, caps
     assert line.endswith(f"start a new run from its weights: --init-from {source_run} --train.max_steps=N")
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_output import one_error_line
 
 from slope import cli
 from slope.io import checkpoint
@@ -46,14 +47,6 @@ def run_copy(finished_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(finished_run, copy)
     return copy
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture

@@ -12,17 +12,10 @@ import errno
 import os
 
 import pytest
+from _cli_output import one_error_line
 from _export_fixtures import make_tokenizer, tiny_model, write_training_checkpoint
 
 from slope import cli
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.mark.parametrize(("code", "hint"), [(errno.ENOSPC, "; free some space and run it again"),
@@ -37,7 +30,7 @@ def test_prepare_on_a_full_or_read_only_disk(text_corpus, tmp_path, capsys, monk
     monkeypatch.setattr(prepare, "write_tokens", full)
     out = tmp_path / "prepared"
     assert cli.main(["prepare", str(text_corpus() / "train.txt"), "-o", str(out), "--vocab-size", "300"]) == 3
-    assert one_line(capsys) == f"slope prepare: error: {os.strerror(code)}: {out / 'train'}.bin{hint}"
+    assert one_error_line(capsys) == f"slope prepare: error: {os.strerror(code)}: {out / 'train'}.bin{hint}"
     assert not out.exists()
 
 
@@ -54,7 +47,7 @@ def test_export_on_a_full_disk(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "save_file", full)
     out = tmp_path / "export"
     assert cli.main(["export", str(run), "--out", str(out)]) == 3
-    assert one_line(capsys) == "slope export: error: No space left on device; free some space and run it again"
+    assert one_error_line(capsys) == "slope export: error: No space left on device; free some space and run it again"
     assert not out.exists()
 
 
