@@ -35,6 +35,8 @@ def bad(tmp_path_factory) -> Path:
     (d / "notext.jsonl").write_text('{"nottext": 1}\n')
     (d / "bad.toml").write_text("x = [\n")
     (d / "wrongtype.toml").write_text('[optim]\nlr = "fast"\n')
+    (d / "latin1.toml").write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    (d / "deep.toml").write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")  # RecursionError in tomllib
     (d / "notable.toml").write_text("optim = 3\n")
     (d / "nosect.toml").write_text("[nosuch]\na = 1\n")
     (d / "file.txt").write_text("hello world\n" * 50)
@@ -221,6 +223,10 @@ CLI_CASES = [
      "config 'nope' is neither a file nor a shipped config (default, gpu-gpt2-small, tiny)", 2),
     ("train-config-folder", ["train", "--config", "{bad}/emptydir", "--run-dir", "{tmp}/r"],
      "is neither a file nor a shipped config", 2),
+    ("train-config-latin1", ["train", "--config", "{bad}/latin1.toml", "--run-dir", "{tmp}/r"],
+     "latin1.toml: not UTF-8 text; save it as UTF-8", 2),
+    ("train-config-nested", ["train", "--config", "{bad}/deep.toml", "--run-dir", "{tmp}/r"],
+     "deep.toml: nested too deeply to be a run config", 2),
     ("train-config-not-toml", ["train", "--config", "{bad}/bad.toml", "--run-dir", "{tmp}/r"],
      "bad.toml: not valid TOML: Invalid value", 2),
     ("train-config-wrong-type", ["train", "--config", "{bad}/wrongtype.toml", "--run-dir", "{tmp}/r"],

@@ -427,6 +427,9 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except (UnicodeDecodeError, RecursionError) as err:  # a Latin-1 file; arrays nested thousands deep
+        raise ConfigError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(err, UnicodeError)
+                                         else "nested too deeply to be a run config")) from None
 
 
 def find_config(name_or_path: str) -> Path:
@@ -450,11 +453,8 @@ def resolve(config: str | None = None, overrides: list[str] | None = None) -> Ru
 
 
 def validate(cfg: RunConfig) -> None:
-    """The range and choice checks the types alone cannot express: each section's own `check`.
-
-    [slope] is a SlopeConfig, which checks itself when it is built. No rule spans two sections; one
-    that did would be checked here, after the sections. [method] comes last: it imports the methods.
-    """
+    """Each section's own range and choice checks (`check`); [slope], a SlopeConfig, checks itself when
+    built. A rule spanning two sections would go here. [method] comes last: it imports the methods."""
     for section in (cfg.data, cfg.run, cfg.model, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint, cfg.tokenizer,
                     cfg.method):
         section.check()
