@@ -229,6 +229,15 @@ def test_a_folder_in_use_before_its_first_checkpoint_is_not_taken(text_dir, tmp_
         holder.wait(timeout=30)
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", ".lock"])
+def test_a_folder_where_a_run_file_belongs_is_one_line(run_copy, capsys, name):
+    (run_copy / name).unlink(missing_ok=True)
+    (run_copy / name).mkdir()
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 2
+    assert one_error_line(capsys) == (f"slope train: error: {run_copy / name}: Is a directory; a file belongs there: "
+                                       "move it away and run it again")
+
+
 def test_resume_refuses_overrides_that_change_the_training(run_copy, capsys):
     assert cli.main(["train", "--resume", str(run_copy), "--optim.lr=1"]) == 2
     assert one_error_line(capsys) == (

@@ -29,3 +29,13 @@ def storage_error(err: BaseException) -> str | None:
     where = f": {err.filename}" if isinstance(err, OSError) and err.filename else ""
     hint = f"; {_WRITE_HINT[code]} and run it again" if code in _WRITE_HINT else ""
     return f"{os.strerror(code)}{where}{hint}"
+
+
+def path_error(err: BaseException) -> str | None:
+    """One line for a path of the wrong kind (a folder where a file belongs, or the reverse), else None:
+    a run folder edited by hand, not a bug. Exit code 2, as for any mistake in the input."""
+    if isinstance(err, IsADirectoryError | NotADirectoryError):
+        expected = "a file" if isinstance(err, IsADirectoryError) else "a folder"
+        return f"{err.filename}: {err.strerror}; {expected} belongs there: move it away and run it again"
+    return None
+

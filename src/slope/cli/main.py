@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from slope import __version__
-from slope.cli.errors import UserError, storage_error
+from slope.cli.errors import UserError, path_error, storage_error
 
 # (command name, module under slope.cli.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if storage:  # a full disk or a read-only folder: the machine's state, not a mistake in the input
             print(f"slope {args.command}: error: {storage}", file=sys.stderr)
             return 3
+        wrong_kind = path_error(err)
+        if wrong_kind:
+            print(f"slope {args.command}: error: {wrong_kind}", file=sys.stderr)
+            return 2
         # Every mistake in the input is a UserError; anything else is slope's fault, so show where.
         traceback.print_exc()
         print(f"slope {args.command}: this is a bug in slope ({type(err).__name__}); please report it with the "
