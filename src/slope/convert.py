@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -207,7 +208,7 @@ def guard_lora_targets(model: nn.Module) -> None:
     sparsified model: PEFT's "all-linear" collects nn.Linear and Conv1D only, and freezes the rest, so
     the N:M layers would train nothing. `slope.get_peft_model` wraps them too. A LoRA on a chosen subset
     of layers is not this pattern and passes. A forward pre-hook on the model, registered once; it looks
-    only in training mode with gradients on, so inference pays nothing.
+    only in training mode with gradients on and once PEFT is imported, so other runs pay nothing.
     """
     if not getattr(model, "_slope_lora_guard", False):
         model.register_forward_pre_hook(_refuse_all_linear_lora_without_slope_layers)
@@ -215,7 +216,8 @@ def guard_lora_targets(model: nn.Module) -> None:
 
 
 def _refuse_all_linear_lora_without_slope_layers(model: nn.Module, _args) -> None:
-    if not (model.training and torch.is_grad_enabled()):
+    # A dictionary lookup while PEFT is not even imported: the module walk below runs only where it can matter.
+    if "peft" not in sys.modules or not (model.training and torch.is_grad_enabled()):
         return
     lora_layers = {name: mod for name, mod in model.named_modules()
                    if hasattr(mod, "lora_A") and isinstance(getattr(mod, "base_layer", None), nn.Module)}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from _cli_output import one_error_line
 from _method_runs import assert_same_end, assert_same_training_up_to_summation_order, losses, resume_from
+from _torchrun import run_slope_on_two_ranks
 from safetensors.torch import load_file
 
 from slope import cli
@@ -101,21 +102,9 @@ def test_a_resumed_init_from_run_continues_its_own_checkpoint(continued, tmp_pat
 def test_under_fsdp_it_trains_as_one_process_and_resumes_exactly(source_run, continued, text_dir, tmp_path):
     """Every rank loads the source before sharding; the adapters that came with it are not added again at the
     method's adapter step (step 3 of 4), where an FSDP run would otherwise rebuild its model."""
-    import socket
-    import subprocess
-    import sys
-
-    def torchrun(*args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "-m", "slope", *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
 
     run = tmp_path / "fsdp"
-    torchrun("train", "--config", "tiny", "--no-progress", f"--data.train={text_dir / 'train.txt'}", "--data.val=",
+    run_slope_on_two_ranks("train", "--config", "tiny", "--no-progress", f"--data.train={text_dir / 'train.txt'}", "--data.val=",
              "--data.val_fraction=0.1", "--eval.sets=", "--eval.every=0", "--init-from", str(source_run),
              "--train.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep_last=4", "--train.batch_size=2",
              "--run.parallel=fsdp", "--run-dir", str(run))
@@ -124,7 +113,7 @@ def test_under_fsdp_it_trains_as_one_process_and_resumes_exactly(source_run, con
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
-    torchrun("train", "--resume", str(resumed), "--no-progress")
+    run_slope_on_two_ranks("train", "--resume", str(resumed), "--no-progress")
     assert_same_end(run, resumed)
 
 

@@ -16,6 +16,7 @@ from _method_runs import (
     train,
 )
 from _oracles import nm_mask_oracle
+from _torchrun import run_slope_on_two_ranks
 
 import slope
 from slope.io import checkpoint
@@ -135,22 +136,10 @@ def test_resume_across_the_prune_is_bit_exact(wanda_run, tmp_path, step):
 def test_two_ranks_resume_across_the_calibration_is_bit_exact(wanda_run, text_corpus, tmp_path):
     """Under DDP each rank calibrates on its share of the batch; a checkpoint between the calibration step
     and the prune must hold the sums over both ranks (rank 0 writes it), or the resumed mask differs."""
-    import socket
-    import subprocess
-    import sys
-
-    def torchrun(*args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "-m", "slope", *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
 
     text = text_corpus() / "train.txt"
     run_dir = tmp_path / "ddp"
-    torchrun("train", "--config", "tiny", "--no-progress", f"--data.train={text}", "--data.val=",
+    run_slope_on_two_ranks("train", "--config", "tiny", "--no-progress", f"--data.train={text}", "--data.val=",
              "--data.val_fraction=0.1", "--eval.sets=", "--tokenizer.vocab_size=320", "--eval.every=0",
              "--checkpoint.every=2", "--checkpoint.keep_last=4", "--train.batch_size=2", "--run.parallel=ddp",
              "--method=wanda", "--run-dir", str(run_dir))
@@ -162,5 +151,5 @@ def test_two_ranks_resume_across_the_calibration_is_bit_exact(wanda_run, text_co
         if ckpt.name > "step_00000004":
             shutil.rmtree(ckpt)
     (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
-    torchrun("train", "--resume", str(resumed), "--no-progress")
+    run_slope_on_two_ranks("train", "--resume", str(resumed), "--no-progress")
     assert_same_end(run_dir, resumed)

@@ -126,22 +126,17 @@ def _check_resume_target(path: Path) -> None:
 def _killed_before_its_first_checkpoint(path: Path) -> bool:
     """A run folder left by a run killed (SIGKILL, a power cut) before its first checkpoint: its config,
     maybe some tokens, nothing to resume. It is started again in place; a live run holding it is not."""
-    import fcntl
-    import os
-
     from slope.io.format import CHECKPOINTS_DIR, RUN_CONFIG_FILE
 
     checkpoints = path / CHECKPOINTS_DIR
     if not (path / RUN_CONFIG_FILE).is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return False
     if (path / LOCK_FILE).is_file():
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close: only asking whether it is free
-        except BlockingIOError:
+            with run_lock(path):  # taken and let go at once: only asking whether a live run holds it
+                pass
+        except UserError:
             return False
-        finally:
-            os.close(fd)
     log.warning("run directory %s holds a run stopped before its first checkpoint: starting it again", path)
     shutil.rmtree(path)
     return True
