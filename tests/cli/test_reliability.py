@@ -293,3 +293,73 @@ def test_eval_seq_len_names_the_option(finished_run, capsys):
 
 # `slope generate --device cuda` without CUDA, `slope prepare` on an empty file or with --vocab-size 10:
 # tests/test_bad_inputs.py's catalogue (one line, the exit code, nothing left behind)
+
+
+# ---- resume is exact or refused: RUN/config.toml, the global batch and the tokenizer against the checkpoint ----
+def _edit_config(run_dir: Path, old: str, new: str) -> None:
+    config = run_dir / "config.toml"
+    text = config.read_text()
+    assert old in text, text
+    config.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ("\nlr = ", "\nlr = 0.5 # was ", "optim.lr"),
+    ("\nseq_len = ", "\nseq_len = 16 # was ", "train.seq_len"),
+    ("\nadapter_start = ", "\nadapter_start = 0.5 # was ", "slope.adapter_start"),
+])
+def test_resume_refuses_a_hand_edited_config_naming_the_key(run_copy, capsys, old, new, key):
+    _edit_config(run_copy, old, new)
+    before = snapshot(run_copy)
+    # an allowed override too: it must not be saved into config.toml when the resume is refused
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress", "--eval.sets=milton"]) == 2
+    line = one_error_line(capsys)
+    ckpt = checkpoint.latest_checkpoint(run_copy).name
+    assert line.startswith(f"slope train: error: --resume: {run_copy / 'config.toml'} sets {key} = "), line
+    assert f"but {ckpt} was trained with " in line and f"--init-from {run_copy} --{key}=..." in line, line
+    assert snapshot(run_copy) == before
+
+
+def test_resume_takes_a_hand_edited_allowed_key(run_copy):
+    _edit_config(run_copy, "keep_last = ", "keep_last = 1 # was ")
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    assert len(checkpoint.list_checkpoints(run_copy)) == 1  # the edited value was used
+
+
+def test_resume_refuses_another_global_batch(run_copy, capsys):
+    saved = json.loads((checkpoint.latest_checkpoint(run_copy) / "trainer_state.json").read_text())["global_batch"]
+    before = snapshot(run_copy)
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress", f"--train.batch_size={saved + 1}"]) == 2
+    line = one_error_line(capsys)
+    assert f"trained with a global batch of {saved} windows per step and this resume would train with {saved + 1}" \
+        in line and line.endswith(f"give --train.batch_size={saved} to keep it"), line
+    assert snapshot(run_copy) == before
+
+
+def _replace_tokenizer(run_dir: Path) -> None:
+    from slope.train.tokenizing import train_bpe
+
+    other = train_bpe(iter(["another corpus entirely, with other merges " * 50]), 300)
+    shutil.rmtree(run_dir / "data" / "tokenizer")
+    other.save_pretrained(str(run_dir / "data" / "tokenizer"))
+
+
+def _misrecord_tokenizer(run_dir: Path) -> None:
+    meta = run_dir / "data" / "train.json"
+    doc = json.loads(meta.read_text())
+    doc["tokenizer"]["vocab_sha256"] = "0" * 64
+    meta.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_replace_tokenizer, "is not the tokenizer step_"),
+    (_misrecord_tokenizer, "is not the tokenizer {run}/data/train.json records (vocabulary sha256 000000000000"),
+], ids=["replaced", "another-recorded"])
+def test_resume_refuses_a_tokenizer_the_run_was_not_trained_with(run_copy, capsys, damage, message):
+    damage(run_copy)
+    before = snapshot(run_copy)
+    assert cli.main(["train", "--resume", str(run_copy), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert message.format(run=run_copy) in line and line.endswith("to resume"), line
+    assert f"copy {checkpoint.latest_checkpoint(run_copy) / 'tokenizer'} back to " in line, line
+    assert snapshot(run_copy) == before

@@ -43,7 +43,7 @@ from slope.train.methods import Method
 from slope.train.optim import new_group_options
 from slope.train.runconfig import ConfigError, RunConfig
 from slope.train.sources import resolve_source
-from slope.train.token_files import tokenizer_description
+from slope.train.token_files import vocab_digest
 from slope.train.tokenizing import pretrained_tokenizer
 
 log = logging.getLogger("slope")
@@ -96,19 +96,15 @@ def find_source(cfg: RunConfig) -> Source:
 def _check_tokenizer(source: Source, cfg: RunConfig) -> None:
     """The run tokenizes its data with the source's tokenizer, so that token ids mean what its weights
     learned: a tokenizer.name, or a data.train prepared with its own tokenizer, must have its vocabulary."""
-    vocab = _vocab_digest(source_tokenizer(source))
+    vocab = vocab_digest(source_tokenizer(source))
     name = cfg.tokenizer.name
-    if name and _vocab_digest(pretrained_tokenizer(name)) != vocab:
+    if name and vocab_digest(pretrained_tokenizer(name)) != vocab:
         raise source.refuse(f"tokenizer.name {name!r} has another vocabulary than the source checkpoint's "
                             f"tokenizer ({source.tokenizer_dir}), which the new run takes; give no tokenizer.name")
     data = resolve_source(cfg.data.train, text_column=cfg.data.text_column)
-    if data.kind == "prepared" and _vocab_digest(pretrained_tokenizer(str(data.path / TOKENIZER_DIR))) != vocab:
+    if data.kind == "prepared" and vocab_digest(pretrained_tokenizer(str(data.path / TOKENIZER_DIR))) != vocab:
         raise source.refuse(f"data.train {cfg.data.train} was prepared with another tokenizer than the source "
                             "checkpoint's; give its text, which the run then tokenizes with the source's")
-
-
-def _vocab_digest(tokenizer) -> str:
-    return tokenizer_description(tokenizer, "")["tokenizer"]["vocab_sha256"]
 
 
 def _intact_checkpoint(given: Path, resolved: Path) -> tuple[Path, dict]:

@@ -98,3 +98,8 @@ def tokenizer_description(tokenizer, name: str) -> dict:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
     return {"tokenizer": {"name": name, "vocab_size": len(tokenizer), "vocab_sha256": digest}}
+
+
+def vocab_digest(tokenizer) -> str:
+    """The SHA-256 of a tokenizer's vocabulary, as token files record it (`tokenizer_description`)."""
+    return tokenizer_description(tokenizer, "")["tokenizer"]["vocab_sha256"]

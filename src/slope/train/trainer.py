@@ -161,7 +161,7 @@ class Trainer:
         the optimizer's group order match it; its values are loaded afterwards (`_restore`).
         """
         ckpt, state = checkpoint.load_for_resume(self.run_dir)
-        check_resume(ckpt, state, self.cfg, self.dist)
+        check_resume(self.run_dir, self.cfg, self.dist, ckpt)  # the CLI checked the latest before any write
         self.init_record = state.get("init_from")  # its adapters joined before any change of the method's
         init_from.add_source_adapters(self.model, self.optimizer, self.init_record, self.cfg)
         replay_structure(self.method, self.cfg, state["step"], self.model, self.optimizer)

@@ -41,7 +41,9 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="TOML run file, or a shipped config: default, tiny, gpu-gpt2-small")
     p.add_argument("--method", choices=None, help="the training method: dense, slope, srste or wanda (docs/methods.md; same as --method.name)")
     p.add_argument("--run-dir", type=Path, help="run directory (must not exist); default runs/<name>-<method>-<time>")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint, exactly as it was trained: only --eval.sets, "
+                        "--checkpoint.keep_last, --train.log_every, --run.parallel, --run.dist_timeout and "
+                        "--train.batch_size (to keep the global batch) may be given with it")
     p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
                    help="a new run that starts from another run's weights, masks and adapters (its latest "
                         "checkpoint, or a checkpoint folder) and its tokenizer, with a new optimizer and schedule "
@@ -55,12 +57,6 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
-# Overrides --resume accepts: they change what is logged, kept or evaluated at the end, or how the
-# steps are spread over processes, never the steps themselves, so the continued run is still the run
-# its config.toml describes. train.batch_size is per process: a resume on another number of processes
-# gives it to keep the global batch (the trainer warns when the global batch changes).
-RESUME_OVERRIDES = ("eval.sets", "checkpoint.keep_last", "train.log_every", "run.parallel", "run.dist_timeout",
-                    "train.batch_size")
 LOCK_FILE = ".lock"
 
 
@@ -89,6 +85,8 @@ def _resolve(args) -> tuple[runconfig.RunConfig, Path, bool]:
         if args.config or args.method or args.run_dir:
             raise UserError("--resume continues a run with its saved config; give no --config, --method or "
                             "--run-dir with it")
+        from slope.train.resume import RESUME_OVERRIDES
+
         for key in runconfig.parse_overrides(args.extra):
             if key not in RESUME_OVERRIDES:
                 raise UserError(_resume_refusal(key, args.resume))
@@ -143,6 +141,8 @@ def _killed_before_its_first_checkpoint(path: Path) -> bool:
 
 
 def _resume_refusal(key: str, run_dir: Path) -> str:
+    from slope.train.resume import RESUME_OVERRIDES
+
     message = (f"--resume cannot change '{key}': it would change the run's training; the keys a resume may "
                f"change are {', '.join(RESUME_OVERRIDES)}")
     if key == "train.max_steps":
@@ -214,6 +214,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
     from slope.train.data_error import DataError
     from slope.train.models import ModelError
     from slope.train.preflight import preflight
+    from slope.train.resume import check_resume
     from slope.train.stopping import Interrupted, TrainingFailed
     from slope.train.trainer import Trainer
 
@@ -224,6 +225,8 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
         print(f"# resolved config ({'resuming ' if resume else ''}run directory {run_dir})\n{toml_text}", flush=True)
     try:
         preflight(cfg)  # every check that needs no data, on every rank, before anything is written
+        if resume:  # the config, global batch and tokenizer as the latest checkpoint trained with them
+            check_resume(run_dir, cfg, dist)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     if dist.main and not resume:
