@@ -2,9 +2,11 @@
 
 One table per surface. A CLI case runs `slope.cli.main` in-process and asserts the exit code (2 for a
 mistake in the input, argparse's own SystemExit(2) for a malformed command line), the message fragment on
-stderr, and no traceback. An API case asserts the exception type and message fragment. Every case is cheap:
-`slope train` rejects its config in `preflight` before any data work, and the model files (a compressed
-export and a training run of one tiny model) are written once per module (never modified in place).
+stderr, and no traceback, and that the command changed no byte of what it was pointed at (`_snapshot`
+before and after). An API case asserts the exception type and message fragment. Every case is cheap:
+`slope train` rejects its config in `preflight` before any data work (a short validation split once 20 kB
+of text is tokenized), and the model files (a compressed export and a training run of one tiny model) are
+written once per module (never modified in place).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 import slope
 from slope import cli
+from slope.train import corpus
 
 EMBEDDED = "(shakespeare, shakespeare-heldout, milton, shakespeare-small, sonnets, milton-small)"
 
@@ -41,6 +44,9 @@ def bad(tmp_path_factory) -> Path:
     (d / "nosect.toml").write_text("[nosuch]\na = 1\n")
     (d / "file.txt").write_text("hello world\n" * 50)
     (d / "nul.txt").write_bytes(b"\x00" * 4096)  # what a sparse file reads as
+    macbeth = dict(corpus.embedded_documents("shakespeare"))["shakespeare:macbeth_gut.txt"]
+    (d / "train.txt").write_text(macbeth[:20_000])  # trains the tiny config's tokenizer in a second
+    (d / "short_val.txt").write_text("So fair and foul a day I have not seen.\n")  # 40 bytes: about 20 tokens
     _write_model_files(d)
     # a Hugging Face folder whose weights are a pickle only (never unpickled: refused by its name)
     (d / "pickle_only").mkdir()
@@ -200,6 +206,40 @@ def _run_cli(argv, capsys) -> tuple[int, str]:
     return code, err
 
 
+def _snapshot(*roots: Path) -> dict:
+    """What a refused command must leave as it was: every entry under each root that exists, as {(root, relative
+    path): (kind, size, sha256, mode)}, directories included (the listing), links not followed (their target
+    recorded instead of their bytes)."""
+    import hashlib
+    import stat
+
+    found = {}
+    for root in roots:
+        if not os.path.lexists(root):
+            continue
+        paths = [root]
+        if root.is_dir() and not root.is_symlink():
+            for parent, dirs, files in os.walk(root):  # links to folders are listed, not walked
+                paths += [Path(parent, name) for name in sorted(dirs) + sorted(files)]
+        for path in paths:
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                entry = ("file", info.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            elif stat.S_ISLNK(info.st_mode):
+                entry = ("link", None, os.readlink(path))
+            else:  # a folder (its entries are listed), a device, a FIFO
+                entry = ("dir" if stat.S_ISDIR(info.st_mode) else "other", None, None)
+            found[str(root), path.relative_to(root).as_posix()] = (*entry, info.st_mode)
+    return found
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    """The two snapshots are the same, or the first difference: a refused command changed what it was given."""
+    if before != after:
+        changed = sorted(set(before.items()) ^ set(after.items()))
+        raise AssertionError(f"a refused command changed {len(changed)} entries, e.g. {changed[:4]}")
+
+
 def _assert_one_line(err: str, fragment: str, code: int, expected_code: int = 2) -> None:
     assert code == expected_code, err
     assert fragment in err, err
@@ -213,6 +253,71 @@ def test_train_override(override, fragment, tmp_path, capsys):
     code, err = _run_cli(["train", "--config", "tiny", "--run-dir", run_dir, override], capsys)
     _assert_one_line(err, fragment, code)
     assert not run_dir.exists()  # a run that fails before its first checkpoint leaves nothing behind
+
+
+# ---- lists a run config caps (docs/reliability.md): refused before any data work, at a bounded cost -----------
+# (id, run file, what the line says). The items are distinct, so de-duplication leaves them all; each run file
+# names a training text that does not exist, so a list let through fails in preflight, on another line.
+MISSING_TRAIN = '[data]\ntrain = "/nonexistent/capped.txt"\n'
+LIST_CAPS = [
+    ("slope-skip-200000", MISSING_TRAIN + "[slope]\nskip = [" + ", ".join(f'"layers.{i}.*"' for i in range(200_000)) + "]\n",
+     "[slope]: SlopeConfig.skip has 200000 patterns, more than the limit of 1000; name the layers to keep dense"),
+    ("eval-sets-20000", MISSING_TRAIN + "[eval]\nsets = [" + ", ".join(f'"/data/set-{i}.txt"' for i in range(20_000)) + "]\n",
+     "config key 'eval.sets' names 20000 distinct evaluation sets, more than the limit of 100"),
+    # 20,000 times the same set: evaluated once, so not refused (the missing training text is the line)
+    ("eval-sets-20000-same", MISSING_TRAIN + "[eval]\nsets = [" + ", ".join(['"milton"'] * 20_000) + "]\n",
+     "corpus '/nonexistent/capped.txt' not found"),
+]
+# One child process runs each case after its imports, its peak resident memory (VmHWM) reset before each:
+# what the refusal itself costs, and its wall time.
+_MEASURE = """
+import contextlib, io, json, re, sys, time
+from slope import cli
+from slope.train import methods, preflight, runconfig
+def kib(key): return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1])
+for config in sys.argv[2:]:
+    open('/proc/self/clear_refs', 'w').write('5')
+    before, start, err = kib('VmRSS'), time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(['train', '--config', config, '--run-dir', sys.argv[1]])
+    print(json.dumps([code, err.getvalue(), kib('VmHWM') - before, time.perf_counter() - start]))
+"""
+
+
+def test_capped_lists_are_refused_in_preflight_with_bounded_memory(tmp_path):
+    """slope.skip over 1,000 patterns and eval.sets over 100 distinct sets: one line, exit 2, before any data.
+
+    200,000 skip patterns took minutes (each layer's name against each pattern) and 20,000 evaluation sets
+    would be evaluated one by one at the end. The refusal reads the run file once, and no item beyond it: its
+    peak memory is bounded by a small multiple of the file's size (8 bytes per byte, plus 32 MiB), whatever
+    the count. The wall times are printed (pytest -rP shows them), not asserted."""
+    import subprocess
+    import sys
+
+    configs = []
+    for name, text, _ in LIST_CAPS:
+        configs.append(tmp_path / f"{name}.toml")
+        configs[-1].write_text(text)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "r"), *map(str, configs)],
+                          capture_output=True, text=True, timeout=600, check=True)
+    for (name, _, fragment), config, line in zip(LIST_CAPS, configs, done.stdout.splitlines(), strict=True):
+        code, err, grew_kib, seconds = json.loads(line)
+        print(f"{name}: peak resident memory +{grew_kib} KiB, {seconds:.2f} s")
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert fragment in err, err
+        bound_kib = (8 * config.stat().st_size + (32 << 20)) >> 10
+        assert grew_kib < bound_kib, f"{name}: peak RSS grew by {grew_kib} KiB (bound {bound_kib} KiB)"
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_skip_cap_is_the_configs_own():
+    """SlopeConfig itself refuses a skip list over the limit (the API, a checkpoint's slope.json); at it, it builds."""
+    from slope.config import MAX_SKIP_PATTERNS
+
+    assert len(slope.SlopeConfig(skip=[f"x{i}" for i in range(MAX_SKIP_PATTERNS)]).skip) == MAX_SKIP_PATTERNS
+    with pytest.raises(ValueError, match=f"SlopeConfig.skip has {MAX_SKIP_PATTERNS + 1} patterns, more than the "
+                                         f"limit of {MAX_SKIP_PATTERNS}"):
+        slope.SlopeConfig(skip=tuple(f"x{i}" for i in range(MAX_SKIP_PATTERNS + 1)))
 
 
 # ---- every other CLI case: (id, argv with {bad} for the module's bad-files folder, fragment, exit code) -------
@@ -267,6 +372,23 @@ CLI_CASES = [
     ("train-eval-set-empty-folder", ["train", "--config", "tiny", "--run-dir", "{tmp}/r",
                                      "--eval.sets={bad}/emptydir"],
      "holds no text files", 2),
+    # a validation split shorter than one window (tiny: train.seq_len 64): refused once tokenized, before the model
+    # is built (every evaluation would fail on it after training); where its size alone proves it, in preflight
+    ("train-val-too-short", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.train={bad}/train.txt",
+                             "--data.val={bad}/short_val.txt"],
+     "short_val.txt) has 21 tokens, fewer than one window of train.seq_len + 1 = 65 tokens; give a larger "
+     "data.val_fraction, a data.val source with more text, or a smaller train.seq_len", 2),
+    ("train-val-fraction-too-short", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.val=",
+                                      "--data.train={bad}/train.txt", "--data.val_fraction=0.002"],
+     "the validation split (last 0.002 of the text of", 2),  # ... has 18 tokens, fewer than one window ...
+    ("train-val-fraction-too-few-bytes", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.val=",
+                                          "--data.train={bad}/train.txt", "--data.val_fraction=0.001"],
+     "train.txt) holds at most 21 bytes of text, so at most 42 tokens, fewer than one window of train.seq_len + 1 "
+     "= 65 tokens", 2),
+    # was "corpus 'train.txt' is empty": the split's part of it is
+    ("train-val-fraction-empty", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--data.val=", "--train.seq_len=16",
+                                  "--data.train={bad}/train.txt", "--data.val_fraction=0.0005"],
+     "the last 0.0005 of the text of corpus '", 2),
     ("train-unknown-option-before", ["train", "--nosuchopt"],
      "unrecognized argument '--nosuchopt'; overrides look like --section.key=value", 2),
     # slope train --init-from: refused before any data work
@@ -415,10 +537,28 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("argv,fragment,code", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli(argv, fragment, code, bad, tmp_path, capsys):
+    # every byte of what the command was pointed at (the module's bad files, the test's folder) stays as it was
+    roots = [bad, tmp_path] if any("{bad}" in a for a in argv) else [tmp_path]
     argv = [a.format(bad=bad, tmp=tmp_path) for a in argv]
+    before = _snapshot(*roots)
     got, err = _run_cli(argv, capsys)
     _assert_one_line(err, fragment, got, code)
     assert not any(tmp_path.iterdir())  # nothing created: no run dir, --out folder or export left behind
+    _assert_unchanged(before, _snapshot(*roots))
+
+
+def test_a_short_validation_split_is_refused_before_the_model_is_built(bad, tmp_path, capsys, monkeypatch):
+    """Right after tokenizing: not after training, when the final evaluation met it (nor at the first periodic
+    one); building the model here fails the test."""
+    from slope.train.trainer import Trainer
+
+    def build(self):
+        raise AssertionError("the model was built before the validation split was checked")
+
+    monkeypatch.setattr(Trainer, "_build_training", build)
+    _, argv, fragment, code = next(case for case in CLI_CASES if case[0] == "train-val-too-short")
+    got, err = _run_cli([a.format(bad=bad, tmp=tmp_path) for a in argv], capsys)
+    _assert_one_line(err, fragment, got, code)
 
 
 # ---- damaged checkpoints and exports: copies of the module's export and run, each damaged one way ------------
@@ -517,6 +657,14 @@ DAMAGES = {  # name: (fixture, damage)
     "run-trainer-state-list": ("run", _resealed(lambda c: (c / "trainer_state.json").write_text("[]"))),
     "run-trainer-state-no-rng": ("run", _resealed(lambda c: _set_json(c / "trainer_state.json", "rng", None))),
     "run-trainer-state-deep": ("run", _resealed(lambda c: (c / "trainer_state.json").write_text(DEEP))),
+    "run-trainer-state-not-json": ("run", _resealed(lambda c: (c / "trainer_state.json").write_text("{bad"))),
+    "run-trainer-state-nan": ("run", _resealed(lambda c: _replace_bytes(c / "trainer_state.json", b'"train_seconds": ',
+                                                                        b'"train_seconds": NaN, "was": '))),
+    "run-trainer-state-tensors": ("run", _resealed(lambda c: (c / "trainer_state.safetensors").write_bytes(b"\0" * 64))),
+    "run-trainer-state-missing": ("run", _resealed(lambda c: (c / "trainer_state.json").unlink())),
+    "run-trainer-state-step": ("run", _resealed(lambda c: _set_json(c / "trainer_state.json", "step", 6))),
+    # re-signed: what slope eval reads for its default window beyond the manifest's reach
+    "run-config-seq-len": ("run", _resealed(lambda c: (c / "config.toml").write_text('[train]\nseq_len = "abc"\n'))),
 }
 
 
@@ -566,6 +714,12 @@ RESUME_MSG = {
     "run-trainer-state-no-rng": "trainer_state.json: malformed trainer state: rng must be an object with the torch, "
                                 "python and numpy generator states, got None",
     "run-trainer-state-deep": "trainer_state.json: cannot read the trainer state (JSON nested more than 100 levels deep)",
+    "run-trainer-state-not-json": "trainer_state.json: cannot read the trainer state (Expecting property name",
+    "run-trainer-state-nan": "trainer_state.json: cannot read the trainer state (NaN is not a JSON number)",
+    "run-trainer-state-tensors": "step_00000004: cannot read the trainer state (SafetensorError",
+    "run-trainer-state-missing": "manifest.json: the manifest does not list trainer_state.json, which every checkpoint "
+                                 "holds",
+    "run-trainer-state-step": "trainer_state.json: the trainer state is at step 6, but slope.json records step 4",
 }
 DAMAGE_CASES = [
     *[(f"check-{n}", ["check", n], f, 1) for n, f in {**EXPORT_MSG, **RUN_MSG, **RESUME_MSG}.items()],
@@ -574,12 +728,16 @@ DAMAGE_CASES = [
     *[(f"export-{n}", ["export", n, "--out", "{tmp}/e"], f, 2) for n, f in RUN_MSG.items()],
     *[(f"train-init-from-{n}", ["train", "--config", "tiny", "--run-dir", "{tmp}/r", "--init-from", n], f, 2)
       for n, f in RUN_MSG.items()],
+    ("eval-run-config-seq-len", ["eval", "run-config-seq-len", "milton"],
+     "config.toml: train.seq_len must be an integer > 0, got 'abc'; give --seq-len", 2),
 ]
 
 
 @pytest.mark.parametrize("argv,fragment,code", [c[1:] for c in DAMAGE_CASES], ids=[c[0] for c in DAMAGE_CASES])
 def test_damaged(argv, fragment, code, damaged, tmp_path, capsys):
+    roots = [damaged / a for a in argv if a in DAMAGES] + [tmp_path]  # the damaged copy, the test's folder
     argv = [str(damaged / a) if a in DAMAGES else a.format(tmp=tmp_path) for a in argv]
+    before = _snapshot(*roots)
     try:
         got = cli.main(argv)
     except SystemExit as exit_:
@@ -592,6 +750,7 @@ def test_damaged(argv, fragment, code, damaged, tmp_path, capsys):
     else:
         _assert_one_line(err, fragment, got, code)
     assert not any(tmp_path.iterdir())  # no half-written --out
+    _assert_unchanged(before, _snapshot(*roots))  # slope check and every refusal leave the copy as it was
 
 
 # ---- the Python API: (id, callable, exception type, fragment) -----------------------------------------------

@@ -19,6 +19,9 @@ MAX_M = 64
 # just as close to the input/output); the first linear after the input is handled by
 # `keep_first_linear_dense`, since its name differs per model family.
 DEFAULT_SKIP = ("lm_head", "*embed*", "*project_in", "*project_out")
+# The most `skip` patterns a config may hold. Every linear layer's name is matched against each pattern,
+# so the cost grows with their number (200,000 patterns took minutes); a few broad patterns say the same.
+MAX_SKIP_PATTERNS = 1000
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class SlopeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.skip, list):  # accept lists from TOML/JSON, store a hashable tuple
             object.__setattr__(self, "skip", tuple(self.skip))
+        if isinstance(self.skip, tuple) and len(self.skip) > MAX_SKIP_PATTERNS:  # before anything reads them
+            raise ValueError(f"SlopeConfig.skip has {len(self.skip)} patterns, more than the limit of "
+                             f"{MAX_SKIP_PATTERNS}; name the layers to keep dense with fewer, broader fnmatch "
+                             "patterns (e.g. '*.mlp.*')")
         _check_type(self)
         if not 2 <= self.m <= MAX_M:
             _bad("m", self.m, f"an integer in [2, {MAX_M}]")
@@ -78,8 +85,8 @@ class SlopeConfig:
             _bad("adapter_start", self.adapter_start, "a fraction of training in (0, 1]; 1.0 disables adapters")
         if self.adapter_init not in ADAPTER_INITS:
             _bad("adapter_init", self.adapter_init, f"one of {ADAPTER_INITS}")
-        if self.adapter_scale is not None and not self.adapter_scale > 0:
-            _bad("adapter_scale", self.adapter_scale, "a positive number or None (= 1/rank)")
+        if self.adapter_scale is not None and not (self.adapter_scale > 0 and _finite(self.adapter_scale)):
+            _bad("adapter_scale", self.adapter_scale, "a finite positive number or None (= 1/rank)")
         if not all(isinstance(p, str) and p for p in self.skip):
             _bad("skip", self.skip, "a tuple of non-empty fnmatch patterns")
         if self.on_indivisible not in ON_INDIVISIBLE:
@@ -124,6 +131,13 @@ class SlopeConfig:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
         return d
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond a float's range
+        return False
 
 
 def _bad(field: str, value, allowed: str) -> None:

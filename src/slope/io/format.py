@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from slope.config import SlopeConfig
 
 
 class FormatError(ValueError):
@@ -150,8 +153,8 @@ def read_json(file: Path, what: str):
     """The JSON document in `file` (`what` names it in messages: "the checkpoint manifest").
 
     FormatError, in one line naming the file, for anything but UTF-8 JSON nested at most MAX_JSON_DEPTH
-    levels: unreadable, not UTF-8 (a byte-order mark included), not JSON, too deep, a number too long to
-    convert. A RecursionError never escapes.
+    levels (`loads_json`): unreadable, not UTF-8 (a byte-order mark included), not JSON, too deep, a number
+    too long to convert or not finite (NaN, 1e400). A RecursionError never escapes.
     """
     try:
         data = Path(file).read_bytes()
@@ -163,16 +166,37 @@ def read_json(file: Path, what: str):
 def parse_json(data: bytes, file: Path, what: str):
     """`read_json` of the bytes `data` read from `file`."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise FormatError(f"{file}: cannot read {what} (not UTF-8 text: byte {err.start} is invalid)") from err
-    except RecursionError as err:
-        raise FormatError(f"{file}: cannot read {what} (JSON nested more than {MAX_JSON_DEPTH} levels deep)") from err
-    except ValueError as err:  # JSONDecodeError; an integer of more digits than Python converts
+        return loads_json(data)
+    except ValueError as err:
         raise FormatError(f"{file}: cannot read {what} ({err})") from err
+
+
+def loads_json(data: bytes):
+    """The JSON document in the bytes `data`; ValueError, in one line, for anything but UTF-8 JSON nested at
+    most MAX_JSON_DEPTH levels: not UTF-8 (a byte-order mark included), not JSON, too deep, a number too
+    long to convert, and NaN, Infinity or a number beyond a float's range (1e400), which Python's json
+    accepts but JSON has not (slope writes none). A RecursionError never escapes."""
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite_float)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text: byte {err.start} is invalid") from err
+    except RecursionError as err:
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from err
+    # ValueError itself: JSONDecodeError, an integer of more digits than Python converts, NaN
     if _too_deep(doc):
-        raise FormatError(f"{file}: cannot read {what} (JSON nested more than {MAX_JSON_DEPTH} levels deep)")
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return doc
+
+
+def _not_a_number(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {token[:40]} is beyond the range of a float")
+    return value
 
 
 def _too_deep(doc) -> bool:
@@ -412,7 +436,8 @@ def check_checkpoint_masks(weights: Path, info: dict) -> None:
     for a dense checkpoint, or an SR-STE one (prune_on_load: its weights are dense, its masks computed on load)."""
     config = info.get("slope_config")
     if config is not None and not info.get("prune_on_load", False):
-        check_file_masks(weights, config["n"], config["m"], config.get("double_prune", True))
+        config = SlopeConfig(**config)  # checked by the reader of slope.json; a key it left out has its default
+        check_file_masks(weights, config.n, config.m, config.double_prune)
 
 
 def _refuse(where: Path, findings: list[str]) -> None:

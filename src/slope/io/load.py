@@ -8,6 +8,7 @@ half-loaded model. Which device and half-precision dtype to use is slope.devices
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,10 +354,14 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None, backend:
         model = _build(path, meta, dtype, backend)
         check_model_masks(model, path / EXPORT_WEIGHTS_FILE)
         return model
-    except FormatError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, SafetensorError) as err:
-        # malformed metadata fields, an invalid slope_config, or a state_dict the model rejects
+    except FormatError as err:  # each line names the export: a layer's line names only the layer
+        if str(path) in str(err):
+            raise
+        raise FormatError(f"{path / META_FILE}: {err}") from err
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError,
+            SafetensorError) as err:
+        # malformed metadata fields (10**400 where a float belongs), an invalid slope_config, or a state_dict the
+        # model rejects
         raise FormatError(f"{path}: inconsistent export ({one_line(err)})") from err
 
 
@@ -449,8 +454,12 @@ def _swap_in_layers(model: nn.Module, meta: dict, cfg: SlopeConfig | None, path:
         layer = SlopeLinear.empty(
             weight.shape[1], weight.shape[0], module.bias, cfg, source=source, device=weight.device, dtype=weight.dtype,
         )
-        if spec["adapter_rank"]:
-            layer.add_adapter(int(spec["adapter_rank"]), scale=float(spec["adapter_scale"]))
+        rank, scale = spec["adapter_rank"], spec["adapter_scale"]
+        if rank is not None and rank != 0:  # 0 or null: no adapters
+            if type(rank) is not int or rank < 0 or type(scale) not in (int, float) or not 0 < scale < 2**63:
+                raise FormatError(f"layer {name}: adapter_rank must be an integer >= 0 and adapter_scale a number "
+                                  f"in (0, 2**63), got {reprlib.repr(rank)} and {reprlib.repr(scale)}")
+            layer.add_adapter(rank, scale=float(scale))
         replace_module(model, name, layer)
         # Not stored: M_C is a training cache, rebuilt on the first training step.
         state.update(layer.initial_training_state(f"{name}."))

@@ -123,7 +123,9 @@ def read_resume_state(checkpoint_dir: Path, info: dict, sharded: bool) -> dict:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer a torch or numpy integer holds: JSON's reach far beyond (10**400), which arithmetic with
+    floats (tokens per second) cannot convert."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_count(v) -> bool:
@@ -154,8 +156,8 @@ def check_resumable(state: dict, file: Path, sharded: bool) -> None:
     """
     _need(file, "tokens_seen", _is_count(state.get("tokens_seen")), "an integer >= 0", state.get("tokens_seen"))
     seconds = state.get("train_seconds")
-    _need(file, "train_seconds", isinstance(seconds, int | float) and not isinstance(seconds, bool)
-          and math.isfinite(seconds) and seconds >= 0, "a finite number >= 0", seconds)
+    _need(file, "train_seconds", (isinstance(seconds, float) or _is_int(seconds)) and math.isfinite(seconds)
+          and seconds >= 0, "a finite number >= 0", seconds)
     sampler = state.get("sampler")
     _need(file, "sampler", isinstance(sampler, dict) and _is_count(sampler.get("batches"))
           and _is_bytes(sampler.get("generator")), "an object with a generator state and a count of batches", sampler)
@@ -179,7 +181,7 @@ def check_resumable(state: dict, file: Path, sharded: bool) -> None:
 def _is_scaler(scaler) -> bool:
     keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
     return isinstance(scaler, dict) and (not scaler or (keys <= set(scaler) and all(
-        isinstance(scaler[k], int | float) and not isinstance(scaler[k], bool) for k in keys)))
+        (isinstance(scaler[k], float) and math.isfinite(scaler[k])) or _is_int(scaler[k]) for k in keys)))
 
 
 def _is_optimizer(optimizer) -> bool:

@@ -172,18 +172,36 @@ def _keep_on_resume(record: dict, step: int, finished: bool) -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line a kill cut short (or any unreadable line) is left out, with a warning."""
+    """The records of metrics.jsonl; a line a kill cut short (or any line that is not a record: not JSON,
+    nested thousands deep, no kind or step, a train record without its loss) is left out, with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     records, bad = [], 0
     for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record, bad = None, bad + 1
-        if isinstance(record, dict):
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError; a number of 5,000 digits; nested too deep
+            record = None
+        if _is_record(record):
             records.append(record)
+        else:
+            bad += 1
     if bad:
         log.warning("%s: left out %d unreadable line(s) (a write cut short by a kill)", path, bad)
     return records
+
+
+def _is_record(record) -> bool:
+    """What the readers of a record use is there, of its type: `kind`, a `step` count, a train record's `loss`,
+    and integers a float holds (the curves plot them; JSON's reach to 10**400 and beyond)."""
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return False
+    step, loss = record.get("step"), record.get("loss")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(record.get("set", ""), str):
+        return False
+    if any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in record.values()):
+        return False
+    return record["kind"] != "train" or (isinstance(loss, int | float) and not isinstance(loss, bool))

@@ -89,6 +89,21 @@ def prepare_data(
     return tokenizer, train_tokens, val_tokens
 
 
+def check_validation(tokens: TokenFile, seq_len: int) -> None:
+    """DataError unless the validation tokens hold one window of train.seq_len + 1 tokens, which every
+    evaluation of the run reads: a run calls it right after tokenizing, before the model is built."""
+    if len(tokens) < seq_len + 1:
+        split, source = tokens.meta.get("split", "all"), tokens.meta.get("source", tokens.stem)
+        what = source if split == "all" else f"{split} of {source}"  # "last 0.05 of the text of train.txt"
+        raise DataError(too_short_validation(what, f"has {len(tokens)} tokens", seq_len))
+
+
+def too_short_validation(what: str, has: str, seq_len: int) -> str:
+    """The line refusing a validation split (`what`: its source) shorter than one window (`has`: its size)."""
+    return (f"the validation split ({what}) {has}, fewer than one window of train.seq_len + 1 = {seq_len + 1} "
+            "tokens; give a larger data.val_fraction, a data.val source with more text, or a smaller train.seq_len")
+
+
 def split_tail(
     documents: Callable[[], Iterator[tuple[str, str]]], fraction: float
 ) -> tuple[Callable[[], Iterator[tuple[str, str]]], Callable[[], Iterator[tuple[str, str]]]]:

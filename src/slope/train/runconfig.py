@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import reprlib
 import sys
 import types
 import typing
@@ -266,10 +268,6 @@ SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)  # section name -> 
 # ---- types ----------------------------------------------------------------------------------------
 
 
-def _field_types(section_cls: type) -> dict[str, object]:
-    return typing.get_type_hints(section_cls)
-
-
 def _type_name(tp) -> str:
     if tp is type(None):
         return "none"
@@ -300,40 +298,32 @@ def _coerce(value, tp, key: str):
                 items = None  # reported below against the whole list type
             if items is not None:
                 return tuple(items) if origin is tuple else items
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif (tp is type(None) and value is None) or (tp is bool and isinstance(value, bool)):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+        return value  # an integer that torch and numpy hold; TOML's reach far beyond
+    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool) and (
+            isinstance(value, float) or abs(value) < 2**63):  # a longer integer is no float
+        return float(value)
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    # reprlib: a TOML value may be a list of a million items, or nested thousands of levels deep
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {reprlib.repr(value)}")
 
 
 def _parse_text(text: str, tp, key: str):
     """A command-line string converted to annotation `tp` (TOML syntax, or a bare word for strings)."""
-    if text.lower() in ("none", "null") and _allows_none(tp):
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
         return None
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = _loads(f"v = {text}")["v"]
+    except (ValueError, RecursionError):  # not TOML (nested too deep, too many digits included)
         value = text  # a bare word: a string (e.g. --method.name=dense)
     if _is_str_list(tp) and isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]  # --eval.sets=a,b
     if _accepts_str(tp) and not isinstance(value, str) and not isinstance(value, list):
         value = text  # --run.name=123 is the string "123"
     return _coerce(value, tp, key)
-
-
-def _allows_none(tp) -> bool:
-    return type(None) in typing.get_args(tp)
 
 
 def _accepts_str(tp) -> bool:
@@ -352,7 +342,7 @@ def _build_section(name: str, values: dict):
         options = {k: v for k, v in values.items() if k != "name"}
         return MethodSection(_coerce(values.get("name", MethodSection.name), str, "method.name"), options)
     cls = SECTIONS[name]
-    types_ = _field_types(cls)
+    types_ = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
@@ -374,7 +364,7 @@ def from_dict(data: dict) -> RunConfig:
     for name in SECTIONS:
         values = data.get(name, {})
         if not isinstance(values, dict):
-            raise ConfigError(f"config section '{name}' must be a table ([{name}]), got {values!r}")
+            raise ConfigError(f"config section '{name}' must be a table ([{name}]), got {reprlib.repr(values)}")
         sections[name] = _build_section(name, values)
     cfg = RunConfig(**sections)
     validate(cfg)
@@ -408,11 +398,11 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}' in --{dotted}; sections are: {', '.join(SECTIONS)}")
-        types_ = _field_types(SECTIONS[section])
+        types_ = typing.get_type_hints(SECTIONS[section])
         if section == "method" and key != "name":  # a method's own key: its type is the method's (see MethodSection.check)
             try:  # TOML syntax (1e-3, true), else the bare word as a string
-                data.setdefault(section, {})[key] = tomllib.loads(f"v = {text}")["v"]
-            except tomllib.TOMLDecodeError:
+                data.setdefault(section, {})[key] = _loads(f"v = {text}")["v"]
+            except (ValueError, RecursionError):
                 data.setdefault(section, {})[key] = text
             continue
         if key not in types_:
@@ -421,15 +411,23 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
     return data
 
 
+def _loads(text: str) -> dict:
+    """tomllib.loads; RecursionError for a dotted key (`a.b.c = 1`, `[a.b.c]`) of 100 parts or more, as for values
+    nested thousands deep: tomllib's time and memory grow with the square of a key's parts (100,000: gigabytes)."""
+    if re.search(r"(?:^|[\[{,])[ \t]*(?:(?:[\w-]+|\"[^\"\n]*\"|'[^'\n]*')[ \t]*\.[ \t]*){100}", text, re.M):
+        raise RecursionError("a dotted key of 100 parts or more")
+    return tomllib.loads(text)
+
+
 def read_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
+        return _loads(Path(path).read_bytes().decode())
+    except UnicodeDecodeError:  # a Latin-1 or UTF-16 file
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except RecursionError:  # tables or arrays nested thousands deep; a dotted key of thousands of parts
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
+    except ValueError as err:  # TOMLDecodeError; an integer of more digits than Python converts
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    except (UnicodeDecodeError, RecursionError) as err:  # a Latin-1 file; arrays nested thousands deep
-        raise ConfigError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(err, UnicodeError)
-                                         else "nested too deeply to be a run config")) from None
 
 
 def find_config(name_or_path: str) -> Path:

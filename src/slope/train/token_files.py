@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from slope.io.format import loads_json
 from slope.train.data_error import DataError
 from slope.train.tokenizing import encode_batch
 
 TOKENS_FORMAT = 1
+TOKEN_DTYPES = ("uint16", "uint32")  # the ids' type: uint16 while the vocabulary fits, else uint32
 
 
 class TokenFile:
@@ -29,10 +32,10 @@ class TokenFile:
         meta_path = self.stem.with_suffix(".json")
         if not meta_path.is_file():
             raise DataError(f"token file metadata {meta_path} is missing")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            n, dtype = self.meta["n_tokens"], np.dtype(self.meta["dtype"])
-        except (ValueError, KeyError, TypeError) as err:  # a cut-short write, or not a token file's metadata
+        try:  # not UTF-8, nested too deep, NaN: a ValueError too (slope.io.format.loads_json)
+            self.meta = loads_json(meta_path.read_bytes())
+            n, dtype = _layout(self.meta)
+        except ValueError as err:  # a cut-short write, or not a token file's metadata
             raise DataError(f"token file metadata {meta_path} is damaged ({type(err).__name__}: {err})") from None
         bin_path = self.stem.with_suffix(".bin")
         if not bin_path.is_file():
@@ -49,6 +52,22 @@ class TokenFile:
     @property
     def tokens_per_byte(self) -> float:
         return self.meta["n_tokens"] / max(1, self.meta["n_bytes"])
+
+
+def _layout(meta) -> tuple[int, np.dtype]:
+    """(n_tokens, dtype) of token file metadata, after checking every field a reader uses (ValueError)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    if type(meta.get("format")) is not int or meta["format"] != TOKENS_FORMAT:  # not true, nor 1.0
+        raise ValueError(f"format {reprlib.repr(meta.get('format'))}, but this slope reads token files of format "
+                         f"{TOKENS_FORMAT}")
+    for key in ("n_tokens", "n_bytes", "n_documents"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise ValueError(f"{key} must be an integer >= 0, got {reprlib.repr(value)}")
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TOKEN_DTYPES)}, got {reprlib.repr(meta.get('dtype'))}")
+    return meta["n_tokens"], np.dtype(meta["dtype"])
 
 
 def write_tokens(
@@ -83,7 +102,9 @@ def write_tokens(
         flush()
     if n_bytes == 0:
         tmp.unlink()
-        raise DataError(f"corpus {description.get('source', stem.name)!r} is empty: it holds no text")
+        corpus, split = f"corpus {description.get('source', stem.name)!r}", description.get("split", "all")
+        # a split's part: "the last 0.001 of the text of corpus 'x.txt'", not the corpus, is what is empty
+        raise DataError(f"{corpus if split == 'all' else f'the {split} of {corpus}'} is empty: it holds no text")
     meta = {
         "format": TOKENS_FORMAT, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_bytes": n_bytes,
         "n_documents": n_docs, "eos_id": eos, "vocab_size": vocab, **description,

@@ -41,7 +41,7 @@ from slope.train.logs import MetricsLog, read_metrics
 from slope.train.methods import count_params
 from slope.train.optim import build_optimizer, clip_gradients, lr_at, new_group_options, set_lr
 from slope.train.preflight import preflight, run_method
-from slope.train.prepare import prepare_data, tokenize_source
+from slope.train.prepare import check_validation, prepare_data, tokenize_source
 from slope.train.resume import check_resume, resumed_data, rng_state, set_rng_state
 from slope.train.runconfig import ConfigError, RunConfig
 from slope.train.structure import change_sharded_structure, replay_structure
@@ -133,6 +133,7 @@ class Trainer:
 
         load = partial(resumed_data, cfg, self.run_dir) if self.resume else new_run_data
         self.tokenizer, self.train_tokens, self.val_tokens = self._main_first(load)
+        check_validation(self.val_tokens, cfg.train.seq_len)  # every evaluation reads one window: before the model
         log.info("data: %s training tokens, %s validation tokens, vocabulary %d",
                  f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}", len(self.tokenizer))
 

@@ -44,8 +44,12 @@ def _default_seq_len(model_dir: Path, model_config) -> int:
 
     if (model_dir / RUN_CONFIG_FILE).is_file():
         section = runconfig.read_toml(model_dir / RUN_CONFIG_FILE).get("train", {})  # a hand-made file may lack it
-        if "seq_len" in section:
-            return section["seq_len"]
+        seq_len = section.get("seq_len") if isinstance(section, dict) else None
+        if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
+            return seq_len
+        if seq_len is not None:
+            raise UserError(f"{model_dir / RUN_CONFIG_FILE}: train.seq_len must be an integer > 0, got "
+                            f"{str(seq_len)[:40]!r}; give --seq-len")
     return min(max_positions(model_config) or 1024, 1024)
 
 
