@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from slope import cli
 from slope.io import checkpoint
 from slope.io import format as fmt
-from slope.train import runconfig, window_sampler
+from slope.train import runconfig, trainer, window_sampler
 from slope.train.logs import read_metrics
 
 STEP_FILES = {fmt.WEIGHTS_FILE, fmt.HF_CONFIG_FILE, fmt.INFO_FILE, fmt.TOKENIZER_DIR, fmt.TRAINER_STATE_FILE,
@@ -165,6 +165,38 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_continues_exactly(slope_ru
     assert losses(run_dir) == losses(slope_run)
 
 
+def test_sigterm_during_the_final_checkpoint_keeps_it_and_resume_does_only_the_end(slope_run, corpus_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A scheduler's SIGTERM while the last checkpoint is written: that checkpoint completes, the run exits 143
+    before its final evaluation, and --resume does only the end (no step again)."""
+    run_dir = tmp_path / "stopped-at-the-end"
+    original = trainer.Trainer.save
+
+    def signal_then_save(self):
+        if self.step == self.cfg.train.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    def outside_slope(signum, frame):
+        raise AssertionError("SIGTERM reached this process outside slope's handler: the default would kill it")
+
+    monkeypatch.setattr(trainer.Trainer, "save", signal_then_save)
+    previous = signal.signal(signal.SIGTERM, outside_slope)
+    try:
+        assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    steps = runconfig.resolve("tiny").train.max_steps
+    assert checkpoint.latest_checkpoint(run_dir).name == checkpoint.step_dir_name(steps)
+    assert f"slope train: SIGTERM at step {steps}: checkpoint written to" in capsys.readouterr().out
+    assert not (run_dir / "summary.json").exists()  # stopped before the final evaluation
+    monkeypatch.setattr(trainer.Trainer, "save", original)
+    assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert losses(run_dir) == losses(slope_run)
+    assert json.loads((run_dir / "summary.json").read_text())["eval"] == \
+        json.loads((slope_run / "summary.json").read_text())["eval"]
+
+
 def test_dense_method(corpus_dir, tmp_path):
     run_dir = tmp_path / "dense"
     assert cli.main(tiny_args(corpus_dir, "--method", "dense", "--run-dir", str(run_dir),
@@ -225,8 +257,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path,
 
     monkeypatch.setattr(trainer, "causal_lm_loss", loss_nan_at_step_6)
     assert cli.main(tiny_args(corpus_dir, "--run-dir", str(run_dir))) == 3
-    out = capsys.readouterr().out
-    assert "the loss became nan at step 6" in out and "step_00000004" in out
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 6" in err and "step_00000004" in err
     assert checkpoint.latest_checkpoint(run_dir).name == "step_00000004"
 
 
@@ -238,7 +270,7 @@ def test_out_of_memory_is_a_clear_message(corpus_dir, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(trainer, "causal_lm_loss", no_memory)
     assert cli.main(tiny_args(corpus_dir, "--run-dir", str(tmp_path / "oom"))) == 3
-    assert "out of memory at step 1 with train.batch_size=4" in capsys.readouterr().out
+    assert "out of memory at step 1 with train.batch_size=4" in capsys.readouterr().err
 
 
 def test_backends_are_reported_once_after_the_first_step(corpus_dir, tmp_path, caplog):

@@ -26,6 +26,8 @@ from conftest import (
 )
 from test_dist_train import assert_same_run
 
+from slope import cli
+
 
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, read from /proc (children first found, then theirs)."""
@@ -88,21 +90,41 @@ def test_fsdp_killed_on_one_process_resumes_on_two(prepared, reference, tmp_path
     assert_same_run(run_dir, reference)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_killed_and_resumed_on_the_same_world_is_bit_exact(parallel, prepared, tmp_path):
-    # dropout on: a resume that lost a rank's RNG state would differ; adapters join before step 4, so the
-    # checkpoint resumed from holds them and the resume rebuilds the wrapper with them
-    args = [f"--train.batch_size={PER_RANK_BATCH}", f"--run.parallel={parallel}", "--model.dropout=0.1",
+def same_world_args(parallel: str) -> list[str]:
+    # dropout on: a resume that lost a rank's RNG state would differ; adapters join before step 4, so a
+    # checkpoint resumed from after step 3 holds them and the resume rebuilds the wrapper with them
+    return [f"--train.batch_size={PER_RANK_BATCH}", f"--run.parallel={parallel}", "--model.dropout=0.1",
             "--slope.adapter_start=0.5"]
-    whole = tmp_path / "whole"
-    run_job([*torchrun(2), *train_args(whole, prepared, *args)], whole)
-    run_dir = tmp_path / "run"
-    kill_after_checkpoint([*torchrun(2), *train_args(run_dir, prepared, *args)], run_dir, step=4)
-    run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    """uninterrupted(parallel): one 2-rank run with same_world_args, made once per mode for this module: what
+    an interrupted 2-rank run resumed on 2 ranks must equal bit for bit (one process sums in another order)."""
+    runs = {}
+
+    def run(parallel: str) -> Path:
+        if parallel not in runs:
+            run_dir = tmp_path_factory.mktemp(f"whole-{parallel}") / "run"
+            run_job([*torchrun(2), *train_args(run_dir, prepared, *same_world_args(parallel))], run_dir)
+            runs[parallel] = run_dir
+        return runs[parallel]
+    return run
+
+
+def assert_bit_exact(run_dir: Path, whole: Path) -> None:
     assert train_losses(run_dir) == train_losses(whole)
     a, b = final_weights(run_dir), final_weights(whole)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_and_resumed_on_the_same_world_is_bit_exact(parallel, prepared, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint([*torchrun(2), *train_args(run_dir, prepared, *same_world_args(parallel))], run_dir, step=4)
+    run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert_bit_exact(run_dir, uninterrupted(parallel))
 
 
 LAUNCHER = """
@@ -169,3 +191,65 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(prepared, referen
         assert text.count("SIGINT at step") == 1, "rank 0 alone reports"
         run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
     assert_same_run(run_dir, reference)
+
+
+# Runs `slope train` as a torchrun worker and appends to SLOPE_TEST_REPORT.<rank> the step it stopped at
+# (`stopping.interrupted`, called once the stop checkpoint is written) and the exit code main returned.
+REPORTER = """
+import os, sys
+from pathlib import Path
+from slope.train import stopping
+report = Path(os.environ["SLOPE_TEST_REPORT"] + "." + os.environ["RANK"])
+made = stopping.interrupted
+def interrupted(step, *args, **kwargs):
+    report.write_text(f"step {step}\\n")
+    return made(step, *args, **kwargs)
+stopping.interrupted = interrupted
+from slope.cli.main import main
+code = main()
+with report.open("a") as f:
+    f.write(f"exit {code}\\n")
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("parallel", "signalled"), [("ddp", "workers"), ("fsdp", "workers"), ("ddp", "torchrun")])
+def test_sigterm_stops_every_rank_at_one_step_and_resumes_bit_for_bit(parallel, signalled, prepared, uninterrupted,
+                                                                      tmp_path, monkeypatch):
+    """A scheduler's SIGTERM before preemption, to every worker (as Slurm signals every process of a job
+    step) or to torchrun alone, whose agent forwards it to each worker and waits --shutdown-timeout (30 s)
+    before SIGKILL: the ranks agree on one step, write its checkpoint and exit 143; torchrun exits 1."""
+    run_dir = tmp_path / "run"
+    reporter, report = tmp_path / "report.py", tmp_path / "report"
+    reporter.write_text(REPORTER)
+    monkeypatch.setenv("SLOPE_TEST_REPORT", str(report))  # conftest.env() passes it on to torchrun and its workers
+    command = [*torchrun(2), str(reporter), *train_args(run_dir, prepared, *same_world_args(parallel))[2:]]
+    with open(log_of(run_dir), "a") as log:
+        proc = start_until_checkpoint(command, run_dir, 2, log)
+        for pid in descendants(proc.pid) if signalled == "workers" else [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail("the job did not stop after SIGTERM")
+    text = log_of(run_dir).read_text()
+    reports = [report.with_name(f"report.{rank}").read_text().splitlines() for rank in (0, 1)]
+    # both ranks stopped after the same step, past checkpoint 2, and exited 143
+    assert reports[0] == reports[1] and reports[0][1:] == ["exit 143"], (reports, text[-3000:])
+    step = int(reports[0][0].removeprefix("step "))
+    assert 2 <= step < MAX_STEPS and code == 1, text[-3000:]
+    if signalled == "workers":  # torchrun's table of failed workers: each rank with the code it exited with
+        assert text.count("exitcode  : 143") == 2 and "Signal 15" not in text, text[-3000:]
+    else:  # the agent re-raises the signal it handled once the workers are down
+        assert f"SignalException: Process {proc.pid} got signal: 15" in text, text[-3000:]
+    assert text.count(f"slope train: SIGTERM at step {step}: checkpoint written to") == 1  # rank 0 alone reports
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert cli.main(["check", str(ckpt)]) == 0
+    run_job([*torchrun(2), "-m", "slope", "train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert_bit_exact(run_dir, uninterrupted(parallel))

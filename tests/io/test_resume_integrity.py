@@ -104,7 +104,7 @@ def test_a_full_disk_while_training_stops_in_one_line(corpus_file, tmp_path, mon
 
     monkeypatch.setattr("safetensors.torch.save_file", full)
     assert cli.main(_train_args(corpus_file, run_dir)) == 3
-    lines = [line for line in capsys.readouterr().out.splitlines() if "error" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert lines == [f"slope train: error: cannot write checkpoint {run_dir / 'checkpoints' / 'step_00000002'} "
                      "(the disk is full); the previous checkpoints are intact; no checkpoint had been written yet"]
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]

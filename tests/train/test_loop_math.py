@@ -16,7 +16,7 @@ from torch import nn
 from slope.train.evaluation import evaluate
 from slope.train.optim import lr_at
 from slope.train.runconfig import RunConfig
-from slope.train.token_files import TokenFile
+from slope.train.token_files import TOKENS_FORMAT, TokenFile
 
 
 def test_learning_rate_warms_up_linearly_then_follows_the_cosine():
@@ -46,7 +46,8 @@ def test_uniform_model_scores_log_vocab_nats_and_bits_per_byte(tmp_path):
     vocab, n_tokens, n_bytes = 50, 4001, 13_000
     tokens = np.random.default_rng(0).integers(0, vocab, n_tokens).astype(np.uint16)
     tokens.tofile(tmp_path / "t.bin")
-    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "n_tokens": n_tokens, "n_bytes": n_bytes}))
+    (tmp_path / "t.json").write_text(json.dumps({"format": TOKENS_FORMAT, "dtype": "uint16",
+                                                       "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": 1}))
     result = evaluate(UniformLM(vocab), TokenFile(tmp_path / "t"), seq_len=100, batch_size=8, progress=False)
     assert result["tokens"] == 4000
     assert result["loss"] == pytest.approx(math.log(vocab))  # nats per token

@@ -14,11 +14,10 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds (file names in slope.io.format), in for
 In an FSDP run model.safetensors is the consolidated model, gathered to rank 0, so export, eval and
 slope.load read FSDP checkpoints like any other, and trainer_state holds no optimizer (it is in dcp/).
 slope.io.trainer_state encodes the trainer state; slope.io.sharded_state writes and reads dcp/.
-Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Every reader checks the
-whole folder against the manifest before it believes any file of it (`verify_checkpoint`); resume also
-the trainer state and the masks (`check_for_resume`); `slope check` all of it (`check_checkpoint`).
-Format 1 (slope 0.1: trainer_state.pt, a pickle, no manifest) is refused in one line, before any other
-file is read.
+Nothing is pickled: a checkpoint is data, and reading one runs no code from it. Every reader checks the whole
+folder against the manifest before it believes any file of it (`verify_checkpoint`); resume also the trainer
+state and the masks (`check_for_resume`); `slope check` all of it (`check_checkpoint`). Format 1 (slope 0.1:
+trainer_state.pt, a pickle, no manifest) is refused in one line, before any other file is read.
 
 In a run of several processes rank 0 alone writes and renames; the others write only their dcp/
 shards (FSDP) or nothing (DDP, whose checkpoint is the single-process one), and every rank waits for
@@ -160,15 +159,15 @@ def save_checkpoint(
 
 
 def _write_on_rank0(ranks, write, failed) -> None:
-    """`write()` on rank 0 and its outcome on every rank: all go on, or all raise the same CheckpointWriteError.
-
-    failed(err) turns rank 0's OSError into the one line every rank raises.
-    """
+    """`write()` on rank 0 and its outcome on every rank: all go on, or all raise the same CheckpointWriteError
+    (failed(err) turns rank 0's storage error into the one line every rank raises)."""
     error, cause = None, None
     if ranks.main:
         try:
             write()
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors' writer gives the OS's error in its message only
+            if not isinstance(err, OSError) and not re.search(r"I/O error|IoError", str(err)):
+                raise
             error, cause = failed(err), err
     error = ranks.broadcast(error)
     if error is not None:
@@ -176,7 +175,8 @@ def _write_on_rank0(ranks, write, failed) -> None:
 
 
 def _failure_message(final: Path, err: BaseException) -> str:
-    reason = "the disk is full" if getattr(err, "errno", None) == errno.ENOSPC else one_line(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err)
+    reason = "the disk is full" if full else one_line(err)
     return f"cannot write checkpoint {final} ({reason}); the previous checkpoints are intact"
 
 

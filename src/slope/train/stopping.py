@@ -8,6 +8,7 @@ out of memory and a non-finite loss stop the run with what to change and which c
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 from pathlib import Path
@@ -38,7 +39,12 @@ class StopFlag:
     after a grace period); SIGHUP what a closed terminal sends.
 
     A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour); a repeated SIGTERM or
-    SIGHUP changes nothing: the checkpoint is already on its way.
+    SIGHUP changes nothing: the checkpoint is already on its way. That holds until the process has
+    exited, so that a repeat while the stopped run exits (the scheduler's again, or the SIGTERM torchrun
+    sends a rank still exiting once another rank has exited) cannot turn exit 143 into death by the
+    signal: once a stop was requested, leaving the block restores SIGINT's handler only, and at exit
+    (atexit, before the interpreter's shutdown resets Python's handlers to the default action, which
+    with torch loaded takes a second or two) SIGTERM and SIGHUP are ignored. SIGKILL still ends it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -63,8 +69,19 @@ class StopFlag:
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            if not self.requested or signum == signal.SIGINT:
+                signal.signal(signum, previous)
+        if self.requested:
+            atexit.unregister(_ignore_repeats_while_exiting)  # once, however many stops
+            atexit.register(_ignore_repeats_while_exiting)
         return False
+
+
+def _ignore_repeats_while_exiting() -> None:
+    """At the exit of a process that stopped on a signal: an ignored signal, unlike a handled one, stays
+    so through the interpreter's shutdown. Not earlier: the programs a process starts inherit it."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

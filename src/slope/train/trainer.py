@@ -296,10 +296,10 @@ class Trainer:
             loss, grad_norm = self._train_step()
         except Exception as err:
             if stopping.is_out_of_memory(err):
-                raise stopping.out_of_memory(self.step + 1, self.cfg, self._kept_checkpoint()) from None
+                raise stopping.out_of_memory(self.step + 1, self.cfg, stopping.kept_checkpoint(self.run_dir, self.dist.main)) from None
             raise
         if not math.isfinite(loss):
-            raise stopping.non_finite_loss(loss, self.step + 1, self._kept_checkpoint())
+            raise stopping.non_finite_loss(loss, self.step + 1, stopping.kept_checkpoint(self.run_dir, self.dist.main))
         return loss, grad_norm
 
     def _eval_model(self):
@@ -348,13 +348,10 @@ class Trainer:
                 ranks=self.dist if self.dist.world > 1 else None, weights=weights, sharded=sharded,
             )
         except checkpoint.CheckpointWriteError as err:  # disk full: stop with one line, the older ones kept
-            raise stopping.TrainingFailed(f"{err}; {self._kept_checkpoint()}") from None
+            raise stopping.TrainingFailed(f"{err}; {stopping.kept_checkpoint(self.run_dir, self.dist.main)}") from None
         if self.dist.main:
             log.info("checkpoint: %s", path)
         return path
-
-    def _kept_checkpoint(self) -> str:
-        return stopping.kept_checkpoint(self.run_dir, self.dist.main)
 
     # -- the loop --
 
@@ -381,15 +378,14 @@ class Trainer:
         self.last_loss = self._logged_loss() if self.resume and finished else None
         self._backends_reported = False
         try:
-            self._train_loop(metrics)
-            final_ckpt = self.save()
+            final_ckpt = self._train_loop(metrics)
             summary = self._finish(metrics, params, final_ckpt, start_wall)
         finally:
             metrics.close()
         return RunResult(summary, self.run_dir)
 
-    def _train_loop(self, metrics) -> None:
-        """Steps until train.max_steps, each followed by its logging, evaluation and checkpoint."""
+    def _train_loop(self, metrics) -> Path:
+        """Steps until train.max_steps, each followed by its logging, evaluation and checkpoint; the final one."""
         cfg = self.cfg
         with stopping.StopFlag() as stop, logging_redirect_tqdm(), tqdm(
             total=cfg.train.max_steps, initial=self.step, unit="step",
@@ -405,6 +401,10 @@ class Trainer:
                 loss, grad_norm = self._checked_step()
                 self._record_step(metrics, bar, loss, grad_norm, time.perf_counter() - t0)
                 self._between_steps(metrics, stop)
+            final = self.save()  # under the handler too: a stop keeps it, and --resume does only the end
+            if self.dist.any(stop.requested):
+                raise stopping.interrupted(self.step, final, self.run_dir, stop.signum)
+            return final
 
     def _record_step(self, metrics, bar, loss: float, grad_norm: float, seconds: float) -> None:
         """Count a finished step, and show and log it (every train.log_every steps, the first and the last)."""

@@ -252,7 +252,7 @@ def _run(args, cfg: runconfig.RunConfig, run_dir: Path, resume: bool, dist) -> i
         if isinstance(err, (ConfigError, DataError, ModelError, FormatError, FileNotFoundError)):
             raise UserError(str(err)) from None
         if isinstance(err, TrainingFailed):
-            print(f"slope train: error: {err}", flush=True)
+            print(f"slope train: error: {err}", file=sys.stderr, flush=True)
             return 3
         if isinstance(err, Interrupted):
             if dist.main:
