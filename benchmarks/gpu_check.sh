@@ -238,7 +238,10 @@ after_plans() {  # whatever the plans stage found decides the later stages' path
 }
 
 pytest_stage() {
-  run --int "$PY" -m pytest "$@" -m gpu -q -rfEs --tb=short -p no:cacheprovider ${PER_TEST[@]+"${PER_TEST[@]}"}
+  # one process: the GPU tests share one device, and the device machine may lack pytest-xdist, which the
+  # project's addopts (-n auto) would need
+  run --int "$PY" -m pytest "$@" -m gpu -q -rfEs --tb=short -p no:cacheprovider -o addopts= -p no:xdist \
+    ${PER_TEST[@]+"${PER_TEST[@]}"}
 }
 stage_tests_plans() { pytest_stage tests/gpu/test_cusparselt_plans_gpu.py; }
 stage_tests_steps() { pytest_stage tests/gpu/test_step_kernels_gpu.py; }

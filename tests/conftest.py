@@ -10,6 +10,13 @@ import pytest
 # DDP and one FSDP equivalence test and a failing-rank test.
 RUN_SLOW = os.environ.get("SLOPE_SLOW_TESTS", "").strip().lower() in ("1", "true", "yes")
 
+# Under pytest-xdist (the default: pyproject's addopts) each worker gets its share of the cores, so that
+# the workers' torch thread pools do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_collection_modifyitems(config, items):
     if RUN_SLOW:
