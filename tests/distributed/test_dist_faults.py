@@ -167,6 +167,20 @@ def test_a_failing_rank_ends_the_job_with_its_reason(fault, parallel, prepared, 
     assert MAX_STEPS > 2
 
 
+def signal_and_wait(proc: subprocess.Popen, pids: list[int], signum: int) -> int:
+    """Send `signum` to `pids` and wait for the job's exit code; a job that does not stop is killed and fails."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    try:
+        return proc.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the job did not stop after {signal.Signals(signum).name}")
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(prepared, reference, tmp_path):
     """SIGINT to each worker (as a terminal's Ctrl-C reaches them): the ranks agree on the step, write one
@@ -176,16 +190,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(prepared, referen
                                          "--run.parallel=ddp")]
     with open(log_of(run_dir), "a") as log:
         proc = start_until_checkpoint(command, run_dir, 2, log)
-        for pid in descendants(proc.pid):  # the workers, not torchrun
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            pytest.fail("the job did not stop after Ctrl-C")
+        signal_and_wait(proc, descendants(proc.pid), signal.SIGINT)  # the workers, not torchrun
     text = log_of(run_dir).read_text()
     if "SIGINT at step" in text:  # the signal came before the last step ended
         assert text.count("SIGINT at step") == 1, "rank 0 alone reports"
@@ -227,16 +232,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_bit_for_bit(parallel, 
     command = [*torchrun(2), str(reporter), *train_args(run_dir, prepared, *same_world_args(parallel))[2:]]
     with open(log_of(run_dir), "a") as log:
         proc = start_until_checkpoint(command, run_dir, 2, log)
-        for pid in descendants(proc.pid) if signalled == "workers" else [proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            pytest.fail("the job did not stop after SIGTERM")
+        code = signal_and_wait(proc, descendants(proc.pid) if signalled == "workers" else [proc.pid], signal.SIGTERM)
     text = log_of(run_dir).read_text()
     reports = [report.with_name(f"report.{rank}").read_text().splitlines() for rank in (0, 1)]
     # both ranks stopped after the same step, past checkpoint 2, and exited 143
