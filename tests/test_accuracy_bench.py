@@ -85,15 +85,16 @@ def test_seed_statistics_match_hand_arithmetic(acc):
 
 
 def test_resume_skips_finished_runs(acc, tmp_path):
-    arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3), (0, 1, 2)
+    arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3, 4e-3), (0, 1, 2)
     calls, kill_at = [], [3]
 
     def runner(settings, arm, lr, seed, work, threads=None):
         calls.append((arm, lr, seed))
-        assert len(calls) <= 8, "the study trains runs that have finished"  # rather than loop for ever
+        assert len(calls) <= 10, "the study trains runs that have finished"  # rather than loop for ever
         if len(calls) == kill_at[0]:
             raise KeyboardInterrupt  # the study is killed during this run
-        return {k: v for k, v in record(arm, lr, seed, val_loss=5.0 - lr).items()
+        loss = {1e-3: 5.01, 2e-3: 5.0, 4e-3: 5.02}[lr]  # the best inside the grid: no LR beyond it
+        return {k: v for k, v in record(arm, lr, seed, val_loss=loss).items()
                 if k not in ("arm", "method", "lr", "seed", "settings")}
 
     with pytest.raises(KeyboardInterrupt):
@@ -104,8 +105,8 @@ def test_resume_skips_finished_runs(acc, tmp_path):
     kill_at[0] = None
     results = acc.run_study(arms, lrs, seeds, SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner)
     assert not set(first) & set(calls)  # nothing finished is trained again
-    # 2 arms x (2 sweep LRs + 2 more seeds at the chosen LR, 2e-3 by its lower validation loss)
-    assert len(first) + len(calls) == 8 and len(results) == 8
+    # 2 arms x (3 sweep LRs + 2 more seeds at the chosen LR, 2e-3 by its lower validation loss)
+    assert len(first) + len(calls) == 10 and len(results) == 10
     assert ("dense", 2e-3, 2) in results and ("dense", 1e-3, 2) not in results
     calls.clear()
     acc.run_study(arms, lrs, seeds, SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner)
@@ -121,23 +122,24 @@ def test_results_of_other_settings_are_refused(acc, tmp_path):
 
 
 def test_missing_runs_are_reported_as_missing(acc, tmp_path):
-    arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3), (0, 1)
-    results = {  # dense: sweep done, seed 1 missing; slope: half its sweep
+    arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3, 4e-3), (0, 1)
+    results = {  # dense: sweep done (best inside the grid), seed 1 missing; slope: a third of its sweep
         ("dense", 1e-3, 0): record("dense", 1e-3, 0, 5.0),
         ("dense", 2e-3, 0): record("dense", 2e-3, 0, 4.0),
+        ("dense", 4e-3, 0): record("dense", 4e-3, 0, 4.5),
         ("slope", 1e-3, 0): record("slope", 1e-3, 0, 5.0),
     }
     dense, sparse = acc.aggregate(arms, lrs, seeds, results)
     assert dense["seeds_done"] == [0] and dense["seeds_missing"] == [1]
     assert dense["missing_runs"] == ["dense-lr0.002-seed1"]
     assert sparse["lr"] is None and sparse["shakespeare-heldout_bpb"] is None
-    assert sparse["missing_runs"] == ["slope-lr0.002-seed0", "slope seed 1 (after the sweep)"]
-    assert acc.remaining(arms, lrs, seeds, results) == 3
+    assert sparse["missing_runs"] == ["slope-lr0.002-seed0", "slope-lr0.004-seed0", "slope seed 1 (after the sweep)"]
+    assert acc.remaining(arms, lrs, seeds, results) == 4
     path = acc.write_report("test", arms, lrs, seeds, SETTINGS, results, tmp_path / "runs", tmp_path)
     md = path.with_suffix(".md").read_text()
-    assert "PARTIAL: 3 of 6 runs still missing" in md
+    assert "PARTIAL: 4 of 8 runs still missing" in md
     assert "slope-lr0.002-seed0" in md and "dense-lr0.002-seed1" in md
-    assert json.loads(path.read_text())["metrics"]["runs_left"] == 3
+    assert json.loads(path.read_text())["metrics"]["runs_left"] == 4
 
 
 def test_one_real_tiny_run_end_to_end(acc, tmp_path):
@@ -173,30 +175,37 @@ def sweep(arm, losses, **test_sets):
     return {(arm, lr, 0): record(arm, lr, 0, val_loss=loss, **test_sets) for lr, loss in zip(GRID, losses, strict=True)}
 
 
-@pytest.mark.parametrize("head_losses, follower_lrs", [
-    ((4.8, 4.9, 5.0), (1e-3, 2e-3)),  # best at the low edge: its only neighbour
-    ((5.0, 4.9, 4.8), (2e-3, 4e-3)),  # best at the high edge
-    ((4.95, 4.8, 4.9), (2e-3, 4e-3)),  # interior: the neighbour with the lower head validation loss (4e-3)...
-    ((4.9, 4.8, 4.95), (1e-3, 2e-3)),  # ...or 1e-3
+@pytest.mark.parametrize("head_losses, head_beyond, follower_lrs", [
+    ((4.8, 4.9, 5.0), {5e-4: 5.1}, (1e-3, 2e-3)),  # best at the low edge (5e-4 below it is worse): 2e-3
+    ((5.0, 4.9, 4.8), {8e-3: 5.1}, (2e-3, 4e-3)),  # best at the high edge (8e-3 above it is worse): 2e-3
+    ((4.95, 4.8, 4.9), {}, (2e-3, 4e-3)),  # interior: the neighbour with the lower head validation loss (4e-3)...
+    ((4.9, 4.8, 4.95), {}, (1e-3, 2e-3)),  # ...or 1e-3
 ])
-def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_losses, follower_lrs):
+def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_losses, head_beyond, follower_lrs):
     # the test sets prefer the other neighbour every time: they must play no part
     worse_first = head_losses[0] > head_losses[2]
     results = {(a, lr, 0): record(a, lr, 0, val_loss=loss, sh_bpb=1.0 if (lr == 1e-3) == worse_first else 3.0,
                                   milton_bpb=1.0 if (lr == 1e-3) == worse_first else 3.0)
                for a in ("dense-init0.71",) for lr, loss in zip(GRID, head_losses, strict=True)}
     arms, seeds = ("dense-init0.71", "dense-half"), (0, 1, 2)
+    if head_beyond:  # the head's best is the grid's edge: the follower waits for the LR beyond it
+        assert acc.follower_lrs("dense-init0.71", GRID, 0, results) is None
+        results.update({("dense-init0.71", lr, 0): record("dense-init0.71", lr, 0, val_loss=loss)
+                        for lr, loss in head_beyond.items()})
     assert acc.follower_lrs("dense-init0.71", GRID, 0, results) == follower_lrs
     todo = acc.pending(arms, GRID, seeds, results)
     assert [k for k in todo if k[0] == "dense-half"] == [("dense-half", lr, 0) for lr in follower_lrs]
-    # the follower's own choice between its two LRs is by its validation loss, then the seeds run there
+    # the follower's own choice between its two LRs is by its validation loss (2e-3, inside the grid, so
+    # nothing is added beyond it), then the seeds run there
     low, high = follower_lrs
-    results[("dense-half", low, 0)] = record("dense-half", low, 0, val_loss=5.2, sh_bpb=1.0)
-    results[("dense-half", high, 0)] = record("dense-half", high, 0, val_loss=5.1, sh_bpb=3.0)
+    results[("dense-half", low, 0)] = record("dense-half", low, 0, val_loss=5.2 if low != 2e-3 else 5.1,
+                                             sh_bpb=1.0 if low != 2e-3 else 3.0)
+    results[("dense-half", high, 0)] = record("dense-half", high, 0, val_loss=5.1 if high == 2e-3 else 5.2,
+                                              sh_bpb=3.0 if high == 2e-3 else 1.0)
     assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "dense-half"] == [
-        ("dense-half", high, 1), ("dense-half", high, 2)]
+        ("dense-half", 2e-3, 1), ("dense-half", 2e-3, 2)]
     (_, half) = acc.aggregate(arms, GRID, seeds, results)
-    assert half["lr"] == high and half["follows"] == "dense-init0.71" and half["sweep_lrs"] == list(follower_lrs)
+    assert half["lr"] == 2e-3 and half["follows"] == "dense-init0.71" and half["sweep_lrs"] == list(follower_lrs)
 
 
 def test_a_follower_waits_for_its_heads_whole_sweep(acc):
@@ -237,7 +246,7 @@ def test_conditional_slots_count_as_pending_runs_before_the_winner_is_known(acc)
                    for k in acc.pending(arms, GRID, seeds, results))
     # dense 2 seeds, dense-init0.71 5, slope 2 seeds, slope-init0.71 5, dense-half 4, 3 slots x 4
     assert acc.remaining(arms, GRID, seeds, results) == 2 + 5 + 2 + 5 + 4 + 3 * 4
-    results.update(sweep("slope-init0.71", (4.8, 4.9, 5.0)))  # now the winner is known: still 4 runs each
+    results.update(sweep("slope-init0.71", (4.9, 4.8, 5.0)))  # now the winner is known: still 4 runs each
     plans = {p.entry: p for p in acc.resolve(arms, GRID, seeds, results)}
     assert plans["srste@winning-init"].arm == "srste-init0.71"
     assert acc.runs_left(plans["srste@winning-init"], GRID, seeds, results) == 4
@@ -293,26 +302,48 @@ def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithm
     assert rows["dense-init0.71"]["shakespeare-heldout_bpb_vs_fair_dense"] is None
 
 
-def test_the_reproduction_check_compares_to_the_digit(acc):
+def test_the_reproduction_check_compares_to_the_last_digit_given(acc):
     assert [c["reproduced"] for c in acc.reproduction({})] == [None, None]  # not run yet
-    good = record("slope", 2e-3, 0, val_loss=4.85412)
-    good["eval"]["shakespeare-heldout"]["ppl"], good["eval"]["milton"]["ppl"] = 134.42, 713.6
+    # expected 4.854 / 134.4 / 714: 4.85345 is the study's real value, a hand rounding of 4.8535 away
+    good = record("slope", 2e-3, 0, val_loss=4.85345)
+    good["eval"]["shakespeare-heldout"]["ppl"], good["eval"]["milton"]["ppl"] = 134.42, 713.1
     off = record("slope-init0.71", 2e-3, 0, val_loss=4.8127)
-    off["eval"]["shakespeare-heldout"]["ppl"], off["eval"]["milton"]["ppl"] = 129.06, 697.2  # 129.1 != 128.9
+    off["eval"]["shakespeare-heldout"]["ppl"], off["eval"]["milton"]["ppl"] = 129.06, 697.2  # 0.16 from 128.9
     slope, init = acc.reproduction({("slope", 2e-3, 0): good, ("slope-init0.71", 2e-3, 0): off})
-    assert slope["reproduced"] is True and slope["got"]["milton_ppl"] == "714"
-    assert init["reproduced"] is False and init["got"]["shakespeare-heldout_ppl"] == "129.1"
+    assert slope["reproduced"] is True and slope["got"] == {
+        "val_loss": "4.8534", "shakespeare-heldout_ppl": "134.42", "milton_ppl": "713.1"}
+    assert init["reproduced"] is False and init["got"]["shakespeare-heldout_ppl"] == "129.06"
+    # more than one unit of the last digit off, each value on its own: not the same run
+    for key, value in (("val", 4.8528), ("shakespeare-heldout", 134.51), ("milton", 715.2)):
+        near = json.loads(json.dumps(good))
+        if key == "val":
+            near["val_loss"] = value
+        else:
+            near["eval"][key]["ppl"] = value
+        assert acc.reproduction({("slope", 2e-3, 0): near})[0]["reproduced"] is False, key
 
 
-def _fake_study(acc, tmp_path, jobs, slow=None):
+# validation-loss offsets by LR: the best is 2e-3, inside the grid
+INTERIOR = {1e-3: 0.03, 2e-3: 0.0, 4e-3: 0.05}
+# dense-init0.71's and dense-half's best is the grid's lowest LR, and below it 5e-4 is better still; 2.5e-4 is
+# worse: dense-init0.71 sweeps 2.5e-4 and 5e-4 too and chooses 5e-4; dense-half then follows 5e-4 and its
+# neighbour 1e-3 (lower loss than 2.5e-4), finds 5e-4 at the grid's edge again and adds 2.5e-4
+EDGE = {2.5e-4: 0.02, 5e-4: -0.01, 1e-3: 0.0, 2e-3: 0.03, 4e-3: 0.05}
+EDGE_SWEEPS = {"dense-init0.71": (2.5e-4, 5e-4, *GRID), "dense-half": (2.5e-4, 5e-4, 1e-3)}
+
+
+def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
     """The whole 8m study with a fake runner that checks, as each run starts, that what it depends on has
     finished and been saved; returns (results, the most runs seen at once). The run `slow` (arm, lr) takes
     0.5 s, the others 0.02 s, so with 2 jobs the other runs overtake it: a scheduler that started a run
-    depending on it early would do it then."""
-    runs_dir = tmp_path / f"jobs{jobs}-{slow}" / "runs"
+    depending on it early would do it then. With `edge`, dense-init0.71 and dense-half get EDGE's losses."""
+    runs_dir = tmp_path / f"jobs{jobs}-{slow}-{edge}" / "runs"
     started, lock, live = set(), threading.Lock(), [0, 0]
-    # validation losses that make slope-init0.71 win and put dense-init0.71's best at 2e-3
+    # validation losses that make slope-init0.71 win and put dense-init0.71's best at 2e-3 (without `edge`)
     base = {"dense": 5.0, "dense-init0.71": 4.9, "slope": 4.95, "slope-init0.71": 4.85}
+    sweeps = {"dense-init0.71": GRID, "dense-half": (1e-3, 2e-3)}  # the follower's: its head's best + 1e-3
+    if edge:
+        sweeps = EDGE_SWEEPS
 
     def saved(arm, lr, seed):
         return (runs_dir / f"{acc.run_name(arm, lr, seed)}.json").exists()
@@ -325,16 +356,17 @@ def _fake_study(acc, tmp_path, jobs, slow=None):
             live[1] = max(live)
         head = acc.FOLLOWS.get(arm)
         if head:
-            assert all(saved(head, x, 0) for x in GRID), f"{arm} started before {head}'s sweep finished"
+            assert all(saved(head, x, 0) for x in sweeps.get(head, GRID)), f"{arm} started before {head}'s sweep"
         if arm in ("srste-init0.71", "wanda-init0.71", "slope-init0.71-adapters0.9"):
             assert all(saved(c, x, 0) for c in ("slope", "slope-init0.71") for x in GRID), "before the contest"
-        if seed != 0:  # its whole sweep: the grid for a head, 2 LRs for a follower
-            swept = sum(saved(arm, x, 0) for x in GRID)
-            assert swept == (2 if head else 3), f"{arm} seed {seed} started before its sweep finished"
+        if seed != 0:  # its whole sweep: the grid (and beyond) for a head, 2 LRs (and beyond) for a follower
+            swept = sweeps.get(arm, (1e-3, 2e-3) if head else GRID)
+            assert all(saved(arm, x, 0) for x in swept), f"{arm} seed {seed} started before its sweep finished"
         time.sleep(0.5 if (arm, lr) == slow else 0.02)
         with lock:
             live[0] -= 1
-        loss = base.get(arm, 5.1) + {1e-3: 0.03, 2e-3: 0.0, 4e-3: 0.05}[lr] + 0.001 * seed
+        offsets = EDGE if edge and arm in EDGE_SWEEPS else INTERIOR
+        loss = base.get(arm, 5.1) + offsets[lr] + 0.001 * seed
         return {k: v for k, v in record(arm, lr, seed, val_loss=loss).items()
                 if k not in ("arm", "method", "lr", "seed", "settings")}
 
@@ -353,6 +385,26 @@ def test_jobs_2_finishes_the_same_runs_as_jobs_1_in_dependency_order(acc, tmp_pa
     assert {k[0] for k in one} == {"dense", "dense-init0.71", "slope", "slope-init0.71", "dense-half",
                                   "slope-init0.71-adapters0.9", "srste-init0.71", "wanda-init0.71"}
     assert acc.remaining(acc.STUDY, GRID, (0, 1, 2), two) == 0
+
+
+def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_followers(acc, tmp_path):
+    one, _ = _fake_study(acc, tmp_path, jobs=1, edge=True)
+    plain, _ = _fake_study(acc, tmp_path, jobs=1)
+    # against the interior study (both best at 2e-3): dense-init0.71 adds 2.5e-4 and 5e-4 and runs its seeds at
+    # 5e-4; dense-half sweeps 2.5e-4, 5e-4, 1e-3 in place of 1e-3, 2e-3 and runs its seeds at 5e-4
+    added = {("dense-init0.71", 2.5e-4, 0), ("dense-init0.71", 5e-4, 0), ("dense-init0.71", 5e-4, 1),
+             ("dense-init0.71", 5e-4, 2), ("dense-half", 2.5e-4, 0), ("dense-half", 5e-4, 0),
+             ("dense-half", 5e-4, 1), ("dense-half", 5e-4, 2)}
+    gone = {("dense-init0.71", 2e-3, 1), ("dense-init0.71", 2e-3, 2), ("dense-half", 2e-3, 0),
+            ("dense-half", 2e-3, 1), ("dense-half", 2e-3, 2)}
+    assert set(one) == (set(plain) - gone) | added and len(one) == 39
+    for slow in (("dense-init0.71", 5e-4), ("dense-init0.71", 2.5e-4), ("dense-half", 5e-4)):
+        two, most_two = _fake_study(acc, tmp_path, jobs=2, slow=slow, edge=True)
+        assert most_two == 2 and set(two) == set(one)
+    rows = {r["arm"]: r for r in acc.aggregate(acc.STUDY, GRID, (0, 1, 2), one)}
+    assert rows["dense-init0.71"]["lr"] == 5e-4 and not rows["dense-init0.71"]["lr_at_edge"]
+    assert rows["dense-half"]["lr"] == 5e-4 and rows["dense-half"]["sweep_lrs"] == [2.5e-4, 5e-4, 1e-3]
+    assert acc.beyond_grid(acc.STUDY, GRID, (0, 1, 2), one) == 4 and acc.remaining(acc.STUDY, GRID, (0, 1, 2), one) == 0
 
 
 def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch):
@@ -424,3 +476,63 @@ def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
         acc.run_study(("dense",), GRID, (0,), SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner,
                       after_each=stop, jobs=2)
     assert time.monotonic() - start < 10 and procs and procs[0].poll() is not None
+
+
+@pytest.mark.parametrize("losses, beyond, chosen, at_edge", [
+    ((4.8, 4.9, 5.0, {5e-4: 4.85}), (5e-4,), 1e-3, False),  # below the edge is worse: 1e-3 stands, inside
+    ((4.8, 4.9, 5.0, {5e-4: 4.7, 2.5e-4: 4.6}), (5e-4, 2.5e-4), 2.5e-4, True),  # still falling: stops at 2
+    ((5.0, 4.9, 4.8, {8e-3: 4.9}), (8e-3,), 4e-3, False),  # the high edge: doubled
+    ((5.0, 4.9, 4.8, {8e-3: "diverged"}), (8e-3,), 4e-3, False),  # a diverged extension counts as worst
+])
+def test_a_head_whose_best_lr_is_the_grids_edge_sweeps_past_it_before_its_seeds(acc, losses, beyond, chosen,
+                                                                                  at_edge):
+    *grid_losses, extra = losses
+    arms, seeds = ("dense-init0.71", "dense-half"), (0, 1, 2)
+    results = sweep("dense-init0.71", grid_losses)
+    for i, lr in enumerate(beyond):  # the extension appears once the runs before it have finished
+        (plan, follower) = acc.resolve(arms, GRID, seeds, results)
+        assert plan.sweep == tuple(sorted((*GRID, *beyond[:i + 1])))
+        assert acc.plan_lr(plan, seeds, results) is None and follower.sweep is None  # nothing chosen yet
+        assert acc.pending(arms, GRID, seeds, results) == [("dense-init0.71", lr, 0)]  # no seed, no follower
+        value = extra[lr]
+        results[("dense-init0.71", lr, 0)] = record("dense-init0.71", lr, 0, val_loss=None if value == "diverged"
+                                                   else value, status="diverged" if value == "diverged" else "ok")
+    (plan, follower) = acc.resolve(arms, GRID, seeds, results)
+    assert plan.sweep == tuple(sorted((*GRID, *beyond)))  # settled: no further point
+    assert acc.plan_lr(plan, seeds, results) == chosen
+    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "dense-init0.71"] == [
+        ("dense-init0.71", chosen, 1), ("dense-init0.71", chosen, 2)]
+    assert acc.aggregate(arms, GRID, seeds, results)[0]["lr_at_edge"] is at_edge
+    # the follower's neighbours come from the whole sweep: 1e-3's are 5e-4 (4.85) and 2e-3 (4.9)
+    if losses[3] == {5e-4: 4.85}:
+        assert follower.sweep == (5e-4, 1e-3)
+
+
+def test_a_follower_extends_only_past_the_grids_edge_never_inside_it(acc):
+    arms, seeds = ("slope-init0.71", "srste-init0.71"), (0, 1, 2)
+    results = sweep("slope-init0.71", (4.9, 4.8, 4.95))  # best 2e-3, neighbour 1e-3
+    # the follower's best, 1e-3, is the grid's edge: 5e-4 is added; its seeds wait for it
+    results.update({("srste-init0.71", 1e-3, 0): record("srste-init0.71", 1e-3, 0, val_loss=5.0),
+                    ("srste-init0.71", 2e-3, 0): record("srste-init0.71", 2e-3, 0, val_loss=5.1)})
+    assert acc.pending(arms, GRID, seeds, results)[-3:] == [
+        ("srste-init0.71", 5e-4, 0), ("slope-init0.71", 2e-3, 1), ("slope-init0.71", 2e-3, 2)]
+    # its best 2e-3 is the larger of its two LRs but inside the grid: no 4e-3, the seeds run at 2e-3
+    results[("srste-init0.71", 2e-3, 0)]["val_loss"] = 4.9
+    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "srste-init0.71"] == [
+        ("srste-init0.71", 2e-3, 1), ("srste-init0.71", 2e-3, 2)]
+    # a one-LR grid has no edge to pass
+    assert acc.extend_sweep("dense", (1e-3,), (1e-3,), 0, {("dense", 1e-3, 0): record("dense", 1e-3, 0, 5.0)}) == (1e-3,)
+
+
+def test_the_slope_init_contest_waits_for_a_sweep_extended_past_the_grids_edge(acc):
+    # slope's best is 4.85 inside the grid; slope-init0.71's is 4.88 at 1e-3, the grid's edge: 5e-4 is due
+    results = {**sweep("slope", (4.9, 4.85, 5.0)), **sweep("slope-init0.71", (4.88, 4.9, 5.0))}
+    contest = ("slope", "slope-init0.71")
+    assert acc.init_winner(contest, GRID, 0, results) == (False, None)
+    arms = (*contest, "srste@winning-init")
+    assert not any(k[0].startswith("srste") for k in acc.pending(arms, GRID, (0, 1, 2), results))
+    # below the edge slope-init0.71 reaches 4.8 and wins, though by the grid alone it would have lost
+    results[("slope-init0.71", 5e-4, 0)] = record("slope-init0.71", 5e-4, 0, val_loss=4.8)
+    results[("slope-init0.71", 2.5e-4, 0)] = record("slope-init0.71", 2.5e-4, 0, val_loss=4.9)
+    assert acc.init_winner(contest, GRID, 0, results) == (True, "slope-init0.71")
+    assert "slope-init0.71 4.8000 at lr 0.0005" in acc.contest_text(arms, GRID, (0, 1, 2), results)
