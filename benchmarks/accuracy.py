@@ -252,6 +252,10 @@ def summarize_run(run_dir: Path) -> dict:
              if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
     curve = [[r["step"], r["loss"]] for r in records if r.get("kind") == "eval" and r.get("set") == "val"]
     best = min(curve, key=lambda point: point[1]) if curve else [None, None]
+    # each step's time (logged every step), from its tokens per second and the tokens of one step
+    step_tokens = summary["tokens"] / max(1, summary["steps"])
+    step_times = [step_tokens / r["tokens_per_s"] for r in train
+                  if isinstance(r.get("tokens_per_s"), (int, float)) and r["tokens_per_s"] > 0]
     return {
         "status": "ok",
         "val_loss": summary["eval"]["val"]["loss"],  # the final validation loss: what the LR sweep compares
@@ -267,6 +271,8 @@ def summarize_run(run_dir: Path) -> dict:
         "final_train_loss": summary["final_train_loss"],
         "steps": summary["steps"], "tokens": summary["tokens"], "parameters": summary["parameters"],
         "train_seconds": summary["train_seconds"], "run_wall_seconds": summary["wall_seconds"],
+        # the typical step, for estimates that do not project a pause or a busy spell onto every run left
+        "median_step_seconds": statistics.median(step_times) if step_times else None,
         "device": summary["device"], "precision": summary["precision"],
     }
 
@@ -589,11 +595,22 @@ def run_study(arms, lrs, seeds, settings: dict, runs_dir: Path, work: Path,
     return results
 
 
+def typical_seconds(record: dict) -> float | None:
+    """A finished run's time at its median step: its steps at the median step time plus what it spent
+    outside the training loop, so a pause (a suspended study, a busy machine) is not projected onto the runs
+    left; its wall time for a run recorded without step times."""
+    step = record.get("median_step_seconds")
+    if step and record.get("steps") and record.get("run_wall_seconds") and record.get("train_seconds"):
+        return record["steps"] * step + record["run_wall_seconds"] - record["train_seconds"]
+    return record.get("wall_seconds")
+
+
 def estimate(arms, lrs, seeds, results: dict, jobs: int = 1) -> tuple[int, float | None]:
-    """(runs left, seconds they should take from the median wall time of the finished runs / jobs, or None)."""
+    """(runs left, seconds they should take: the median typical_seconds of the finished runs x runs / jobs,
+    or None before any run has finished)."""
     left = remaining(arms, lrs, seeds, results)
-    walls = [r["wall_seconds"] for r in results.values() if r.get("wall_seconds")]
-    return left, (left * statistics.median(walls) / max(1, jobs) if walls else None)
+    times = [t for r in results.values() if (t := typical_seconds(r))]
+    return left, (left * statistics.median(times) / max(1, jobs) if times else None)
 
 
 def _nominal(plan: Plan, arms, lrs, seeds) -> int:
@@ -1024,7 +1041,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"accuracy: error: {err}")
     left, seconds = estimate(arms, lrs, seeds, results, args.jobs)
     total, extended = planned(arms, lrs, seeds), beyond_grid(arms, lrs, seeds, results)
-    when = (f"about {_hours(seconds)} at the median of the finished runs, {args.jobs} at a time"
+    when = (f"about {_hours(seconds)} at the finished runs' typical step time, {args.jobs} at a time"
             if seconds is not None else "time unknown until one run has finished")
     beyond = f" + {extended} beyond the LR grid's edge" if extended else ""
     print(f"accuracy study {scale_name}: {total} runs planned ({breakdown(arms, lrs, seeds)}){beyond}, "

@@ -157,6 +157,8 @@ def test_one_real_tiny_run_end_to_end(acc, tmp_path):
     # the LR sweep compares the final loss on the training corpus' held-out split, nothing else
     assert saved["val_loss"] == saved["eval"]["val"]["loss"] == saved["val_curve"][-1][1]
     assert saved["val_curve"][-1][0] == 2 and saved["clip_rate"] is not None
+    # the median of the two logged step times is their mean: half the training loop's time (a few roundings)
+    assert 2 * saved["median_step_seconds"] == pytest.approx(saved["train_seconds"], rel=1e-9)
     assert not (study / "dense-lr0.01-seed0").exists()  # the run directory is deleted once its JSON is saved
     report = json.loads((study / "study" / "accuracy_quick.json").read_text())
     assert report["metrics"]["runs_left"] == 0
@@ -536,3 +538,19 @@ def test_the_slope_init_contest_waits_for_a_sweep_extended_past_the_grids_edge(a
     results[("slope-init0.71", 2.5e-4, 0)] = record("slope-init0.71", 2.5e-4, 0, val_loss=4.9)
     assert acc.init_winner(contest, GRID, 0, results) == (True, "slope-init0.71")
     assert "slope-init0.71 4.8000 at lr 0.0005" in acc.contest_text(arms, GRID, (0, 1, 2), results)
+
+
+def test_the_time_estimate_projects_the_typical_step_not_a_pause(acc):
+    arms, lrs, seeds = ("dense",), GRID, (0, 1, 2)
+    results = sweep("dense", (4.9, 4.8, 5.0))  # best inside the grid: 2 seeds left
+    # one run suspended for an hour: 800 steps at a median of 2 s, plus 100 s outside the loop = 1,700 s
+    paused = {"median_step_seconds": 2.0, "steps": 800, "train_seconds": 5200.0, "run_wall_seconds": 5300.0,
+              "wall_seconds": 5310.0}
+    assert acc.typical_seconds({**results[("dense", 1e-3, 0)], **paused}) == pytest.approx(1700.0)
+    for lr in GRID:
+        results[("dense", lr, 0)] = {**results[("dense", lr, 0)], **paused}
+    assert acc.estimate(arms, lrs, seeds, results, jobs=2) == (2, pytest.approx(2 * 1700.0 / 2))
+    # runs recorded before step times were kept count at their wall time
+    del results[("dense", 1e-3, 0)]["median_step_seconds"]
+    del results[("dense", 2e-3, 0)]["median_step_seconds"]
+    assert acc.estimate(arms, lrs, seeds, results) == (2, pytest.approx(2 * 5310.0))
