@@ -72,7 +72,8 @@ bound 2x), measured by `benchmarks/threads.py` on the study's model and batch
 
 Time: the first five 8m runs (dense and dense-init0.71, 800 steps, on 2 shared CPU cores alongside other
 work) took 640-958 s each, median 669 s (about 11 minutes), so the 36 runs are about 7 hours one at a time
-(dense-half, with half the blocks, should be quicker). A 30m step is about 3.5x the compute.
+(dense-half, with half the blocks, should be quicker). A 30m step is about 3.3x the training FLOPs
+(train_flops_per_token), so until one 30m run has finished its `--estimate` projects from the 8m runs.
 `--estimate` projects from the runs already finished on the machine at hand.
 """
 
@@ -176,6 +177,20 @@ def llama_parameters(hidden: int, layers: int, intermediate: int, vocab: int = 8
     """Parameters of the llama preset with tied embeddings: embeddings, per block 4 attention and 3 MLP
     matrices and 2 norms, and the final norm."""
     return vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
+
+
+# (hidden, layers, MLP width) of the CPU scales' models: a scale with no finished run yet projects its time
+# from the 8m runs by the ratio of their training FLOPs per token
+SHAPES = {"8m": (256, 8, 688), "30m": (512, 8, 1376)}
+
+
+def train_flops_per_token(hidden: int, layers: int, intermediate: int, seq_len: int = 256,
+                          vocab: int = 8192) -> int:
+    """Training FLOPs per token: 6 per weight of every matrix product (2 forward, 4 backward), the tied
+    output head included, plus attention's scores and weighted sum, 12 x layers x seq_len x hidden (forward
+    and backward, no causal discount). Norms, the optimizer and the mask are left out: small at these sizes."""
+    matmul_weights = layers * (4 * hidden * hidden + 3 * hidden * intermediate) + vocab * hidden
+    return 6 * matmul_weights + 12 * layers * seq_len * hidden
 
 
 def run_name(arm: str, lr: float, seed: int) -> str:
@@ -613,6 +628,23 @@ def estimate(arms, lrs, seeds, results: dict, jobs: int = 1) -> tuple[int, float
     return left, (left * statistics.median(times) / max(1, jobs) if times else None)
 
 
+def projected_seconds(scale: str, left: int, jobs: int, runs_8m: Path) -> tuple[float, float] | None:
+    """(seconds, FLOP ratio) for the runs left of a scale with no finished run: the 8m runs' median
+    typical_seconds x the scale's training FLOPs per token over 8m's; None without 8m runs or a shape."""
+    if scale == "8m" or scale not in SHAPES or not runs_8m.is_dir():
+        return None
+    times = []
+    for path in runs_8m.glob("*.json"):
+        record = json.loads(path.read_text())
+        if record.get("status") == "ok" and record.get("settings", {}).get("scale") == "8m":
+            times.append(typical_seconds(record))
+    times = [t for t in times if t]
+    if not times:
+        return None
+    ratio = train_flops_per_token(*SHAPES[scale]) / train_flops_per_token(*SHAPES["8m"])
+    return left * statistics.median(times) * ratio / max(1, jobs), ratio
+
+
 def _nominal(plan: Plan, arms, lrs, seeds) -> int:
     """A plan's runs before anything has run: a head's grid, or a follower's 2 LRs, plus the other seeds."""
     follows = plan.entry in SLOTS or FOLLOWS.get(plan.arm) in arms
@@ -1041,8 +1073,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"accuracy: error: {err}")
     left, seconds = estimate(arms, lrs, seeds, results, args.jobs)
     total, extended = planned(arms, lrs, seeds), beyond_grid(arms, lrs, seeds, results)
-    when = (f"about {_hours(seconds)} at the finished runs' typical step time, {args.jobs} at a time"
-            if seconds is not None else "time unknown until one run has finished")
+    projected = projected_seconds(scale_name, left, args.jobs, _report.RESULTS / "accuracy" / "8m" / "runs")
+    if seconds is not None:
+        when = f"about {_hours(seconds)} at the finished runs' typical step time, {args.jobs} at a time"
+    elif projected is not None:
+        when = (f"about {_hours(projected[0])}, {args.jobs} at a time, projected from the 8m runs' typical time x "
+                f"{projected[1]:.2f}, the ratio of training FLOPs per token (a CPU runs matrices of the two sizes "
+                "at different efficiency: a rough guide until one run has finished)")
+    else:
+        when = "time unknown until one run has finished"
     beyond = f" + {extended} beyond the LR grid's edge" if extended else ""
     print(f"accuracy study {scale_name}: {total} runs planned ({breakdown(arms, lrs, seeds)}){beyond}, "
           f"{finished(arms, lrs, seeds, results)} finished, "

@@ -554,3 +554,26 @@ def test_the_time_estimate_projects_the_typical_step_not_a_pause(acc):
     del results[("dense", 1e-3, 0)]["median_step_seconds"]
     del results[("dense", 2e-3, 0)]["median_step_seconds"]
     assert acc.estimate(arms, lrs, seeds, results) == (2, pytest.approx(2 * 5310.0))
+
+
+def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, tmp_path):
+    # by hand, 8m: matrices 8 x (4 x 256^2 + 3 x 256 x 688) + 8192 x 256 = 8,421,376 weights, x 6 = 50,528,256,
+    # attention 12 x 8 x 256 x 256 = 6,291,456: 56,819,712. 30m: 8 x (4 x 512^2 + 3 x 512 x 1376) + 8192 x 512
+    # = 29,491,200 weights, x 6 = 176,947,200, attention 12,582,912: 189,530,112
+    assert acc.train_flops_per_token(256, 8, 688) == 56_819_712
+    assert acc.train_flops_per_token(512, 8, 1376) == 189_530_112
+    runs = tmp_path / "8m-runs"
+    runs.mkdir()
+    for i, seconds in enumerate((900.0, 1000.0, 5000.0)):  # median 1,000 s
+        rec = {**record("dense", 1e-3, i, 5.0), "settings": SETTINGS_8M, "wall_seconds": seconds}
+        (runs / f"dense-lr0.001-seed{i}.json").write_text(json.dumps(rec))
+    seconds, ratio = acc.projected_seconds("30m", 36, 2, runs)
+    assert ratio == pytest.approx(189_530_112 / 56_819_712)
+    assert seconds == pytest.approx(36 * 1000.0 * ratio / 2)
+    assert acc.projected_seconds("8m", 36, 2, runs) is None  # 8m has no smaller scale to project from
+    assert acc.projected_seconds("30m", 36, 2, tmp_path / "none") is None
+    # the command line: a 30m study with nothing finished quotes the projection from the committed 8m runs
+    done = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--scale", "30m", "--estimate",
+                           "--out", str(tmp_path / "30m")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 finished, 36 left (about " in done.stdout and "projected from the 8m runs' typical time x 3.34" in done.stdout
