@@ -622,9 +622,11 @@ def typical_seconds(record: dict) -> float | None:
 
 def estimate(arms, lrs, seeds, results: dict, jobs: int = 1) -> tuple[int, float | None]:
     """(runs left, seconds they should take: the median typical_seconds of the finished runs x runs / jobs,
-    or None before any run has finished)."""
+    or None before any run has finished). Runs with step times count alone once there are any: the wall
+    time of a run recorded without them may hold a pause."""
     left = remaining(arms, lrs, seeds, results)
-    times = [t for r in results.values() if (t := typical_seconds(r))]
+    timed = [r for r in results.values() if r.get("median_step_seconds")] or list(results.values())
+    times = [t for r in timed if (t := typical_seconds(r))]
     return left, (left * statistics.median(times) / max(1, jobs) if times else None)
 
 

@@ -550,9 +550,11 @@ def test_the_time_estimate_projects_the_typical_step_not_a_pause(acc):
     for lr in GRID:
         results[("dense", lr, 0)] = {**results[("dense", lr, 0)], **paused}
     assert acc.estimate(arms, lrs, seeds, results, jobs=2) == (2, pytest.approx(2 * 1700.0 / 2))
-    # runs recorded before step times were kept count at their wall time
+    # a run recorded before step times were kept may hold a pause: it counts only when no run has step times
     del results[("dense", 1e-3, 0)]["median_step_seconds"]
     del results[("dense", 2e-3, 0)]["median_step_seconds"]
+    assert acc.estimate(arms, lrs, seeds, results) == (2, pytest.approx(2 * 1700.0))
+    del results[("dense", 4e-3, 0)]["median_step_seconds"]
     assert acc.estimate(arms, lrs, seeds, results) == (2, pytest.approx(2 * 5310.0))
 
 
