@@ -7,6 +7,7 @@ inference cost reached another way, each arm LR-swept and over several seeds.
     python benchmarks/accuracy.py --scale 8m --estimate        # the plan, runs left and their time
     python benchmarks/accuracy.py --scale 8m --report-only     # rewrite the report from the finished runs
     python benchmarks/accuracy.py --scale 8m --jobs 2 --threads 1   # two runs at a time, one thread each
+    python benchmarks/accuracy.py --scale 8m --device cuda --jobs 8 --threads 1   # on a GPU (gpu_study.sh)
     python benchmarks/accuracy.py --quick                      # smoke test: tiny model, about a minute
 
 It answers two questions: (1) how much quality does a 2:4 model lose against the dense model of the same
@@ -159,6 +160,10 @@ class Scale:
     arms: tuple[str, ...]  # arms and conditional slots
     train_data: str | None  # None: --train-data must be given
     layers: int  # the model's blocks (dense-half trains half of them)
+    device: str | None = "cpu"  # where its runs train unless --device says otherwise (None: slope's choice)
+    # --run.precision of every run; "fp32" keeps a CPU scale's runs comparable wherever they train (a GPU
+    # would otherwise pick bf16); None: the scale's config decides
+    precision: str | None = "fp32"
 
 
 _MODEL_30M = ("--model.hidden_size=512", "--model.num_layers=8", "--model.num_heads=8",
@@ -168,8 +173,8 @@ SCALES = {
     "8m": Scale(None, (), 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), STUDY, "shakespeare", 8),
     "30m": Scale(None, _MODEL_30M, 800, (1e-3, 2e-3, 4e-3), (0, 1, 2), STUDY, "shakespeare", 8),
     # 131,072 tokens a step: 2,000 steps are 262M tokens, so it needs a real corpus (--train-data)
-    "gpt2-small": Scale("gpu-gpt2-small", (), 2000, (3e-4, 6e-4, 1.2e-3), (0, 1), STUDY, None, 12),
-    "quick": Scale("tiny", (), 4, (1e-2,), (0, 1), ("dense", "slope"), "shakespeare", 2),
+    "gpt2-small": Scale("gpu-gpt2-small", (), 2000, (3e-4, 6e-4, 1.2e-3), (0, 1), STUDY, None, 12, "cuda", None),
+    "quick": Scale("tiny", (), 4, (1e-2,), (0, 1), ("dense", "slope"), "shakespeare", 2, None),  # slope's device
 }
 
 
@@ -216,9 +221,15 @@ def arm_overrides(arm: str, settings: dict | None = None) -> tuple[str, ...]:
     return tuple(o.replace("{half_layers}", str(max(1, scale.layers // 2))) for o in overrides)
 
 
-def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path) -> list[str]:
-    """The `slope train` command of one run: the scale's settings, then the arm's overrides, then --extra."""
+def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path, device: str | None = None) -> list[str]:
+    """The `slope train` command of one run: the scale's settings, then the arm's overrides, then --extra.
+    `device` (cpu or cuda; None: slope's choice) and the scale's precision are not settings: runs of one
+    study on a CPU and on a GPU at the same precision differ only in the order of float sums."""
     method = ARMS[arm][0]
+    scale = SCALES.get(settings["scale"])
+    placement = [f"--run.device={device}"] if device else []
+    if scale is not None and scale.precision:
+        placement.append(f"--run.precision={scale.precision}")
     steps = settings["steps"]
     command = [sys.executable, "-m", "slope", "train"]
     if settings["config"]:
@@ -232,7 +243,7 @@ def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path)
         "--train.log_every=1",
         # one checkpoint, at the end (the run directory is deleted anyway); no TensorBoard files
         f"--checkpoint.every={steps}", "--checkpoint.keep_last=1", "--run.logger=none",
-        *settings["model"], *settings["warmup"], *arm_overrides(arm, settings), *settings["extra"],
+        *placement, *settings["model"], *settings["warmup"], *arm_overrides(arm, settings), *settings["extra"],
     ]
     return command
 
@@ -307,14 +318,15 @@ def _kill_live_runs() -> None:
         proc.kill()
 
 
-def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path, threads: int | None = None) -> dict:
+def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path, threads: int | None = None,
+              device: str | None = None) -> dict:
     """Train one run in `work`, read its results, delete its directory. A divergence (the loss became
     NaN or infinite) is a result, recorded so it is not retried; any other failure stops the study."""
     name = run_name(arm, lr, seed)
     run_dir, log_path = work / name, work / f"{name}.log"
     if run_dir.exists():  # left by a study killed during this run: it had not finished, so start over
         shutil.rmtree(run_dir)
-    command = train_command(settings, arm, lr, seed, run_dir)
+    command = train_command(settings, arm, lr, seed, run_dir, device)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(threads))
@@ -561,9 +573,9 @@ def _write_record(runs_dir: Path, record: dict) -> None:
 
 def run_study(arms, lrs, seeds, settings: dict, runs_dir: Path, work: Path,
               runner: Callable[..., dict] = train_run, after_each: Callable[[dict], None] | None = None,
-              threads: int | None = None, jobs: int = 1) -> dict:
+              threads: int | None = None, jobs: int = 1, device: str | None = None) -> dict:
     """Run every pending run, up to `jobs` at a time, writing each one's JSON as soon as it finishes;
-    returns all results. `runner(settings, arm, lr, seed, work, threads=threads)` trains one run. A run
+    returns all results. `runner(settings, arm, lr, seed, work, threads=threads, device=device)` trains one run. A run
     that fails stops the study once the runs in progress have finished (and been saved)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -583,7 +595,7 @@ def run_study(arms, lrs, seeds, settings: dict, runs_dir: Path, work: Path,
                         others = f", {len(running)} other(s) running" if running else ""
                         print(f"[{run_name(*key)}] starting; {remaining(arms, lrs, seeds, results)} run(s) left"
                               f"{others}", flush=True)
-                        running[pool.submit(runner, settings, *key, work, threads=threads)] = key
+                        running[pool.submit(runner, settings, *key, work, threads=threads, device=device)] = key
                 if not running:
                     break
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -947,6 +959,11 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
               f"PARTIAL: {left} of {total} runs still missing (listed per arm in the table above); rerun the same command to continue")
     contest = contest_text(arms, lrs, seeds, results)
     threads = sorted({str(r.get("threads", "not recorded")) for r in results.values() if r["arm"] in by_arm})
+    places: dict[str, int] = {}  # "cpu float32" -> runs
+    for r in results.values():
+        if r["arm"] in by_arm and r.get("status") == "ok":
+            place = f"{r.get('device', '?')} {r.get('precision', '?')}"
+            places[place] = places.get(place, 0) + 1
     notes = "\n\n".join(filter(None, [
         f"Study status: {status}.",
         contest,
@@ -954,7 +971,8 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
         f"{' '.join(settings['model']) or 'its default model'}, {settings['steps']} steps for every arm "
         f"(the same tokens for all), trained on `{settings['train_data']}`. LR grid {', '.join(f'{x:g}' for x in lrs)} "
         f"at seed {seeds[0]} for the family heads; a follower (\"follows\") sweeps its head's best LR and one grid "
-        f"neighbour of it; seeds {', '.join(map(str, seeds))} at the chosen LR. Threads per run: {', '.join(threads) or '—'}.",
+        f"neighbour of it; seeds {', '.join(map(str, seeds))} at the chosen LR. Threads per run: {', '.join(threads) or '—'}. "
+        f"Trained on: {', '.join(f'{k} ({n} runs)' for k, n in sorted(places.items())) or '—'}.",
         "The LR is chosen by the final loss on the held-out last 5 % of the training corpus (`--data.val=`, "
         f"`--data.val_fraction={VAL_FRACTION}`); the reported sets (Shakespeare's held-out works, Milton) are evaluated "
         "once at the end of each run and never used to choose anything. An arm whose best LR is the grid's edge "
@@ -1033,6 +1051,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(default benchmarks/results)")
     parser.add_argument("--threads", type=_positive, help="OMP_NUM_THREADS and MKL_NUM_THREADS of every run "
                         "(default: $OMP_NUM_THREADS if set, else torch's default); recorded in each run's JSON")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="where every run trains (default: cpu for 8m and 30m, cuda for gpt2-small, slope's "
+                        "choice for --quick); 8m and 30m train in float32 on either, so runs from both devices "
+                        "belong to one study")
     parser.add_argument("--jobs", type=_positive, default=1,
                         help="runs trained at once, in dependency order (default 1)")
     parser.add_argument("--estimate", action="store_true", help="print the plan, the runs left and their time; run nothing")
@@ -1106,7 +1128,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{left} run(s) left, about {_hours(seconds)}", flush=True)
 
             results = run_study(arms, lrs, seeds, settings, runs_dir, work, after_each=progress,
-                                threads=threads, jobs=args.jobs)
+                                threads=threads, jobs=args.jobs, device=args.device or scale.device)
         path = write_report(scale_name, arms, lrs, seeds, settings, results, runs_dir, report_dir)
     except StudyError as err:
         sys.exit(f"accuracy: error: {err}")

@@ -48,6 +48,9 @@
 # Exit status: 0 when every selected stage passed, 1 when one did not, 2 for a bad setting,
 # 128+n after signal n.
 #
+# After the check, in the device time left: benchmarks/gpu_study.sh continues the 8m quality study on
+# the GPU (docs/gpu.md).
+#
 # CPU rehearsal (REHEARSAL=1): every stage on a CPU at tiny shapes with the emulated 2:4 library,
 # short limits, to check the stage plumbing, the limits and the $OUT layout before a GPU is lent
 # (tests/test_gpu_check_rehearsal.py runs it). Only what cannot run without CUDA is skipped, with

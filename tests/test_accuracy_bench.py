@@ -88,7 +88,7 @@ def test_resume_skips_finished_runs(acc, tmp_path):
     arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3, 4e-3), (0, 1, 2)
     calls, kill_at = [], [3]
 
-    def runner(settings, arm, lr, seed, work, threads=None):
+    def runner(settings, arm, lr, seed, work, threads=None, device=None):
         calls.append((arm, lr, seed))
         assert len(calls) <= 10, "the study trains runs that have finished"  # rather than loop for ever
         if len(calls) == kill_at[0]:
@@ -350,7 +350,7 @@ def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
     def saved(arm, lr, seed):
         return (runs_dir / f"{acc.run_name(arm, lr, seed)}.json").exists()
 
-    def runner(settings, arm, lr, seed, work, threads=None):
+    def runner(settings, arm, lr, seed, work, threads=None, device=None):
         with lock:
             assert (arm, lr, seed) not in started, "a run was started twice"
             started.add((arm, lr, seed))
@@ -436,7 +436,7 @@ def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch)
 
 
 def test_a_failed_run_stops_the_study_once_the_runs_in_progress_are_saved(acc, tmp_path):
-    def runner(settings, arm, lr, seed, work, threads=None):
+    def runner(settings, arm, lr, seed, work, threads=None, device=None):
         if lr == 1e-3:
             raise acc.StudyError("run failed")
         time.sleep(0.2)  # still running when its neighbour fails
@@ -454,7 +454,7 @@ def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
     the `slope train` processes itself (here `sleep`), rather than leave them training as orphans."""
     procs = []
 
-    def runner(settings, arm, lr, seed, work, threads=None):
+    def runner(settings, arm, lr, seed, work, threads=None, device=None):
         if lr == 2e-3:  # a long run, registered like train_run's
             proc = subprocess.Popen(["sleep", "30"])
             procs.append(proc)
@@ -579,3 +579,32 @@ def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, tm
                            "--out", str(tmp_path / "30m")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 finished, 36 left (about " in done.stdout and "projected from the 8m runs' typical time x 3.34" in done.stdout
+
+
+@pytest.mark.parametrize("flag, device", [([], "cpu"), (["--device", "cuda"], "cuda")])
+def test_the_device_reaches_every_run_and_a_cpu_scale_trains_in_float32_on_either(acc, tmp_path, monkeypatch,
+                                                                                   flag, device):
+    seen = []
+
+    class FakePopen:  # `slope train` as a process that diverges at once, so nothing trains
+        def __init__(self, command, stdout, stderr, env):
+            seen.append(command)
+            stdout.write("the loss became nan at step 1\n")
+            stdout.flush()
+
+        def wait(self):
+            return 1
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(acc.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(acc.signal, "signal", lambda *args: None)  # main's SIGTERM handler stays out of pytest
+    acc.main(["--scale", "8m", *flag, "--arms", "dense", "--lrs", "1e-3", "--seeds", "0", "--threads", "1",
+              "--out", str(tmp_path / "out"), "--work", str(tmp_path), "--report-dir", str(tmp_path)])
+    (command,) = seen
+    assert f"--run.device={device}" in command and "--run.precision=fp32" in command
+    # GPT-2 small trains on a GPU at its config's precision
+    gpt2 = {**SETTINGS_8M, "scale": "gpt2-small", "config": "gpu-gpt2-small"}
+    command = acc.train_command(gpt2, "slope", 6e-4, 0, tmp_path / "run", acc.SCALES["gpt2-small"].device)
+    assert "--run.device=cuda" in command and not any(c.startswith("--run.precision") for c in command)
