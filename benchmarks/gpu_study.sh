@@ -30,6 +30,7 @@ mkdir -p "$OUT" || { echo "gpu_study: cannot create OUT=$OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # slope from this checkout
 LOG="$OUT/study.log"
 STUDY="$OUT/study"
 WORK=$(mktemp -d)  # run directories: deleted run by run, and here at the end
