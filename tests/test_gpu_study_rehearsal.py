@@ -1,6 +1,7 @@
-"""benchmarks/gpu_study.sh rehearsed on this CPU (REHEARSAL=1: one 4-step run of the tiny model through
-the same plumbing): the study's finished runs travel with it, a run it finishes comes back, $OUT ends
-with its 2 files however the study ends, and the documented command brings the runs home.
+"""benchmarks/gpu_study.sh rehearsed on this CPU (REHEARSAL=1: each scale's command line with --estimate,
+then one 4-step run of the tiny model): the study's finished runs travel with it and the study there
+accepts them, a run it finishes comes back, $OUT ends with its 2 files however the study ends, and the
+documented command brings the runs home.
 No test here times anything; the subprocess timeouts are only guards against a hung script."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ GUARD_S = 240
 
 
 def rehearse(out: Path, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("JOBS", "T_STUDY", "OUT")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("JOBS", "T_STUDY", "OUT", "SCALES")}
     return subprocess.run(["bash", str(SCRIPT)], env={**clean, "REHEARSAL": "1", "OUT": str(out), "PY": sys.executable, **env},
                           capture_output=True, text=True, timeout=GUARD_S)
 
@@ -42,6 +43,10 @@ def test_the_study_runs_on_the_given_device_and_comes_back_in_two_files(tmp_path
     assert new["status"] == "ok" and new["device"] == "cpu" and new["precision"] == "float32"
     assert "--run.device=cpu" in new["command"] and "--run.precision=fp32" in new["command"]
     assert "study/quick/accuracy_quick.md" in names
+    # each scale's study read its copied runs (a settings mismatch would have failed it) on the given device
+    for scale in ("8m", "30m"):
+        assert f"accuracy.py --scale {scale} --device cpu --jobs 8 --out" in log
+        assert f"accuracy study {scale}: 36 runs planned" in log
     # the documented command brings the runs home
     home = tmp_path / "benchmarks" / "results" / "accuracy" / "8m"
     home.mkdir(parents=True)
@@ -66,3 +71,5 @@ def test_bad_settings_are_refused_in_one_line(tmp_path):
         done = rehearse(tmp_path / name, **{name: value})
         assert done.returncode == 2
         assert done.stderr.strip() == f"gpu_study: {name}={value} is not a positive whole number"
+    done = rehearse(tmp_path / "scales", SCALES="8m 125m")
+    assert done.returncode == 2 and done.stderr.strip() == "gpu_study: SCALES holds 125m; the scales are 8m and 30m"
