@@ -71,11 +71,12 @@ an arm's seeds only once its own sweep has). On a 2-core machine two 1-thread ru
 bound 2x), measured by `benchmarks/threads.py` on the study's model and batch
 (benchmarks/results/threads.md): so the study runs `--jobs 2 --threads 1` there.
 
-Time: the first five 8m runs (dense and dense-init0.71, 800 steps, on 2 shared CPU cores alongside other
-work) took 640-958 s each, median 669 s (about 11 minutes), so the 36 runs are about 7 hours one at a time
-(dense-half, with half the blocks, should be quicker). A 30m step is about 3.3x the training FLOPs
-(train_flops_per_token), so until one 30m run has finished its `--estimate` projects from the 8m runs.
-`--estimate` projects from the runs already finished on the machine at hand.
+Time: on 2 CPU cores with `--jobs 2 --threads 1` and little else running, two 8m runs side by side take
+about 30 minutes (1,784 and 1,848 s for dense-init0.71 at 5e-4 and SR-STE at 1e-3), so about 15 minutes
+a run and 9 to 10 hours for the whole study; each run records its median step time, and `--estimate`
+projects from those, not from wall times that include a suspended study or a busy machine. A 30m step
+is about 3.3x the training FLOPs (train_flops_per_token), so until one 30m run has finished its
+`--estimate` projects from the 8m runs.
 """
 
 from __future__ import annotations
