@@ -23,6 +23,18 @@ def acc():
         yield module
 
 
+@pytest.fixture(scope="module")
+def plan(acc):
+    """The study's design and order (benchmarks/_study_plan.py), as accuracy.py imported it."""
+    return sys.modules["benchmarks._study_plan"]
+
+
+@pytest.fixture(scope="module")
+def rep(acc):
+    """The study's report (benchmarks/_study_report.py), as accuracy.py imported it."""
+    return sys.modules["benchmarks._study_report"]
+
+
 def record(arm, lr, seed, val_loss, sh_bpb=2.5, milton_bpb=3.5, milton_ppl=1000.0, status="ok"):
     """A finished run's JSON as the study writes it, with made-up numbers."""
     return {
@@ -36,36 +48,36 @@ def record(arm, lr, seed, val_loss, sh_bpb=2.5, milton_bpb=3.5, milton_ppl=1000.
     }
 
 
-def test_lr_is_chosen_by_validation_loss_never_by_a_test_set(acc):
+def test_lr_is_chosen_by_validation_loss_never_by_a_test_set(plan, rep):
     # lr 2e-3 has the lowest validation loss; Milton (and Shakespeare) would pick 1e-3
     results = {
         ("dense", 1e-3, 0): record("dense", 1e-3, 0, val_loss=5.0, sh_bpb=2.0, milton_bpb=3.0, milton_ppl=500.0),
         ("dense", 2e-3, 0): record("dense", 2e-3, 0, val_loss=4.8, sh_bpb=2.4, milton_bpb=3.4, milton_ppl=900.0),
         ("dense", 4e-3, 0): record("dense", 4e-3, 0, val_loss=4.9, sh_bpb=2.2, milton_bpb=3.2, milton_ppl=700.0),
     }
-    assert acc.choose_lr("dense", (1e-3, 2e-3, 4e-3), 0, results) == 2e-3
-    (row,) = acc.aggregate(("dense",), (1e-3, 2e-3, 4e-3), (0,), results)
+    assert plan.choose_lr("dense", (1e-3, 2e-3, 4e-3), 0, results) == 2e-3
+    (row,) = rep.aggregate(("dense",), (1e-3, 2e-3, 4e-3), (0,), results)
     assert row["lr"] == 2e-3 and not row["lr_at_edge"]
     assert row["milton_ppl"]["mean"] == 900.0  # reported at the chosen LR, whatever the test sets say
     # the seeds after the sweep run at the chosen LR
-    assert acc.pending(("dense",), (1e-3, 2e-3, 4e-3), (0, 1), results) == [("dense", 2e-3, 1)]
+    assert plan.pending(("dense",), (1e-3, 2e-3, 4e-3), (0, 1), results) == [("dense", 2e-3, 1)]
 
 
-def test_lr_selection_waits_for_the_whole_sweep_and_skips_diverged_lrs(acc):
+def test_lr_selection_waits_for_the_whole_sweep_and_skips_diverged_lrs(plan):
     lrs = (1e-3, 2e-3)
     partial = {("slope", 1e-3, 0): record("slope", 1e-3, 0, val_loss=5.0)}
-    assert acc.choose_lr("slope", lrs, 0, partial) is None
+    assert plan.choose_lr("slope", lrs, 0, partial) is None
     diverged = {**partial, ("slope", 2e-3, 0): record("slope", 2e-3, 0, val_loss=None, status="diverged")}
-    assert acc.choose_lr("slope", lrs, 0, diverged) == 1e-3
+    assert plan.choose_lr("slope", lrs, 0, diverged) == 1e-3
 
 
-def test_seed_statistics_match_hand_arithmetic(acc):
+def test_seed_statistics_match_hand_arithmetic(rep):
     lrs, seeds = (1e-3,), (0, 1, 2)
     results = {}
     for seed, (dense_bpb, slope_bpb) in enumerate([(2.0, 2.0), (2.1, 2.2), (2.3, 2.6)]):
         results[("dense", 1e-3, seed)] = record("dense", 1e-3, seed, 5.0, sh_bpb=dense_bpb)
         results[("slope", 1e-3, seed)] = record("slope", 1e-3, seed, 5.0, sh_bpb=slope_bpb)
-    dense, sparse = acc.aggregate(("dense", "slope"), lrs, seeds, results)
+    dense, sparse = rep.aggregate(("dense", "slope"), lrs, seeds, results)
     # slope: mean (2.0 + 2.2 + 2.6) / 3 = 2.266667; deviations -0.266667, -0.066667, 0.333333;
     # squares 0.071111 + 0.004444 + 0.111111 = 0.186667; / (3 - 1) = 0.093333; sqrt = 0.305505
     s = sparse["shakespeare-heldout_bpb"]
@@ -80,7 +92,7 @@ def test_seed_statistics_match_hand_arithmetic(acc):
     d = sparse["shakespeare-heldout_bpb_vs_fair_dense"]
     assert d["diff"] == pytest.approx(0.133333, abs=1e-6)
     assert d["se"] == pytest.approx(0.197203, abs=1e-6)
-    one_seed = acc.stats([3.0])
+    one_seed = rep.stats([3.0])
     assert one_seed["mean"] == 3.0 and one_seed["std"] is None
 
 
@@ -113,15 +125,15 @@ def test_resume_skips_finished_runs(acc, tmp_path):
     assert calls == []  # a finished study runs nothing
 
 
-def test_results_of_other_settings_are_refused(acc, tmp_path):
+def test_results_of_other_settings_are_refused(acc, plan, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "dense-lr0.001-seed0.json").write_text(json.dumps(record("dense", 1e-3, 0, 5.0)))
-    with pytest.raises(acc.StudyError, match="other settings"):
+    with pytest.raises(plan.StudyError, match="other settings"):
         acc.load_results(runs, {**SETTINGS, "steps": 800})
 
 
-def test_missing_runs_are_reported_as_missing(acc, tmp_path):
+def test_missing_runs_are_reported_as_missing(plan, rep, tmp_path):
     arms, lrs, seeds = ("dense", "slope"), (1e-3, 2e-3, 4e-3), (0, 1)
     results = {  # dense: sweep done (best inside the grid), seed 1 missing; slope: a third of its sweep
         ("dense", 1e-3, 0): record("dense", 1e-3, 0, 5.0),
@@ -129,13 +141,13 @@ def test_missing_runs_are_reported_as_missing(acc, tmp_path):
         ("dense", 4e-3, 0): record("dense", 4e-3, 0, 4.5),
         ("slope", 1e-3, 0): record("slope", 1e-3, 0, 5.0),
     }
-    dense, sparse = acc.aggregate(arms, lrs, seeds, results)
+    dense, sparse = rep.aggregate(arms, lrs, seeds, results)
     assert dense["seeds_done"] == [0] and dense["seeds_missing"] == [1]
     assert dense["missing_runs"] == ["dense-lr0.002-seed1"]
     assert sparse["lr"] is None and sparse["shakespeare-heldout_bpb"] is None
     assert sparse["missing_runs"] == ["slope-lr0.002-seed0", "slope-lr0.004-seed0", "slope seed 1 (after the sweep)"]
-    assert acc.remaining(arms, lrs, seeds, results) == 4
-    path = acc.write_report("test", arms, lrs, seeds, SETTINGS, results, tmp_path / "runs", tmp_path)
+    assert plan.remaining(arms, lrs, seeds, results) == 4
+    path = rep.write_report("test", arms, lrs, seeds, SETTINGS, results, tmp_path / "runs", tmp_path)
     md = path.with_suffix(".md").read_text()
     assert "PARTIAL: 4 of 8 runs still missing" in md
     assert "slope-lr0.002-seed0" in md and "dense-lr0.002-seed1" in md
@@ -183,7 +195,8 @@ def sweep(arm, losses, **test_sets):
     ((4.95, 4.8, 4.9), {}, (2e-3, 4e-3)),  # interior: the neighbour with the lower head validation loss (4e-3)...
     ((4.9, 4.8, 4.95), {}, (1e-3, 2e-3)),  # ...or 1e-3
 ])
-def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_losses, head_beyond, follower_lrs):
+def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(plan, rep, head_losses, head_beyond,
+                                                                      follower_lrs):
     # the test sets prefer the other neighbour every time: they must play no part
     worse_first = head_losses[0] > head_losses[2]
     results = {(a, lr, 0): record(a, lr, 0, val_loss=loss, sh_bpb=1.0 if (lr == 1e-3) == worse_first else 3.0,
@@ -191,11 +204,11 @@ def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_l
                for a in ("dense-init0.71",) for lr, loss in zip(GRID, head_losses, strict=True)}
     arms, seeds = ("dense-init0.71", "dense-half"), (0, 1, 2)
     if head_beyond:  # the head's best is the grid's edge: the follower waits for the LR beyond it
-        assert acc.follower_lrs("dense-init0.71", GRID, 0, results) is None
+        assert plan.follower_lrs("dense-init0.71", GRID, 0, results) is None
         results.update({("dense-init0.71", lr, 0): record("dense-init0.71", lr, 0, val_loss=loss)
                         for lr, loss in head_beyond.items()})
-    assert acc.follower_lrs("dense-init0.71", GRID, 0, results) == follower_lrs
-    todo = acc.pending(arms, GRID, seeds, results)
+    assert plan.follower_lrs("dense-init0.71", GRID, 0, results) == follower_lrs
+    todo = plan.pending(arms, GRID, seeds, results)
     assert [k for k in todo if k[0] == "dense-half"] == [("dense-half", lr, 0) for lr in follower_lrs]
     # the follower's own choice between its two LRs is by its validation loss (2e-3, inside the grid, so
     # nothing is added beyond it), then the seeds run there
@@ -204,69 +217,69 @@ def test_a_follower_sweeps_its_heads_best_lr_and_the_right_neighbour(acc, head_l
                                              sh_bpb=1.0 if low != 2e-3 else 3.0)
     results[("dense-half", high, 0)] = record("dense-half", high, 0, val_loss=5.1 if high == 2e-3 else 5.2,
                                               sh_bpb=3.0 if high == 2e-3 else 1.0)
-    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "dense-half"] == [
+    assert [k for k in plan.pending(arms, GRID, seeds, results) if k[0] == "dense-half"] == [
         ("dense-half", 2e-3, 1), ("dense-half", 2e-3, 2)]
-    (_, half) = acc.aggregate(arms, GRID, seeds, results)
+    (_, half) = rep.aggregate(arms, GRID, seeds, results)
     assert half["lr"] == 2e-3 and half["follows"] == "dense-init0.71" and half["sweep_lrs"] == list(follower_lrs)
 
 
-def test_a_follower_waits_for_its_heads_whole_sweep(acc):
+def test_a_follower_waits_for_its_heads_whole_sweep(plan):
     results = {k: v for k, v in sweep("dense-init0.71", (4.8, 4.9, 5.0)).items() if k[1] != 4e-3}
     arms = ("dense-init0.71", "dense-half")
-    assert acc.follower_lrs("dense-init0.71", GRID, 0, results) is None
-    assert acc.pending(arms, GRID, (0, 1, 2), results) == [("dense-init0.71", 4e-3, 0)]
+    assert plan.follower_lrs("dense-init0.71", GRID, 0, results) is None
+    assert plan.pending(arms, GRID, (0, 1, 2), results) == [("dense-init0.71", 4e-3, 0)]
     # listed without its head, a follower sweeps the whole grid itself
-    assert acc.pending(("dense-half",), GRID, (0,), {}) == [("dense-half", lr, 0) for lr in GRID]
+    assert plan.pending(("dense-half",), GRID, (0,), {}) == [("dense-half", lr, 0) for lr in GRID]
 
 
 @pytest.mark.parametrize("winner", ["slope", "slope-init0.71"])
-def test_the_slope_init_contest_is_decided_by_validation_loss_only(acc, winner):
+def test_the_slope_init_contest_is_decided_by_validation_loss_only(plan, winner):
     loser = "slope-init0.71" if winner == "slope" else "slope"
     # the winner's best validation loss is lower; the test sets strongly prefer the loser
     results = {**sweep(winner, (4.9, 4.85, 5.0), sh_bpb=3.0, milton_bpb=4.0, milton_ppl=2000.0),
                **sweep(loser, (4.95, 4.88, 5.0), sh_bpb=1.0, milton_bpb=2.0, milton_ppl=100.0)}
-    assert acc.init_winner(("slope", "slope-init0.71"), GRID, 0, results) == (True, winner)
+    assert plan.init_winner(("slope", "slope-init0.71"), GRID, 0, results) == (True, winner)
     arms = ("slope", "slope-init0.71", "adapters0.9@winning-init", "srste@winning-init", "wanda@winning-init")
-    plans = {p.entry: p for p in acc.resolve(arms, GRID, (0, 1, 2), results)}
+    plans = {p.entry: p for p in plan.resolve(arms, GRID, (0, 1, 2), results)}
     suffix = "" if winner == "slope" else "-init0.71"
     assert plans["srste@winning-init"].arm == f"srste{suffix}"
     assert plans["wanda@winning-init"].arm == f"wanda{suffix}"
     assert plans["adapters0.9@winning-init"].arm == f"slope{suffix}-adapters0.9"
     # it follows the winner's sweep: best 2e-3, interior, the neighbour with the lower loss is 1e-3
     assert plans["srste@winning-init"].head == winner and plans["srste@winning-init"].sweep == (1e-3, 2e-3)
-    assert (f"srste{suffix}", 1e-3, 0) in acc.pending(arms, GRID, (0, 1, 2), results)
+    assert (f"srste{suffix}", 1e-3, 0) in plan.pending(arms, GRID, (0, 1, 2), results)
 
 
-def test_conditional_slots_count_as_pending_runs_before_the_winner_is_known(acc):
-    arms, seeds = acc.SCALES["8m"].arms, (0, 1, 2)
+def test_conditional_slots_count_as_pending_runs_before_the_winner_is_known(plan):
+    arms, seeds = plan.SCALES["8m"].arms, (0, 1, 2)
     results = {**sweep("dense", (5.0, 4.9, 5.2)), **sweep("slope", (4.9, 4.85, 5.0))}  # slope-init0.71 not run
-    plans = {p.entry: p for p in acc.resolve(arms, GRID, seeds, results)}
+    plans = {p.entry: p for p in plan.resolve(arms, GRID, seeds, results)}
     for slot in ("adapters0.9@winning-init", "srste@winning-init", "wanda@winning-init"):
         assert plans[slot].arm is None and plans[slot].sweep is None
-        assert acc.runs_left(plans[slot], GRID, seeds, results) == 4  # 2 sweep runs + 2 more seeds
+        assert plan.runs_left(plans[slot], GRID, seeds, results) == 4  # 2 sweep runs + 2 more seeds
     assert not any(k[0].startswith(("srste", "wanda")) or "adapters" in k[0]
-                   for k in acc.pending(arms, GRID, seeds, results))
+                   for k in plan.pending(arms, GRID, seeds, results))
     # dense 2 seeds, dense-init0.71 5, slope 2 seeds, slope-init0.71 5, dense-half 4, 3 slots x 4
-    assert acc.remaining(arms, GRID, seeds, results) == 2 + 5 + 2 + 5 + 4 + 3 * 4
+    assert plan.remaining(arms, GRID, seeds, results) == 2 + 5 + 2 + 5 + 4 + 3 * 4
     results.update(sweep("slope-init0.71", (4.9, 4.8, 5.0)))  # now the winner is known: still 4 runs each
-    plans = {p.entry: p for p in acc.resolve(arms, GRID, seeds, results)}
+    plans = {p.entry: p for p in plan.resolve(arms, GRID, seeds, results)}
     assert plans["srste@winning-init"].arm == "srste-init0.71"
-    assert acc.runs_left(plans["srste@winning-init"], GRID, seeds, results) == 4
+    assert plan.runs_left(plans["srste@winning-init"], GRID, seeds, results) == 4
 
 
-def test_the_8m_study_plans_at_most_36_runs_and_keeps_its_settings(acc, tmp_path):
-    scale = acc.SCALES["8m"]
-    assert scale.arms == acc.STUDY
-    assert acc.planned(scale.arms, scale.lrs, scale.seeds) == 4 * 5 + 4 * 4 == 36
+def test_the_8m_study_plans_at_most_36_runs_and_keeps_its_settings(acc, plan, tmp_path):
+    scale = plan.SCALES["8m"]
+    assert scale.arms == plan.STUDY
+    assert plan.planned(scale.arms, scale.lrs, scale.seeds) == 4 * 5 + 4 * 4 == 36
     # the dropped controls stay runnable by name, as heads with the whole grid
-    assert acc.planned(("dense-init0.93", "dense-noclip", "slope-nodp"), scale.lrs, scale.seeds) == 15
+    assert plan.planned(("dense-init0.93", "dense-noclip", "slope-nodp"), scale.lrs, scale.seeds) == 15
     # a run recorded with the 8m study's original settings still belongs to the study (run name and
     # settings unchanged), and --estimate prints the planned total
     runs = tmp_path / "runs"
     runs.mkdir()
     old = {**record("dense", 1e-3, 0, 5.0), "settings": SETTINGS_8M}
     (runs / "dense-lr0.001-seed0.json").write_text(json.dumps(old))
-    assert acc.run_name("dense-init0.71", 1e-3, 0) == "dense-init0.71-lr0.001-seed0"
+    assert plan.run_name("dense-init0.71", 1e-3, 0) == "dense-init0.71-lr0.001-seed0"
     done = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--scale", "8m", "--estimate",
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -277,13 +290,13 @@ def test_the_8m_study_plans_at_most_36_runs_and_keeps_its_settings(acc, tmp_path
     assert command[command.index("--method") + 1] == "dense"
 
 
-def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithmetic(acc):
+def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithmetic(rep):
     seeds = (0, 1, 2)
     bpb = {"dense-init0.71": (2.0, 2.1, 2.3), "dense-half": (2.4, 2.5, 2.9), "slope": (2.0, 2.2, 2.6),
            "dense": (9.0, 9.0, 9.0)}  # default-init dense is not the reference
     results = {(arm, 1e-3, s): record(arm, 1e-3, s, 5.0, sh_bpb=b, milton_bpb=b + 1)
                for arm, values in bpb.items() for s, b in zip(seeds, values, strict=True)}
-    rows = {r["arm"]: r for r in acc.aggregate(("dense", "dense-init0.71", "slope", "dense-half"), (1e-3,),
+    rows = {r["arm"]: r for r in rep.aggregate(("dense", "dense-init0.71", "slope", "dense-half"), (1e-3,),
                                                 seeds, results)}
     slope = rows["slope"]
     assert slope["fair_dense"] == "dense-init0.71"
@@ -304,14 +317,14 @@ def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithm
     assert rows["dense-init0.71"]["shakespeare-heldout_bpb_vs_fair_dense"] is None
 
 
-def test_the_reproduction_check_compares_to_the_last_digit_given(acc):
-    assert [c["reproduced"] for c in acc.reproduction({})] == [None, None]  # not run yet
+def test_the_reproduction_check_compares_to_the_last_digit_given(rep):
+    assert [c["reproduced"] for c in rep.reproduction({})] == [None, None]  # not run yet
     # expected 4.854 / 134.4 / 714: 4.85345 is the study's real value, a hand rounding of 4.8535 away
     good = record("slope", 2e-3, 0, val_loss=4.85345)
     good["eval"]["shakespeare-heldout"]["ppl"], good["eval"]["milton"]["ppl"] = 134.42, 713.1
     off = record("slope-init0.71", 2e-3, 0, val_loss=4.8127)
     off["eval"]["shakespeare-heldout"]["ppl"], off["eval"]["milton"]["ppl"] = 129.06, 697.2  # 0.16 from 128.9
-    slope, init = acc.reproduction({("slope", 2e-3, 0): good, ("slope-init0.71", 2e-3, 0): off})
+    slope, init = rep.reproduction({("slope", 2e-3, 0): good, ("slope-init0.71", 2e-3, 0): off})
     assert slope["reproduced"] is True and slope["got"] == {
         "val_loss": "4.8534", "shakespeare-heldout_ppl": "134.42", "milton_ppl": "713.1"}
     assert init["reproduced"] is False and init["got"]["shakespeare-heldout_ppl"] == "129.06"
@@ -322,7 +335,7 @@ def test_the_reproduction_check_compares_to_the_last_digit_given(acc):
             near["val_loss"] = value
         else:
             near["eval"][key]["ppl"] = value
-        assert acc.reproduction({("slope", 2e-3, 0): near})[0]["reproduced"] is False, key
+        assert rep.reproduction({("slope", 2e-3, 0): near})[0]["reproduced"] is False, key
 
 
 # validation-loss offsets by LR: the best is 2e-3, inside the grid
@@ -334,7 +347,7 @@ EDGE = {2.5e-4: 0.02, 5e-4: -0.01, 1e-3: 0.0, 2e-3: 0.03, 4e-3: 0.05}
 EDGE_SWEEPS = {"dense-init0.71": (2.5e-4, 5e-4, *GRID), "dense-half": (2.5e-4, 5e-4, 1e-3)}
 
 
-def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
+def _fake_study(acc, plan, tmp_path, jobs, slow=None, edge=False):
     """The whole 8m study with a fake runner that checks, as each run starts, that what it depends on has
     finished and been saved; returns (results, the most runs seen at once). The run `slow` (arm, lr) takes
     0.5 s, the others 0.02 s, so with 2 jobs the other runs overtake it: a scheduler that started a run
@@ -348,7 +361,7 @@ def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
         sweeps = EDGE_SWEEPS
 
     def saved(arm, lr, seed):
-        return (runs_dir / f"{acc.run_name(arm, lr, seed)}.json").exists()
+        return (runs_dir / f"{plan.run_name(arm, lr, seed)}.json").exists()
 
     def runner(settings, arm, lr, seed, work, threads=None, device=None):
         with lock:
@@ -356,7 +369,7 @@ def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
             started.add((arm, lr, seed))
             live[0] += 1
             live[1] = max(live)
-        head = acc.FOLLOWS.get(arm)
+        head = plan.FOLLOWS.get(arm)
         if head:
             assert all(saved(head, x, 0) for x in sweeps.get(head, GRID)), f"{arm} started before {head}'s sweep"
         if arm in ("srste-init0.71", "wanda-init0.71", "slope-init0.71-adapters0.9"):
@@ -372,26 +385,27 @@ def _fake_study(acc, tmp_path, jobs, slow=None, edge=False):
         return {k: v for k, v in record(arm, lr, seed, val_loss=loss).items()
                 if k not in ("arm", "method", "lr", "seed", "settings")}
 
-    results = acc.run_study(acc.STUDY, GRID, (0, 1, 2), SETTINGS, runs_dir, tmp_path / "work", runner=runner,
+    results = acc.run_study(plan.STUDY, GRID, (0, 1, 2), SETTINGS, runs_dir, tmp_path / "work", runner=runner,
                             threads=1, jobs=jobs)
     return results, live[1]
 
 
-def test_jobs_2_finishes_the_same_runs_as_jobs_1_in_dependency_order(acc, tmp_path):
-    one, most_one = _fake_study(acc, tmp_path, jobs=1)
+def test_jobs_2_finishes_the_same_runs_as_jobs_1_in_dependency_order(acc, plan, tmp_path):
+    one, most_one = _fake_study(acc, plan, tmp_path, jobs=1)
     assert most_one == 1 and len(one) == 36
     # slow: the end of dense-half's head's sweep, then of the losing and of the winning contestant's sweep
     for slow in (("dense-init0.71", 4e-3), ("slope", 4e-3), ("slope-init0.71", 4e-3)):
-        two, most_two = _fake_study(acc, tmp_path, jobs=2, slow=slow)
+        two, most_two = _fake_study(acc, plan, tmp_path, jobs=2, slow=slow)
         assert most_two == 2 and set(two) == set(one)
     assert {k[0] for k in one} == {"dense", "dense-init0.71", "slope", "slope-init0.71", "dense-half",
                                   "slope-init0.71-adapters0.9", "srste-init0.71", "wanda-init0.71"}
-    assert acc.remaining(acc.STUDY, GRID, (0, 1, 2), two) == 0
+    assert plan.remaining(plan.STUDY, GRID, (0, 1, 2), two) == 0
 
 
-def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_followers(acc, tmp_path):
-    one, _ = _fake_study(acc, tmp_path, jobs=1, edge=True)
-    plain, _ = _fake_study(acc, tmp_path, jobs=1)
+def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_followers(acc, plan, rep,
+                                                                                      tmp_path):
+    one, _ = _fake_study(acc, plan, tmp_path, jobs=1, edge=True)
+    plain, _ = _fake_study(acc, plan, tmp_path, jobs=1)
     # against the interior study (both best at 2e-3): dense-init0.71 adds 2.5e-4 and 5e-4 and runs its seeds at
     # 5e-4; dense-half sweeps 2.5e-4, 5e-4, 1e-3 in place of 1e-3, 2e-3 and runs its seeds at 5e-4
     added = {("dense-init0.71", 2.5e-4, 0), ("dense-init0.71", 5e-4, 0), ("dense-init0.71", 5e-4, 1),
@@ -401,12 +415,12 @@ def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_foll
             ("dense-half", 2e-3, 1), ("dense-half", 2e-3, 2)}
     assert set(one) == (set(plain) - gone) | added and len(one) == 39
     for slow in (("dense-init0.71", 5e-4), ("dense-init0.71", 2.5e-4), ("dense-half", 5e-4)):
-        two, most_two = _fake_study(acc, tmp_path, jobs=2, slow=slow, edge=True)
+        two, most_two = _fake_study(acc, plan, tmp_path, jobs=2, slow=slow, edge=True)
         assert most_two == 2 and set(two) == set(one)
-    rows = {r["arm"]: r for r in acc.aggregate(acc.STUDY, GRID, (0, 1, 2), one)}
+    rows = {r["arm"]: r for r in rep.aggregate(plan.STUDY, GRID, (0, 1, 2), one)}
     assert rows["dense-init0.71"]["lr"] == 5e-4 and not rows["dense-init0.71"]["lr_at_edge"]
     assert rows["dense-half"]["lr"] == 5e-4 and rows["dense-half"]["sweep_lrs"] == [2.5e-4, 5e-4, 1e-3]
-    assert acc.beyond_grid(acc.STUDY, GRID, (0, 1, 2), one) == 4 and acc.remaining(acc.STUDY, GRID, (0, 1, 2), one) == 0
+    assert plan.beyond_grid(plan.STUDY, GRID, (0, 1, 2), one) == 4 and plan.remaining(plan.STUDY, GRID, (0, 1, 2), one) == 0
 
 
 def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch):
@@ -435,21 +449,21 @@ def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch)
     assert saved["status"] == "diverged" and saved["threads"] == 2 and saved["settings"] == SETTINGS
 
 
-def test_a_failed_run_stops_the_study_once_the_runs_in_progress_are_saved(acc, tmp_path):
+def test_a_failed_run_stops_the_study_once_the_runs_in_progress_are_saved(acc, plan, tmp_path):
     def runner(settings, arm, lr, seed, work, threads=None, device=None):
         if lr == 1e-3:
-            raise acc.StudyError("run failed")
+            raise plan.StudyError("run failed")
         time.sleep(0.2)  # still running when its neighbour fails
         return {k: v for k, v in record(arm, lr, seed, val_loss=5.0).items()
                 if k not in ("arm", "method", "lr", "seed", "settings")}
 
-    with pytest.raises(acc.StudyError, match="run failed"):
+    with pytest.raises(plan.StudyError, match="run failed"):
         acc.run_study(("dense",), GRID, (0,), SETTINGS, tmp_path / "runs", tmp_path / "work", runner=runner, jobs=2)
     # the run in progress was saved; nothing was started after the failure
     assert [p.name for p in (tmp_path / "runs").glob("*.json")] == ["dense-lr0.002-seed0.json"]
 
 
-def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
+def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, plan, tmp_path):
     """SIGTERM or Ctrl-C reaches the main thread, not the threads waiting on the runs: the study must end
     the `slope train` processes itself (here `sleep`), rather than leave them training as orphans."""
     procs = []
@@ -465,7 +479,7 @@ def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
             finally:
                 with acc._LIVE_LOCK:
                     acc._LIVE.discard(proc)
-            raise acc.StudyError("killed")
+            raise plan.StudyError("killed")
         time.sleep(0.3)
         return {k: v for k, v in record(arm, lr, seed, val_loss=5.0).items()
                 if k not in ("arm", "method", "lr", "seed", "settings")}
@@ -486,58 +500,58 @@ def test_a_study_stopped_by_a_signal_ends_the_runs_in_progress(acc, tmp_path):
     ((5.0, 4.9, 4.8, {8e-3: 4.9}), (8e-3,), 4e-3, False),  # the high edge: doubled
     ((5.0, 4.9, 4.8, {8e-3: "diverged"}), (8e-3,), 4e-3, False),  # a diverged extension counts as worst
 ])
-def test_a_head_whose_best_lr_is_the_grids_edge_sweeps_past_it_before_its_seeds(acc, losses, beyond, chosen,
-                                                                                  at_edge):
+def test_a_head_whose_best_lr_is_the_grids_edge_sweeps_past_it_before_its_seeds(plan, rep, losses, beyond,
+                                                                                  chosen, at_edge):
     *grid_losses, extra = losses
     arms, seeds = ("dense-init0.71", "dense-half"), (0, 1, 2)
     results = sweep("dense-init0.71", grid_losses)
     for i, lr in enumerate(beyond):  # the extension appears once the runs before it have finished
-        (plan, follower) = acc.resolve(arms, GRID, seeds, results)
-        assert plan.sweep == tuple(sorted((*GRID, *beyond[:i + 1])))
-        assert acc.plan_lr(plan, seeds, results) is None and follower.sweep is None  # nothing chosen yet
-        assert acc.pending(arms, GRID, seeds, results) == [("dense-init0.71", lr, 0)]  # no seed, no follower
+        (head, follower) = plan.resolve(arms, GRID, seeds, results)
+        assert head.sweep == tuple(sorted((*GRID, *beyond[:i + 1])))
+        assert plan.plan_lr(head, seeds, results) is None and follower.sweep is None  # nothing chosen yet
+        assert plan.pending(arms, GRID, seeds, results) == [("dense-init0.71", lr, 0)]  # no seed, no follower
         value = extra[lr]
         results[("dense-init0.71", lr, 0)] = record("dense-init0.71", lr, 0, val_loss=None if value == "diverged"
                                                    else value, status="diverged" if value == "diverged" else "ok")
-    (plan, follower) = acc.resolve(arms, GRID, seeds, results)
-    assert plan.sweep == tuple(sorted((*GRID, *beyond)))  # settled: no further point
-    assert acc.plan_lr(plan, seeds, results) == chosen
-    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "dense-init0.71"] == [
+    (head, follower) = plan.resolve(arms, GRID, seeds, results)
+    assert head.sweep == tuple(sorted((*GRID, *beyond)))  # settled: no further point
+    assert plan.plan_lr(head, seeds, results) == chosen
+    assert [k for k in plan.pending(arms, GRID, seeds, results) if k[0] == "dense-init0.71"] == [
         ("dense-init0.71", chosen, 1), ("dense-init0.71", chosen, 2)]
-    assert acc.aggregate(arms, GRID, seeds, results)[0]["lr_at_edge"] is at_edge
+    assert rep.aggregate(arms, GRID, seeds, results)[0]["lr_at_edge"] is at_edge
     # the follower's neighbours come from the whole sweep: 1e-3's are 5e-4 (4.85) and 2e-3 (4.9)
     if losses[3] == {5e-4: 4.85}:
         assert follower.sweep == (5e-4, 1e-3)
 
 
-def test_a_follower_extends_only_past_the_grids_edge_never_inside_it(acc):
+def test_a_follower_extends_only_past_the_grids_edge_never_inside_it(plan):
     arms, seeds = ("slope-init0.71", "srste-init0.71"), (0, 1, 2)
     results = sweep("slope-init0.71", (4.9, 4.8, 4.95))  # best 2e-3, neighbour 1e-3
     # the follower's best, 1e-3, is the grid's edge: 5e-4 is added; its seeds wait for it
     results.update({("srste-init0.71", 1e-3, 0): record("srste-init0.71", 1e-3, 0, val_loss=5.0),
                     ("srste-init0.71", 2e-3, 0): record("srste-init0.71", 2e-3, 0, val_loss=5.1)})
-    assert acc.pending(arms, GRID, seeds, results)[-3:] == [
+    assert plan.pending(arms, GRID, seeds, results)[-3:] == [
         ("srste-init0.71", 5e-4, 0), ("slope-init0.71", 2e-3, 1), ("slope-init0.71", 2e-3, 2)]
     # its best 2e-3 is the larger of its two LRs but inside the grid: no 4e-3, the seeds run at 2e-3
     results[("srste-init0.71", 2e-3, 0)]["val_loss"] = 4.9
-    assert [k for k in acc.pending(arms, GRID, seeds, results) if k[0] == "srste-init0.71"] == [
+    assert [k for k in plan.pending(arms, GRID, seeds, results) if k[0] == "srste-init0.71"] == [
         ("srste-init0.71", 2e-3, 1), ("srste-init0.71", 2e-3, 2)]
     # a one-LR grid has no edge to pass
-    assert acc.extend_sweep("dense", (1e-3,), (1e-3,), 0, {("dense", 1e-3, 0): record("dense", 1e-3, 0, 5.0)}) == (1e-3,)
+    assert plan.extend_sweep("dense", (1e-3,), (1e-3,), 0, {("dense", 1e-3, 0): record("dense", 1e-3, 0, 5.0)}) == (1e-3,)
 
 
-def test_the_slope_init_contest_waits_for_a_sweep_extended_past_the_grids_edge(acc):
+def test_the_slope_init_contest_waits_for_a_sweep_extended_past_the_grids_edge(plan, rep):
     # slope's best is 4.85 inside the grid; slope-init0.71's is 4.88 at 1e-3, the grid's edge: 5e-4 is due
     results = {**sweep("slope", (4.9, 4.85, 5.0)), **sweep("slope-init0.71", (4.88, 4.9, 5.0))}
     contest = ("slope", "slope-init0.71")
-    assert acc.init_winner(contest, GRID, 0, results) == (False, None)
+    assert plan.init_winner(contest, GRID, 0, results) == (False, None)
     arms = (*contest, "srste@winning-init")
-    assert not any(k[0].startswith("srste") for k in acc.pending(arms, GRID, (0, 1, 2), results))
+    assert not any(k[0].startswith("srste") for k in plan.pending(arms, GRID, (0, 1, 2), results))
     # below the edge slope-init0.71 reaches 4.8 and wins, though by the grid alone it would have lost
     results[("slope-init0.71", 5e-4, 0)] = record("slope-init0.71", 5e-4, 0, val_loss=4.8)
     results[("slope-init0.71", 2.5e-4, 0)] = record("slope-init0.71", 2.5e-4, 0, val_loss=4.9)
-    assert acc.init_winner(contest, GRID, 0, results) == (True, "slope-init0.71")
-    assert "slope-init0.71 4.8000 at lr 0.0005" in acc.contest_text(arms, GRID, (0, 1, 2), results)
+    assert plan.init_winner(contest, GRID, 0, results) == (True, "slope-init0.71")
+    assert "slope-init0.71 4.8000 at lr 0.0005" in rep.contest_text(arms, GRID, (0, 1, 2), results)
 
 
 def test_the_time_estimate_projects_the_typical_step_not_a_pause(acc):
@@ -558,12 +572,12 @@ def test_the_time_estimate_projects_the_typical_step_not_a_pause(acc):
     assert acc.estimate(arms, lrs, seeds, results) == (2, pytest.approx(2 * 5310.0))
 
 
-def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, tmp_path):
+def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, plan, tmp_path):
     # by hand, 8m: matrices 8 x (4 x 256^2 + 3 x 256 x 688) + 8192 x 256 = 8,421,376 weights, x 6 = 50,528,256,
     # attention 12 x 8 x 256 x 256 = 6,291,456: 56,819,712. 30m: 8 x (4 x 512^2 + 3 x 512 x 1376) + 8192 x 512
     # = 29,491,200 weights, x 6 = 176,947,200, attention 12,582,912: 189,530,112
-    assert acc.train_flops_per_token(256, 8, 688) == 56_819_712
-    assert acc.train_flops_per_token(512, 8, 1376) == 189_530_112
+    assert plan.train_flops_per_token(256, 8, 688) == 56_819_712
+    assert plan.train_flops_per_token(512, 8, 1376) == 189_530_112
     runs = tmp_path / "8m-runs"
     runs.mkdir()
     for i, seconds in enumerate((900.0, 1000.0, 5000.0)):  # median 1,000 s
@@ -582,7 +596,7 @@ def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, tm
 
 
 @pytest.mark.parametrize("flag, device", [([], "cpu"), (["--device", "cuda"], "cuda")])
-def test_the_device_reaches_every_run_and_a_cpu_scale_trains_in_float32_on_either(acc, tmp_path, monkeypatch,
+def test_the_device_reaches_every_run_and_a_cpu_scale_trains_in_float32_on_either(acc, plan, tmp_path, monkeypatch,
                                                                                    flag, device):
     seen = []
 
@@ -606,5 +620,5 @@ def test_the_device_reaches_every_run_and_a_cpu_scale_trains_in_float32_on_eithe
     assert f"--run.device={device}" in command and "--run.precision=fp32" in command
     # GPT-2 small trains on a GPU at its config's precision
     gpt2 = {**SETTINGS_8M, "scale": "gpt2-small", "config": "gpu-gpt2-small"}
-    command = acc.train_command(gpt2, "slope", 6e-4, 0, tmp_path / "run", acc.SCALES["gpt2-small"].device)
+    command = acc.train_command(gpt2, "slope", 6e-4, 0, tmp_path / "run", plan.SCALES["gpt2-small"].device)
     assert "--run.device=cuda" in command and not any(c.startswith("--run.precision") for c in command)
