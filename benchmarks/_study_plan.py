@@ -310,8 +310,11 @@ def planned(arms, lrs, seeds) -> int:
 
 
 def beyond_grid(arms, lrs, seeds, results: dict) -> int:
-    """Sweep runs the finished runs have added past the grid's edge (extend_sweep), on top of planned()."""
-    return sum(lr < min(lrs) or lr > max(lrs) for p in resolve(arms, lrs, seeds, results) for lr in p.sweep or ())
+    """Sweep runs the finished runs have added past the grid's edge (extend_sweep), on top of planned(): a
+    sweep's LRs beyond its nominal size (the grid for a head, 2 for a follower, whose 2 may themselves lie
+    past the edge when its head's best does)."""
+    return sum(max(0, len(p.sweep) - (follower_sweep_size(lrs) if p.head else len(lrs)))
+               for p in resolve(arms, lrs, seeds, results) if p.sweep)
 
 
 def finished(arms, lrs, seeds, results: dict) -> int:

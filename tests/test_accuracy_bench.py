@@ -420,7 +420,9 @@ def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_foll
     rows = {r["arm"]: r for r in rep.aggregate(plan.STUDY, GRID, (0, 1, 2), one)}
     assert rows["dense-init0.71"]["lr"] == 5e-4 and not rows["dense-init0.71"]["lr_at_edge"]
     assert rows["dense-half"]["lr"] == 5e-4 and rows["dense-half"]["sweep_lrs"] == [2.5e-4, 5e-4, 1e-3]
-    assert plan.beyond_grid(plan.STUDY, GRID, (0, 1, 2), one) == 4 and plan.remaining(plan.STUDY, GRID, (0, 1, 2), one) == 0
+    # 2 added to dense-init0.71's grid, 1 to dense-half's 2 (its 5e-4 is one of its 2): 36 + 3 = 39 runs
+    assert plan.beyond_grid(plan.STUDY, GRID, (0, 1, 2), one) == 3 and plan.remaining(plan.STUDY, GRID, (0, 1, 2), one) == 0
+    assert plan.planned(plan.STUDY, GRID, (0, 1, 2)) + 3 == plan.finished(plan.STUDY, GRID, (0, 1, 2), one) == 39
 
 
 def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch):
