@@ -127,13 +127,16 @@ from benchmarks._study_report import contest_text, write_report
 # ---- one run ----------------------------------------------------------------------------------------
 
 
-def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path, device: str | None = None) -> list[str]:
+def train_command(settings: dict, arm: str, lr: float, seed: int, run_dir: Path, device: str | None = None,
+                  threads: int | None = None) -> list[str]:
     """The `slope train` command of one run: the scale's settings, then the arm's overrides, then --extra.
     `device` (cpu or cuda; None: slope's choice) and the scale's precision are not settings: runs of one
     study on a CPU and on a GPU at the same precision differ only in the order of float sums."""
     method = ARMS[arm][0]
     scale = SCALES.get(settings["scale"])
     placement = [f"--run.device={device}"] if device else []
+    if threads:  # explicit: run.threads = auto would take fewer when the machine looked busy at the start
+        placement.append(f"--run.threads={threads}")
     if scale is not None and scale.precision:
         placement.append(f"--run.precision={scale.precision}")
     steps = settings["steps"]
@@ -232,7 +235,7 @@ def train_run(settings: dict, arm: str, lr: float, seed: int, work: Path, thread
     run_dir, log_path = work / name, work / f"{name}.log"
     if run_dir.exists():  # left by a study killed during this run: it had not finished, so start over
         shutil.rmtree(run_dir)
-    command = train_command(settings, arm, lr, seed, run_dir, device)
+    command = train_command(settings, arm, lr, seed, run_dir, device, threads)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(threads))

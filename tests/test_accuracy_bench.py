@@ -447,6 +447,8 @@ def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch)
     runs_dir = tmp_path / "runs"
     acc.run_study(("dense",), (1e-3,), (0,), SETTINGS, runs_dir, tmp_path / "work", threads=2)
     assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["MKL_NUM_THREADS"] == "2"
+    # and to slope itself, whose run.threads = auto would take fewer threads on a machine that looks busy
+    assert "--run.threads=2" in seen["command"]
     saved = json.loads((runs_dir / "dense-lr0.001-seed0.json").read_text())
     assert saved["status"] == "diverged" and saved["threads"] == 2 and saved["settings"] == SETTINGS
 
