@@ -35,6 +35,32 @@ def rep(acc):
     return sys.modules["benchmarks._study_report"]
 
 
+@pytest.fixture
+def diverging_runs(acc, monkeypatch):
+    """`slope train` replaced by a process that diverges at once, so nothing trains: the list it returns
+    gets each run's {"command", "env"} as the study starts it. Other processes run as usual."""
+    seen, real_popen = [], acc.subprocess.Popen
+
+    class FakePopen:
+        def __new__(cls, command, *args, **kwargs):  # anything else, e.g. platform asking `uname`, runs
+            return super().__new__(cls) if command[1:4] == ["-m", "slope", "train"] else real_popen(
+                command, *args, **kwargs)
+
+        def __init__(self, command, stdout, stderr, env):
+            seen.append({"command": command, "env": env})
+            stdout.write("training...\nthe loss became nan at step 1\n")
+            stdout.flush()
+
+        def wait(self):
+            return 1
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(acc.subprocess, "Popen", FakePopen)
+    return seen
+
+
 def record(arm, lr, seed, val_loss, sh_bpb=2.5, milton_bpb=3.5, milton_ppl=1000.0, status="ok"):
     """A finished run's JSON as the study writes it, with made-up numbers."""
     return {
@@ -425,27 +451,13 @@ def test_a_sweep_extended_past_the_grids_edge_finishes_before_its_seeds_and_foll
     assert plan.planned(plan.STUDY, GRID, (0, 1, 2)) + 3 == plan.finished(plan.STUDY, GRID, (0, 1, 2), one) == 39
 
 
-def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch):
+def test_threads_are_recorded_and_passed_to_each_run(acc, tmp_path, monkeypatch, diverging_runs):
     assert acc.run_env(3, base={"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert acc.default_threads() == 3
-    seen = {}
-
-    class FakePopen:  # `slope train` as a process that diverges at once, so nothing trains
-        def __init__(self, command, stdout, stderr, env):
-            seen.update(command=command, env=env)
-            stdout.write("training...\nthe loss became nan at step 1\n")
-            stdout.flush()
-
-        def wait(self):
-            return 1
-
-        def kill(self):
-            pass
-
-    monkeypatch.setattr(acc.subprocess, "Popen", FakePopen)
     runs_dir = tmp_path / "runs"
     acc.run_study(("dense",), (1e-3,), (0,), SETTINGS, runs_dir, tmp_path / "work", threads=2)
+    (seen,) = diverging_runs
     assert seen["env"]["OMP_NUM_THREADS"] == "2" and seen["env"]["MKL_NUM_THREADS"] == "2"
     # and to slope itself, whose run.threads = auto would take fewer threads on a machine that looks busy
     assert "--run.threads=2" in seen["command"]
@@ -601,26 +613,11 @@ def test_a_scale_with_no_finished_run_projects_its_time_from_the_8m_runs(acc, pl
 
 @pytest.mark.parametrize("flag, device", [([], "cpu"), (["--device", "cuda"], "cuda")])
 def test_the_device_reaches_every_run_and_a_cpu_scale_trains_in_float32_on_either(acc, plan, tmp_path, monkeypatch,
-                                                                                   flag, device):
-    seen = []
-
-    class FakePopen:  # `slope train` as a process that diverges at once, so nothing trains
-        def __init__(self, command, stdout, stderr, env):
-            seen.append(command)
-            stdout.write("the loss became nan at step 1\n")
-            stdout.flush()
-
-        def wait(self):
-            return 1
-
-        def kill(self):
-            pass
-
-    monkeypatch.setattr(acc.subprocess, "Popen", FakePopen)
+                                                                                   diverging_runs, flag, device):
     monkeypatch.setattr(acc.signal, "signal", lambda *args: None)  # main's SIGTERM handler stays out of pytest
     acc.main(["--scale", "8m", *flag, "--arms", "dense", "--lrs", "1e-3", "--seeds", "0", "--threads", "1",
               "--out", str(tmp_path / "out"), "--work", str(tmp_path), "--report-dir", str(tmp_path)])
-    (command,) = seen
+    (command,) = [run["command"] for run in diverging_runs]
     assert f"--run.device={device}" in command and "--run.precision=fp32" in command
     # GPT-2 small trains on a GPU at its config's precision
     gpt2 = {**SETTINGS_8M, "scale": "gpt2-small", "config": "gpu-gpt2-small"}
