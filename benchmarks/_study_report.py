@@ -40,6 +40,18 @@ REPRODUCTION = (
     ("slope-init0.71", 2e-3, 0, "4.813", "128.9", "697"),
 )
 
+# The defaults of `slope train` the study can overturn: (the change, the arm that runs today's default, the
+# arm that runs the change). The adapter question is asked at the init that won the SLoPe init contest, as
+# the adapters0.9@winning-init slot runs it; its pair is filled in from SLOTS once the contest is decided.
+ADAPTER_SLOT = "adapters0.9@winning-init"
+INIT_QUESTION = ("model.linear_init_scale 1.0 -> 0.7071 for --method slope", "slope", "slope-init0.71")
+ADAPTER_CHANGE = "slope.adapter_start 0.99 -> 0.9"
+# The rule, fixed before seeds 1-2 ran: a change becomes the default when, with every seed of both arms in,
+# it lowers held-out Shakespeare bits per byte (the primary measure) by more than two standard errors of
+# the difference, and does not raise Milton's (the out-of-domain guard) by more than two.
+PRIMARY, GUARD = "shakespeare-heldout", "milton"
+
+
 def stats(values: list[float]) -> dict | None:
     """mean, sample std (n - 1; None for one value), min, max and n; None for no values."""
     if not values:
@@ -121,6 +133,56 @@ def difference(a: dict | None, b: dict | None) -> dict | None:
     return {"diff": a["mean"] - b["mean"], "se": se}
 
 
+def default_verdict(current: dict | None, change: dict | None, n_seeds: int) -> dict:
+    """Whether `change` (an aggregate row) beats `current` by the rule above: {"verdict", "primary", "guard"},
+    the verdict one of "adopt", "keep" (within two standard errors), "worse" (beyond two, the wrong way) or
+    "undecided" (an arm still misses seeds)."""
+    if current is None or change is None:
+        return {"verdict": "undecided", "primary": None, "guard": None, "seeds": 0}
+    primary = difference(change[f"{PRIMARY}_bpb"], current[f"{PRIMARY}_bpb"])
+    guard = difference(change[f"{GUARD}_bpb"], current[f"{GUARD}_bpb"])
+    seeds = min(len(current["seeds_done"]), len(change["seeds_done"]))
+    if seeds < n_seeds or primary is None or primary["se"] is None or guard["se"] is None:
+        verdict = "undecided"
+    elif primary["diff"] < -2 * primary["se"] and guard["diff"] <= 2 * guard["se"]:
+        verdict = "adopt"
+    elif primary["diff"] > 2 * primary["se"]:
+        verdict = "worse"
+    else:
+        verdict = "keep"
+    return {"verdict": verdict, "primary": primary, "guard": guard, "seeds": seeds}
+
+
+def default_questions(rows: list[dict], winner: str | None, n_seeds: int) -> list[dict]:
+    """The study's answer to each default it can overturn (INIT_QUESTION, then the adapter start at the
+    winning init once the contest is decided); questions whose arms are not in the study are left out."""
+    by_arm = {row["arm"]: row for row in rows}
+    entries = {row["entry"] for row in rows}
+    questions = [INIT_QUESTION] if {INIT_QUESTION[1], INIT_QUESTION[2]} <= entries else []
+    if ADAPTER_SLOT in entries and winner in SLOTS[ADAPTER_SLOT]:
+        questions.append((ADAPTER_CHANGE, winner, SLOTS[ADAPTER_SLOT][winner]))
+    return [{"change": change, "current": current, "candidate": candidate,
+             **default_verdict(by_arm.get(current), by_arm.get(candidate), n_seeds)}
+            for change, current, candidate in questions]
+
+
+def defaults_table(answers: list[dict], n_seeds: int) -> list[str]:
+    words = {"adopt": "**better beyond 2 s.e.: becomes the default**",
+             "keep": "within 2 s.e.: the default stays",
+             "worse": "worse beyond 2 s.e.: the default stays",
+             "undecided": "not decided yet"}
+    out = ["## Defaults by evidence", "",
+           f"A change becomes the default of `slope train` when, with all {n_seeds} seeds of both arms, it lowers "
+           "held-out Shakespeare bits per byte by more than two standard errors of the difference and does not "
+           "raise Milton's by more than two.", "",
+           "| change | today's default (arm) | the change (arm) | seeds | Δ Shakespeare bpb | Δ Milton bpb | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for a in answers:
+        out.append(f"| {a['change']} | {a['current']} | {a['candidate']} | {a['seeds']}/{n_seeds} "
+                   f"| {_fmt_diff(a['primary'])} | {_fmt_diff(a['guard'])} | {words[a['verdict']]} |")
+    return out
+
+
 def reproduction(results: dict) -> list[dict]:
     """The study's own runs against the earlier hand-run results (REPRODUCTION): each value within one unit
     of the last digit given. The earlier figures were rounded by hand from printed, already rounded values,
@@ -156,7 +218,7 @@ def _fmt_diff(d: dict | None) -> str:
     return f"{d['diff']:+.4f}" + (f" ± {d['se']:.4f}" if d["se"] is not None else " (no s.e.: < 2 seeds)")
 
 
-def tables(rows: list[dict], checks: list[dict]) -> str:
+def tables(rows: list[dict], checks: list[dict], defaults: list[str] = ()) -> str:
     fair = rows[0]["fair_dense"] if rows else None
     quality = [
         "| arm | follows | LR | seeds | Shakespeare held-out ppl | Shakespeare bpb | Milton ppl | Milton bpb "
@@ -195,7 +257,7 @@ def tables(rows: list[dict], checks: list[dict]) -> str:
                         f"| {_fmt(row['best_val_loss'], 4)} | {_fmt(row['grad_norm_mean'], 3)} "
                         f"| {_fmt(row['clip_rate'], 3)} | {missing} |")
     out = ["## Held-out quality (mean ± std over seeds, at each arm's chosen LR)", "", *quality, "",
-           "## LR sweep and training", "", *training]
+           *([*defaults, ""] if defaults else []), "## LR sweep and training", "", *training]
     if checks:
         out += ["", "## Reproduction check (earlier hand-run results; the study's own runs, within one unit of the last digit)", "",
                 "| run | final val loss expected / got | Shakespeare ppl expected / got | Milton ppl expected / got "
@@ -291,13 +353,20 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
                 d = row and row[f"{set_name}_bpb_{key}"]
                 metrics[f"{set_name}_bpb_{arm}_minus_{ref}"] = d["diff"] if d else None
                 metrics[f"{set_name}_bpb_{arm}_minus_{ref}_se"] = d["se"] if d else None
+    answers = default_questions(rows, winner, len(seeds))
+    for a in answers:
+        metrics[f"default_{a['candidate']}_over_{a['current']}"] = a["verdict"]
     checks = reproduction(results) if scale == "8m" else []
     for c in checks:
         metrics[f"reproduced_{c['run']}"] = c["reproduced"]
     status = ("complete" if left == 0 else
               f"PARTIAL: {left} of {total} runs still missing (listed per arm in the table above); rerun the same command to continue")
     contest = contest_text(arms, lrs, seeds, results)
-    threads = sorted({str(r.get("threads", "not recorded")) for r in results.values() if r["arm"] in by_arm})
+    threads: dict[str, int] = {}  # "1" or "not recorded" -> runs
+    for r in results.values():
+        if r["arm"] in by_arm:
+            key = str(r.get("threads", "not recorded"))
+            threads[key] = threads.get(key, 0) + 1
     places: dict[str, int] = {}  # "cpu float32" -> runs
     for r in results.values():
         if r["arm"] in by_arm and r.get("status") == "ok":
@@ -310,7 +379,7 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
         f"{' '.join(settings['model']) or 'its default model'}, {settings['steps']} steps for every arm "
         f"(the same tokens for all), trained on `{settings['train_data']}`. LR grid {', '.join(f'{x:g}' for x in lrs)} "
         f"at seed {seeds[0]} for the family heads; a follower (\"follows\") sweeps its head's best LR and one grid "
-        f"neighbour of it; seeds {', '.join(map(str, seeds))} at the chosen LR. Threads per run: {', '.join(threads) or '—'}. "
+        f"neighbour of it; seeds {', '.join(map(str, seeds))} at the chosen LR. Threads per run: {', '.join(f'{k} ({n} runs)' for k, n in sorted(threads.items())) or '—'}. "
         f"Trained on: {', '.join(f'{k} ({n} runs)' for k, n in sorted(places.items())) or '—'}.",
         "The LR is chosen by the final loss on the held-out last 5 % of the training corpus (`--data.val=`, "
         f"`--data.val_fraction={VAL_FRACTION}`); the reported sets (Shakespeare's held-out works, Milton) are evaluated "
@@ -326,5 +395,6 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
         "Per-run results (including each run's exact `slope train` command): "
         f"`{_report._repo_relative(str(runs_dir))}/`." + (f" Plot: `{name}.png`." if has_plot else ""),
     ]))
-    path = _report.write(name, metrics, rows, tables(rows, checks), notes, out_dir=report_dir)
+    defaults = defaults_table(answers, len(seeds)) if answers else []
+    path = _report.write(name, metrics, rows, tables(rows, checks, defaults), notes, out_dir=report_dir)
     return path

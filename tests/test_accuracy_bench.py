@@ -364,6 +364,69 @@ def test_the_reproduction_check_compares_to_the_last_digit_given(rep):
         assert rep.reproduction({("slope", 2e-3, 0): near})[0]["reproduced"] is False, key
 
 
+SLOPE_BPB = (2.0, 2.1, 2.3)  # mean 2.133333, sample variance 0.023333
+
+
+def _init_question(rep, init_bpb, milton_shift=0.0, seeds=(0, 1, 2)):
+    """The study's verdict on slope-init0.71 against slope, whose held-out bpb are SLOPE_BPB; Milton is the
+    Shakespeare bpb + 1 for both, plus `milton_shift` for slope-init0.71."""
+    results = {("slope", 1e-3, s): record("slope", 1e-3, s, 5.0, sh_bpb=b, milton_bpb=b + 1)
+               for s, b in enumerate(SLOPE_BPB)}
+    results |= {("slope-init0.71", 1e-3, s): record("slope-init0.71", 1e-3, s, 5.0, sh_bpb=b,
+                                                    milton_bpb=b + 1 + milton_shift)
+                for s, b in enumerate(init_bpb)}
+    rows = rep.aggregate(("slope", "slope-init0.71"), (1e-3,), seeds, results)
+    (answer,) = rep.default_questions(rows, winner=None, n_seeds=len(seeds))
+    assert (answer["current"], answer["candidate"]) == ("slope", "slope-init0.71")
+    return answer
+
+
+@pytest.mark.parametrize("shift, milton_shift, verdict", [
+    # the same spread as slope's: Δ = shift, s.e. sqrt(2 * 0.023333 / 3) = 0.124722, two s.e. 0.249444
+    (-0.40, 0.0, "adopt"),
+    (-0.25, 0.0, "adopt"),   # just beyond two s.e.
+    (-0.24, 0.0, "keep"),    # just within
+    (+0.40, 0.0, "worse"),
+    (-0.40, +0.65, "keep"),  # better on Shakespeare, but Milton worse by 0.25 > two s.e.: the guard holds it
+    (-0.40, +0.64, "adopt"),  # Milton worse by 0.24, within two s.e.
+])
+def test_a_default_changes_only_beyond_two_standard_errors(rep, shift, milton_shift, verdict):
+    answer = _init_question(rep, [b + shift for b in SLOPE_BPB], milton_shift)
+    assert answer["primary"]["diff"] == pytest.approx(shift, abs=1e-9)
+    assert answer["primary"]["se"] == pytest.approx(0.124722, abs=1e-6)
+    assert answer["guard"]["diff"] == pytest.approx(shift + milton_shift, abs=1e-9)
+    assert answer["verdict"] == verdict and answer["seeds"] == 3
+
+
+def test_a_default_waits_for_every_seed(rep):
+    far_better = [b - 1.0 for b in SLOPE_BPB]
+    for done in (1, 2):  # with 2 seeds a standard error exists, but the study's 3 are not in
+        answer = _init_question(rep, far_better[:done])
+        assert answer["verdict"] == "undecided" and answer["seeds"] == done
+    assert _init_question(rep, far_better)["verdict"] == "adopt"
+
+
+def test_the_report_answers_the_adapter_question_at_the_winning_init(acc, rep, tmp_path):
+    arms = ("slope", "slope-init0.71", "adapters0.9@winning-init")
+    seeds, results = (0, 1, 2), {}
+    for s, b in enumerate(SLOPE_BPB):
+        # slope-init0.71 wins the contest by validation loss; its adapter arm is far better on both sets
+        results[("slope", 1e-3, s)] = record("slope", 1e-3, s, 5.0, sh_bpb=b + 0.5, milton_bpb=b + 1.5)
+        results[("slope-init0.71", 1e-3, s)] = record("slope-init0.71", 1e-3, s, 4.9, sh_bpb=b, milton_bpb=b + 1)
+        results[("slope-init0.71-adapters0.9", 1e-3, s)] = record(
+            "slope-init0.71-adapters0.9", 1e-3, s, 4.9, sh_bpb=b - 0.4, milton_bpb=b + 0.6)
+    settings = {**SETTINGS, "scale": "8m"}
+    rep.write_report("8m", arms, (1e-3,), seeds, settings, results, tmp_path / "runs", tmp_path)
+    report = json.loads((tmp_path / "accuracy_8m.json").read_text())
+    assert report["metrics"]["default_slope-init0.71_over_slope"] == "adopt"  # Δ -0.5, two s.e. 0.249444
+    assert report["metrics"]["default_slope-init0.71-adapters0.9_over_slope-init0.71"] == "adopt"
+    assert "default_slope-adapters0.9_over_slope" not in report["metrics"]
+    text = (tmp_path / "accuracy_8m.md").read_text()
+    assert "## Defaults by evidence" in text
+    assert ("| slope.adapter_start 0.99 -> 0.9 | slope-init0.71 | slope-init0.71-adapters0.9 | 3/3 "
+            "| -0.4000 ± 0.1247 | -0.4000 ± 0.1247 | **better beyond 2 s.e.: becomes the default** |") in text
+
+
 # validation-loss offsets by LR: the best is 2e-3, inside the grid
 INTERIOR = {1e-3: 0.03, 2e-3: 0.0, 4e-3: 0.05}
 # dense-init0.71's and dense-half's best is the grid's lowest LR, and below it 5e-4 is better still; 2.5e-4 is
