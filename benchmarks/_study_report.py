@@ -44,7 +44,8 @@ REPRODUCTION = (
 # arm that runs the change). The adapter question is asked at the init that won the SLoPe init contest, as
 # the adapters0.9@winning-init slot runs it; its pair is filled in from SLOTS once the contest is decided.
 ADAPTER_SLOT = "adapters0.9@winning-init"
-INIT_QUESTION = ("model.linear_init_scale 1.0 -> 0.7071 for --method slope", "slope", "slope-init0.71")
+INIT_QUESTIONS = (("model.linear_init_scale 1.0 -> 0.7071 for --method dense", "dense", "dense-init0.71"),
+                  ("model.linear_init_scale 1.0 -> 0.7071 for --method slope", "slope", "slope-init0.71"))
 ADAPTER_CHANGE = "slope.adapter_start 0.99 -> 0.9"
 # The rule, fixed before seeds 1-2 ran: a change becomes the default when, with every seed of both arms in,
 # it lowers held-out Shakespeare bits per byte (the primary measure) by more than two standard errors of
@@ -154,11 +155,11 @@ def default_verdict(current: dict | None, change: dict | None, n_seeds: int) -> 
 
 
 def default_questions(rows: list[dict], winner: str | None, n_seeds: int) -> list[dict]:
-    """The study's answer to each default it can overturn (INIT_QUESTION, then the adapter start at the
+    """The study's answer to each default it can overturn (INIT_QUESTIONS, then the adapter start at the
     winning init once the contest is decided); questions whose arms are not in the study are left out."""
     by_arm = {row["arm"]: row for row in rows}
     entries = {row["entry"] for row in rows}
-    questions = [INIT_QUESTION] if {INIT_QUESTION[1], INIT_QUESTION[2]} <= entries else []
+    questions = [q for q in INIT_QUESTIONS if {q[1], q[2]} <= entries]
     if ADAPTER_SLOT in entries and winner in SLOTS[ADAPTER_SLOT]:
         questions.append((ADAPTER_CHANGE, winner, SLOTS[ADAPTER_SLOT][winner]))
     return [{"change": change, "current": current, "candidate": candidate,

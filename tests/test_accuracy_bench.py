@@ -407,9 +407,13 @@ def test_a_default_waits_for_every_seed(rep):
 
 
 def test_the_report_answers_the_adapter_question_at_the_winning_init(acc, rep, tmp_path):
-    arms = ("slope", "slope-init0.71", "adapters0.9@winning-init")
+    arms = ("dense", "dense-init0.71", "slope", "slope-init0.71", "adapters0.9@winning-init")
     seeds, results = (0, 1, 2), {}
     for s, b in enumerate(SLOPE_BPB):
+        # dense asks its own init question: here the smaller init is worse, by 0.3 on both sets
+        results[("dense", 1e-3, s)] = record("dense", 1e-3, s, 5.0, sh_bpb=b, milton_bpb=b + 1)
+        results[("dense-init0.71", 1e-3, s)] = record("dense-init0.71", 1e-3, s, 5.0, sh_bpb=b + 0.3,
+                                                      milton_bpb=b + 1.3)
         # slope-init0.71 wins the contest by validation loss; its adapter arm is far better on both sets
         results[("slope", 1e-3, s)] = record("slope", 1e-3, s, 5.0, sh_bpb=b + 0.5, milton_bpb=b + 1.5)
         results[("slope-init0.71", 1e-3, s)] = record("slope-init0.71", 1e-3, s, 4.9, sh_bpb=b, milton_bpb=b + 1)
@@ -420,6 +424,7 @@ def test_the_report_answers_the_adapter_question_at_the_winning_init(acc, rep, t
     report = json.loads((tmp_path / "accuracy_8m.json").read_text())
     assert report["metrics"]["default_slope-init0.71_over_slope"] == "adopt"  # Δ -0.5, two s.e. 0.249444
     assert report["metrics"]["default_slope-init0.71-adapters0.9_over_slope-init0.71"] == "adopt"
+    assert report["metrics"]["default_dense-init0.71_over_dense"] == "worse"
     assert "default_slope-adapters0.9_over_slope" not in report["metrics"]
     text = (tmp_path / "accuracy_8m.md").read_text()
     assert "## Defaults by evidence" in text
