@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from benchmarks import _report
@@ -363,16 +364,9 @@ def write_report(scale: str, arms, lrs, seeds, settings: dict, results: dict, ru
     status = ("complete" if left == 0 else
               f"PARTIAL: {left} of {total} runs still missing (listed per arm in the table above); rerun the same command to continue")
     contest = contest_text(arms, lrs, seeds, results)
-    threads: dict[str, int] = {}  # "1" or "not recorded" -> runs
-    for r in results.values():
-        if r["arm"] in by_arm:
-            key = str(r.get("threads", "not recorded"))
-            threads[key] = threads.get(key, 0) + 1
-    places: dict[str, int] = {}  # "cpu float32" -> runs
-    for r in results.values():
-        if r["arm"] in by_arm and r.get("status") == "ok":
-            place = f"{r.get('device', '?')} {r.get('precision', '?')}"
-            places[place] = places.get(place, 0) + 1
+    studied = [r for r in results.values() if r["arm"] in by_arm]
+    threads = Counter(str(r.get("threads", "not recorded")) for r in studied)  # "1" -> runs
+    places = Counter(f"{r.get('device', '?')} {r.get('precision', '?')}" for r in studied if r.get("status") == "ok")
     notes = "\n\n".join(filter(None, [
         f"Study status: {status}.",
         contest,
