@@ -177,7 +177,7 @@ def defaults_table(answers: list[dict], n_seeds: int) -> list[str]:
            f"A change becomes the default of `slope train` when, with all {n_seeds} seeds of both arms, it lowers "
            "held-out Shakespeare bits per byte by more than two standard errors of the difference and does not "
            "raise Milton's by more than two.", "",
-           "| change | today's default (arm) | the change (arm) | seeds | Δ Shakespeare bpb | Δ Milton bpb | verdict |",
+           "| change | the default it was asked against (arm) | the change (arm) | seeds | Δ Shakespeare bpb | Δ Milton bpb | verdict |",
            "|---|---|---|---|---|---|---|"]
     for a in answers:
         out.append(f"| {a['change']} | {a['current']} | {a['candidate']} | {a['seeds']}/{n_seeds} "

@@ -16,7 +16,7 @@ non-zero weights (half the blocks, the paper's "GPT2-Half"), or another sparse m
 
 | arm | LRs (seed 0) | what it answers |
 |---|---|---|
-| dense | grid | the dense model at its default init |
+| dense | grid | the dense model at init 1 (`--model.linear_init_scale=1.0`, dense's default before this study) |
 | dense-init0.71 | grid | the FAIR dense baseline (`--model.linear_init_scale=0.7071`): it beats default-init dense |
 | slope | grid | the paper's recipe (init 1, adapters for the last 1 % of steps) |
 | slope-init0.71 | grid | does SLoPe gain from the same init? |

@@ -316,6 +316,19 @@ def test_the_8m_study_plans_at_most_36_runs_and_keeps_its_settings(acc, plan, tm
     assert command[command.index("--method") + 1] == "dense"
 
 
+def test_every_arm_trains_at_the_init_scale_its_name_says_whatever_the_methods_default(acc, plan, tmp_path):
+    """Each arm's command, read by slope's own config parser: an arm keeps its meaning when a method's default
+    init scale changes (dense's did, by the study's own verdict), and finished runs stay comparable."""
+    from slope.train import runconfig
+
+    for arm in plan.ARMS:
+        command = acc.train_command(SETTINGS_8M, arm, 2e-3, 0, tmp_path / "run")
+        overrides = [a for a in command if a.startswith("--") and "=" in a]
+        cfg = runconfig.resolve(None, [*overrides, f"--method.name={command[command.index('--method') + 1]}"])
+        expected = 0.7071 if "init0.71" in arm or arm == "dense-half" else 0.93 if "init0.93" in arm else 1.0
+        assert cfg.model.linear_init_scale == expected, arm
+
+
 def test_deltas_against_the_fair_dense_baseline_and_dense_half_match_hand_arithmetic(rep):
     seeds = (0, 1, 2)
     bpb = {"dense-init0.71": (2.0, 2.1, 2.3), "dense-half": (2.4, 2.5, 2.9), "slope": (2.0, 2.2, 2.6),

@@ -96,6 +96,8 @@ TRAIN_OVERRIDES = [
     ("--model.dropout=1", "config key 'model.dropout' must be in [0, 1), got 1.0"),
     ("--model.dropout=-0.1", "config key 'model.dropout' must be in [0, 1), got -0.1"),
     ("--model.dropout=nan", "config key 'model.dropout' must be a finite number, got nan"),
+    ("--model.linear_init_scale=-0.5", "config key 'model.linear_init_scale' must be >= 0, got -0.5"),
+    ("--model.linear_init_scale=inf", "config key 'model.linear_init_scale' must be a finite number, got inf"),
     # [data]
     ("--data.train=/missing.txt", f"corpus '/missing.txt' not found: it is neither an existing path nor an "
                                   f"embedded corpus {EMBEDDED}"),

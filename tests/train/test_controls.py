@@ -1,10 +1,11 @@
 """The controls of the method comparison: dense, slope and slope without double pruning train; without
-double pruning grad_input uses W_R; model.linear_init_scale scales exactly the block linear weights;
-every train record holds the gradient norm and whether it was clipped."""
+double pruning grad_input uses W_R; model.linear_init_scale scales exactly the block linear weights,
+and each method has its own default of it; every train record holds the gradient norm and whether it was clipped."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from _tolerances import assert_within, product_bound
 
 import slope
 from slope.train import models, runconfig
+from slope.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,34 @@ def text(text_corpus):
 @pytest.mark.parametrize("args", [["--method=dense"], ["--method=slope"],
                                   ["--method=slope", "--slope.double_prune=false"]],
                          ids=["dense", "slope", "slope-no-double-prune"])
-def test_each_control_trains(text, tmp_path, args):
-    train(text, tmp_path / "run", *args)
+def test_each_control_trains(text, tmp_path, args, caplog):
+    with caplog.at_level(logging.INFO, logger="slope"):
+        train(text, tmp_path / "run", *args)
     assert_loss_falls(tmp_path / "run")
+    # each trains from its method's default init scale (docs/methods.md, "Which of these become defaults")
+    scale = DEFAULT_INIT_SCALE[args[0].removeprefix("--method=")]
+    assert f"linear_init_scale = {scale}\n" in (tmp_path / "run" / "config.toml").read_text()
+    scaled = f"model.linear_init_scale {scale:g}: scaled the initial weights of 14 block linear layers"
+    assert (scaled in caplog.text) == (scale != 1.0)
+
+
+# The init scale of each method when the run sets none: dense and slope by the quality study's verdicts, the
+# others as built.
+DEFAULT_INIT_SCALE = {"dense": 0.7071, "slope": 0.7071, "srste": 1.0, "wanda": 1.0}
+
+
+@pytest.mark.parametrize("method", sorted(DEFAULT_INIT_SCALE))
+def test_each_method_resolves_its_own_default_init_scale_and_a_set_one_stays(method):
+    assert runconfig.resolve(None, [f"--method.name={method}"]).model.linear_init_scale == DEFAULT_INIT_SCALE[method]
+    for given in ("0.9", "1.0"):
+        cfg = runconfig.resolve(None, [f"--method.name={method}", f"--model.linear_init_scale={given}"])
+        assert cfg.model.linear_init_scale == float(given)
+    # a RunConfig built in Python resolves it too, when the trainer takes it (0 would zero every block weight)
+    cfg = runconfig.RunConfig()
+    cfg.method.name = method
+    assert cfg.model.linear_init_scale == 0
+    Trainer(cfg, Path("unused"))
+    assert cfg.model.linear_init_scale == DEFAULT_INIT_SCALE[method]
 
 
 def test_without_double_pruning_grad_input_uses_w_r():

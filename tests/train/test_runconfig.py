@@ -11,13 +11,13 @@ import pytest
 import slope
 from slope import cli
 from slope.train import runconfig
-from slope.train.runconfig import ConfigError, RunConfig
+from slope.train.runconfig import ConfigError
 
 SHIPPED = Path(slope.__file__).parent / "configs"
 
 
 def test_default_toml_is_the_builtin_default():
-    assert runconfig.resolve("default") == RunConfig()
+    assert runconfig.resolve("default") == runconfig.resolve()
 
 
 @pytest.mark.parametrize("name", ["default", "tiny", "gpu-gpt2-small"])
@@ -92,9 +92,10 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 
 def test_to_toml_writes_none_as_a_comment():
-    text = runconfig.to_toml(RunConfig())
+    cfg = runconfig.resolve()
+    text = runconfig.to_toml(cfg)
     assert "# adapter_rank = none" in text
-    assert dataclasses.asdict(runconfig.from_dict(runconfig.tomllib.loads(text))) == dataclasses.asdict(RunConfig())
+    assert dataclasses.asdict(runconfig.from_dict(runconfig.tomllib.loads(text))) == dataclasses.asdict(cfg)
 
 
 @pytest.mark.parametrize(("method", "defaults"), [("srste", {"srste_decay": 2e-4}),

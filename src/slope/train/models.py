@@ -132,8 +132,8 @@ def build_model(config) -> nn.Module:
 def scale_block_linears(model: nn.Module, scale: float) -> int:
     """Multiply the initial weights of the decoder blocks' linear layers by `scale`; returns how many.
 
-    `model.linear_init_scale`, a control: a dense run at 0.7071 starts with its block outputs at the
-    scale a 2:4 magnitude prune leaves (about half the weight energy kept, √½ of the output). The
+    `model.linear_init_scale`: at 0.7071, dense's default (docs/methods.md), a dense run starts with its
+    block outputs at the scale dropping half of the weights at random leaves (√½ of the output). The
     embeddings, the LM head and the biases are untouched; scale 1 changes nothing (not even a copy).
     """
     if scale == 1.0:

@@ -96,9 +96,9 @@ class ModelSection:
     max_seq_len: int = 0  # position table size; 0 = train.seq_len
     tie_embeddings: bool = True
     dropout: float = 0.0
-    # multiplies the initial weights of the blocks' linear layers (a control: pruning half of a layer's
-    # weights at init scales its output by about sqrt(n/m), so a dense run at 0.7071 starts where SLoPe does)
-    linear_init_scale: float = 1.0
+    # multiplies the initial weights of the blocks' linear layers; 0 = the method's `linear_init_scale`
+    # (0.7071 for dense and slope, 1 for srste and wanda), written into the run's config as that number
+    linear_init_scale: float = 0.0
 
     def check(self) -> None:
         _finite("model.linear_init_scale", self.linear_init_scale)
@@ -112,7 +112,7 @@ class ModelSection:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"config key 'model.hidden_size' ({self.hidden_size}) must be a multiple of "
                                   f"model.num_heads ({self.num_heads})")
-        _positive("model.linear_init_scale", self.linear_init_scale)
+        _positive("model.linear_init_scale", self.linear_init_scale, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
 
@@ -346,9 +346,7 @@ def _build_section(name: str, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
-            raise ConfigError(
-                f"unknown config key '{name}.{key}'; section [{name}] has: {', '.join(types_)}"
-            )
+            raise ConfigError(f"unknown config key '{name}.{key}'; section [{name}] has: {', '.join(types_)}")
         kwargs[key] = _coerce(value, types_[key], f"{name}.{key}")
     try:
         return cls(**kwargs)
@@ -452,10 +450,14 @@ def resolve(config: str | None = None, overrides: list[str] | None = None) -> Ru
 
 def validate(cfg: RunConfig) -> None:
     """Each section's own range and choice checks (`check`); [slope], a SlopeConfig, checks itself when
-    built. A rule spanning two sections would go here. [method] comes last: it imports the methods."""
+    built. Rules spanning two sections go here. [method] comes last: it imports the methods."""
     for section in (cfg.data, cfg.run, cfg.model, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint, cfg.tokenizer,
                     cfg.method):
         section.check()
+    if cfg.model.linear_init_scale == 0:  # the method's default, resolved so a resume keeps it if that changes
+        from slope.train.methods import METHODS
+
+        cfg.model.linear_init_scale = METHODS[cfg.method.name].linear_init_scale
 
 
 # ---- writing --------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class Trainer:
                  dist: distributed.Dist | None = None) -> None:
         """dist: where this process stands in a multi-process run (`distributed.init`); None: joined here."""
         self.cfg, self.run_dir, self.resume, self.progress = cfg, Path(run_dir), resume, progress
+        runconfig.validate(cfg)  # a RunConfig built in Python gets its checks and method defaults, as a parsed one
         self.config_toml = runconfig.to_toml(cfg)
         self.dist = dist
         self.init_record: dict | None = None  # what an init_from run took from its source (init_from.load_source)

@@ -55,6 +55,9 @@ class Method:
 
     name = "dense"
     Options: type[Options] = Options  # no keys of its own
+    # model.linear_init_scale when the run leaves it at 0: dense trains better from block linears at
+    # 0.7071 of the usual initial scale (the quality study's "Defaults by evidence", docs/methods.md)
+    linear_init_scale = 0.7071
 
     def __init__(self, slope_config: SlopeConfig | None = None, options: dict | None = None) -> None:
         """options: the run's [method] keys (the method's `Options`) and the loop's `grad_accum`."""

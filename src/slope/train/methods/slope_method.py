@@ -28,6 +28,7 @@ class SlopeMethod(Method):
     """
 
     name = "slope"
+    linear_init_scale = 0.7071  # as dense: the quality study's verdict over the usual scale (docs/methods.md)
 
     def preflight(self, device, amp_dtype):
         backend = self.slope_config.backend

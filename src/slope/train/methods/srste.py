@@ -39,6 +39,7 @@ class SrsteMethod(Method):
 
     name = "srste"
     Options = SrsteOptions
+    linear_init_scale = 1.0  # the quality study ran it at 0.7071 only, so it has no evidence to change
 
     @property
     def decay(self) -> float:
