@@ -14,28 +14,28 @@ from dataclasses import dataclass
 # ---- arms and scales ----------------------------------------------------------------------------------
 
 # arm -> (slope train --method, the overrides that make the arm). The srste and wanda values and every init
-# scale are written out, so each arm keeps its meaning when a default changes (the study changed dense's
-# init, docs/methods.md) and each run's record says what it ran with. "{half_layers}" is half the scale's blocks.
-INIT1 = "--model.linear_init_scale=1.0"
+# scale are written out, so each arm keeps its meaning when a default changes (the study changed dense's and
+# SLoPe's, docs/methods.md) and each run's record says what it ran with. "{half_layers}" is half the scale's blocks.
+INIT1, INIT071 = "--model.linear_init_scale=1.0", "--model.linear_init_scale=0.7071"
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense": ("dense", (INIT1,)),
     # Init-scale controls. sqrt(n/m) = 0.7071 is the output scale of dropping half the weights at random;
     # a 2:4 magnitude prune keeps about 87 % of a Gaussian layer's weight energy, an output scale of
     # about 0.93 (docs/methods.md), so both bracket where SLoPe's pruned layers start.
-    "dense-init0.71": ("dense", ("--model.linear_init_scale=0.7071",)),
+    "dense-init0.71": ("dense", (INIT071,)),
     "dense-init0.93": ("dense", ("--model.linear_init_scale=0.93",)),
     "dense-noclip": ("dense", (INIT1, "--optim.grad_clip=0")),  # does gradient clipping favour one arm?
     # the paper's GPT2-Half: half the blocks, about the non-zero weights of the 2:4 model, at the fair init
-    "dense-half": ("dense", ("--model.num_layers={half_layers}", "--model.linear_init_scale=0.7071")),
+    "dense-half": ("dense", ("--model.num_layers={half_layers}", INIT071)),
     "slope": ("slope", (INIT1,)),  # adapters for the last 1 % of steps (the default)
-    "slope-init0.71": ("slope", ("--model.linear_init_scale=0.7071",)),
+    "slope-init0.71": ("slope", (INIT071,)),
     "slope-adapters0.9": ("slope", (INIT1, "--slope.adapter_start=0.9")),
-    "slope-init0.71-adapters0.9": ("slope", ("--model.linear_init_scale=0.7071", "--slope.adapter_start=0.9")),
+    "slope-init0.71-adapters0.9": ("slope", (INIT071, "--slope.adapter_start=0.9")),
     "slope-nodp": ("slope", (INIT1, "--slope.double_prune=false")),
     "srste": ("srste", ("--method.srste_decay=2e-4", INIT1)),
-    "srste-init0.71": ("srste", ("--method.srste_decay=2e-4", "--model.linear_init_scale=0.7071")),
+    "srste-init0.71": ("srste", ("--method.srste_decay=2e-4", INIT071)),
     "wanda": ("wanda", ("--method.wanda_dense_fraction=0.5", INIT1)),
-    "wanda-init0.71": ("wanda", ("--method.wanda_dense_fraction=0.5", "--model.linear_init_scale=0.7071")),
+    "wanda-init0.71": ("wanda", ("--method.wanda_dense_fraction=0.5", INIT071)),
 }
 # follower -> the family head whose seed-0 sweep picks its two LRs (the head's best and one neighbour).
 # A follower only follows when its head is part of the study; listed alone it sweeps the whole grid.

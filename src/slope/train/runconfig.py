@@ -96,8 +96,8 @@ class ModelSection:
     max_seq_len: int = 0  # position table size; 0 = train.seq_len
     tie_embeddings: bool = True
     dropout: float = 0.0
-    # multiplies the initial weights of the blocks' linear layers; 0 = the method's `linear_init_scale`
-    # (0.7071 for dense and slope, 1 for srste and wanda), written into the run's config as that number
+    # multiplies the initial weights of the blocks' linear layers; 0 = the `linear_init_scale` of the
+    # method's class (slope.train.methods), written into the run's config as that number
     linear_init_scale: float = 0.0
 
     def check(self) -> None:
