@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"Mean ± sample std over seeds {', '.join(map(str, args.seeds))}; Δ: the LR's mean minus the first "
              "LR's, ± the standard error of the difference. Verdict: adopt = lowers held-out Shakespeare bits per "
              "byte by more than two standard errors without raising Milton's by more than two; keep = within two; "
-             f"worse = beyond two the wrong way. Run directories: `{args.runs_dir}`.")
+             "worse = beyond two the wrong way. The default run validates on Shakespeare's held-out works, so "
+             "unlike the quality study (which chooses on a slice of the training corpus) this chooses among a few "
+             "LRs on a set it also reports; Milton, used for nothing else, is the guard. Each run: "
+             f"{args.threads} torch thread(s), {args.jobs} run(s) side by side. Run directories: `{args.runs_dir}`.")
     path = _report.write("default_lr", metrics, rows + answers, tables(rows, answers), notes)
     print(path.with_suffix(".md").read_text())
 
