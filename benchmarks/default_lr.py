@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _report
-from benchmarks._study_report import GUARD, PRIMARY, default_verdict, difference, stats
+from benchmarks._study_report import GUARD, PRIMARY, _fmt_diff, default_verdict, difference, stats
+from benchmarks.accuracy import _floats, _ints, _positive, run_env
 
 METHODS = ("dense", "slope")
 SETS = (PRIMARY, GUARD)
@@ -44,11 +45,10 @@ def train_command(method: str, lr: float, seed: int, directory: Path, threads: i
 
 def run_one(command: list[str], directory: Path, threads: int) -> None:
     """One run, its output in <run dir>.log; a failed run stops the benchmark with the log's name."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     directory.parent.mkdir(parents=True, exist_ok=True)
     log_path = directory.parent / f"{directory.name}.log"
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(threads)).returncode
     if code != 0:
         raise SystemExit(f"{directory.name} failed (exit {code}); see {log_path}")
     print(f"[{directory.name}] finished", flush=True)
@@ -59,7 +59,7 @@ def read_run(directory: Path) -> dict:
     return {name: summary["eval"][name]["bpb"] for name in SETS}
 
 
-def aggregate(method: str, lr: float, seeds: list[int], runs: dict) -> dict:
+def aggregate(method: str, lr: float, seeds: Sequence[int], runs: dict) -> dict:
     """The study report's row shape ({set}_bpb statistics, seeds_done) for one method at one LR."""
     done = {s: runs[(method, lr, s)] for s in seeds if (method, lr, s) in runs}
     row = {"method": method, "lr": lr, "seeds_done": sorted(done)}
@@ -68,7 +68,7 @@ def aggregate(method: str, lr: float, seeds: list[int], runs: dict) -> dict:
     return row
 
 
-def compare(rows: list[dict], lrs: list[float], n_seeds: int) -> list[dict]:
+def compare(rows: list[dict], lrs: Sequence[float], n_seeds: int) -> list[dict]:
     """For each method and each LR after the first: the Δ against the first LR and the rule's verdict."""
     by_key = {(r["method"], r["lr"]): r for r in rows}
     answers = []
@@ -86,12 +86,6 @@ def _fmt(s: dict | None) -> str:
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
 
 
-def _fmt_diff(d: dict | None) -> str:
-    if d is None:
-        return "—"
-    return f"{d['diff']:+.4f}" + (f" ± {d['se']:.4f}" if d["se"] is not None else "")
-
-
 def tables(rows: list[dict], answers: list[dict]) -> str:
     lines = ["| method | LR | seeds | Shakespeare held-out bits/byte | Milton bits/byte |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['lr']:g} | {len(r['seeds_done'])} | {_fmt(r[f'{PRIMARY}_bpb'])} | "
@@ -103,35 +97,28 @@ def tables(rows: list[dict], answers: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lrs", type=_floats, default=[3e-3, 2e-3], help="the first is today's default")
-    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lrs", type=_floats, default=(3e-3, 2e-3), help="the first is today's default")
+    parser.add_argument("--seeds", type=_ints, default=(0, 1, 2))
+    parser.add_argument("--jobs", type=_positive, default=2)
+    parser.add_argument("--threads", type=_positive, default=1)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs") / "bench-default-lr")
     parser.add_argument("extra", nargs="*", help="overrides passed to every run, e.g. --train.max_steps=20")
     args = parser.parse_args(argv)
-    if len(args.lrs) < 2 or args.jobs < 1 or args.threads < 1 or not args.seeds:
-        parser.error("need at least two --lrs, one seed, and --jobs/--threads >= 1")
+    if len(args.lrs) < 2 or not args.seeds:
+        parser.error("need at least two --lrs and one seed")
     keys = [(m, lr, s) for s in args.seeds for lr in args.lrs for m in METHODS]
-    todo = [k for k in keys if not (run_dir(args.runs_dir, *k) / "summary.json").exists()]
+    dirs = {k: run_dir(args.runs_dir, *k) for k in keys}
+    todo = [k for k in keys if not (dirs[k] / "summary.json").exists()]
     print(f"default LR: {len(keys)} runs, {len(keys) - len(todo)} finished, {len(todo)} to run, "
           f"{args.jobs} at a time with {args.threads} thread(s) each; runs in {args.runs_dir}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, train_command(*k, run_dir(args.runs_dir, *k), args.threads, args.extra),
-                               run_dir(args.runs_dir, *k), args.threads) for k in todo]
+        futures = [pool.submit(run_one, train_command(*k, dirs[k], args.threads, args.extra), dirs[k], args.threads)
+                   for k in todo]
         for future in futures:
             future.result()
-    runs = {k: read_run(run_dir(args.runs_dir, *k)) for k in keys}
+    runs = {k: read_run(dirs[k]) for k in keys}
     rows = [aggregate(m, lr, args.seeds, runs) for m in METHODS for lr in args.lrs]
     answers = compare(rows, args.lrs, len(args.seeds))
     metrics = {"runs": len(keys), "jobs": args.jobs, "threads_per_run": args.threads,
